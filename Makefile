@@ -1,0 +1,54 @@
+# Every target installs what it needs, so a fresh clone only runs `make demo` or `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv lint test demo bench soak clean
+
+help:
+	@echo "make demo   - validate the examples and explain their routes"
+	@echo "make test   - install everything, lint (ruff, mypy --strict, import contracts), run all tests"
+	@echo "make lint   - ruff, mypy --strict and the import contract"
+	@echo "make bench  - relay vs Postfix benchmarks (not yet)"
+	@echo "make soak   - long-running suites (not yet)"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) with $(PYTHON)"
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@echo "==> installing mailflow (editable) and the test tools"
+	$(BIN)/pip install --quiet --progress-bar off -e '.[test]'
+	@touch $(STAMP)
+
+lint: venv
+	@echo "==> ruff"
+	$(BIN)/ruff check operator relay tests
+	$(BIN)/ruff format --check operator relay tests
+	@echo "==> mypy --strict"
+	$(BIN)/mypy
+	@echo "==> import contracts"
+	$(BIN)/lint-imports
+
+test: venv lint
+	@echo "==> pytest"
+	$(BIN)/pytest
+
+demo: venv
+	@bash examples/demo.sh
+
+bench:
+	@echo "make bench: not yet (see the benchmarks issue)"
+
+soak:
+	@echo "make soak: not yet (see the relay queue lifecycle issue)"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
