@@ -40,9 +40,11 @@ def normalize_domain(text: str) -> str:
     """Return the canonical (lower-case A-label, no trailing dot) form of a domain."""
     candidate = text.strip()
     if candidate.endswith("."):
-        candidate = candidate[:-1]
+        candidate = candidate[:-1]  # the root label; only one may be written
     if not candidate:
         raise InvalidDomainError(text, "empty domain")
+    if candidate.endswith(".") or ".." in candidate:
+        raise InvalidDomainError(text, "empty label")
     if candidate.startswith("[") or is_ip_literal(candidate):
         raise InvalidDomainError(text, "an address literal is not a domain")
     try:
@@ -90,7 +92,7 @@ class PatternKind(enum.Enum):
     ANY = "any"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class DomainPattern:
     """A recipient or sender domain pattern, parsed and normalised once."""
 

@@ -198,7 +198,7 @@ class Connector:
     deferred, never sent elsewhere."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Conflict:
     """Several enabled connectors claim the same recipient pattern for the same sender scope."""
 
@@ -225,6 +225,12 @@ class RoutingDocument:
     connectors: tuple[Connector, ...]
     conflicts: tuple[Conflict, ...] = ()
     default_route: DefaultRoute = DefaultRoute()
+
+    def __post_init__(self) -> None:
+        # One value, one order: documents built from the same parts in any order are equal
+        # and serialise to the same bytes.
+        object.__setattr__(self, "connectors", tuple(sorted(self.connectors, key=_by_ref)))
+        object.__setattr__(self, "conflicts", tuple(sorted(self.conflicts, key=_conflict_key)))
 
     def to_json(self) -> str:
         body = _document_body(self)
@@ -279,8 +285,8 @@ def _checksum(body: Mapping[str, object]) -> str:
 def _document_body(document: RoutingDocument) -> dict[str, object]:
     return {
         "apiVersion": ROUTING_API_VERSION,
-        "connectors": [_connector_dict(c) for c in sorted(document.connectors, key=_by_ref)],
-        "conflicts": [_conflict_dict(c) for c in sorted(document.conflicts)],
+        "connectors": [_connector_dict(c) for c in document.connectors],
+        "conflicts": [_conflict_dict(c) for c in document.conflicts],
         "defaultRoute": {
             "action": document.default_route.action.value,
             "tls": _tls_dict(document.default_route.tls),
@@ -290,6 +296,11 @@ def _document_body(document: RoutingDocument) -> dict[str, object]:
 
 def _by_ref(connector: Connector) -> ObjectRef:
     return connector.ref
+
+
+def _conflict_key(conflict: Conflict) -> tuple[str, str, str]:
+    sender = "" if conflict.sender is None else str(conflict.sender)
+    return (str(conflict.recipient), sender, str(conflict.winner))
 
 
 def _tls_dict(tls: TlsPolicy) -> dict[str, object]:
