@@ -1,0 +1,525 @@
+"""Delivery: one message, one route, to the next hop, with exactly the route's TLS mode.
+
+The caller (the queue runner) hands over a message, the recipients that share one
+route, and that route's destination, TLS policy and credentials. This module:
+
+1. turns the destination into an ordered list of targets (name, address, port): a
+   smart host's A/AAAA records, the MX of a smart host (``mx: true``), the servers of a
+   profile (RoundRobin rotates the starting server per message, Failover keeps the
+   listed order; servers that keep failing go to the back for a while — passive
+   health), or the recipient domain's MX (:mod:`.dns`, RFC 5321 §5.1);
+2. tries the targets in order. A target that cannot be reached, answers 4xx to the
+   whole transaction, or fails the TLS policy is left for the next one; recipients
+   that got a 4xx from one server are offered to the next. 2xx delivers, 5xx fails;
+3. enforces TLS: Opportunistic uses STARTTLS when offered and falls back to plaintext
+   (a new connection) when the handshake fails; every other mode requires STARTTLS and
+   never falls back — no STARTTLS, a failed handshake or a refused certificate makes the
+   target fail with a :class:`~.tls_policy.TlsPolicyError` that says why;
+4. authenticates (SMTP AUTH) only over TLS.
+
+Every network await has a timeout (RFC 5321 §4.5.3.2 gives the defaults), and the
+number of concurrent connections per target is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from mailflow_relay.dns import DnsError, Resolver
+from mailflow_relay.routing import (
+    Balancing,
+    Destination,
+    ObjectRef,
+    ProfilePool,
+    RecipientMx,
+    SmartHost,
+    SmtpCredentials,
+    TlsMode,
+    TlsPolicy,
+)
+from mailflow_relay.tls_policy import (
+    CertificateInfo,
+    TlsFailure,
+    TlsPolicyError,
+    check_certificate,
+    classify_handshake_error,
+    client_context,
+    server_name_for,
+)
+
+__all__ = [
+    "Attempt",
+    "Deliverer",
+    "DeliveryReport",
+    "DeliverySettings",
+    "DeliveryStatus",
+    "RecipientResult",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class DeliveryStatus(enum.Enum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    recipient: str
+    status: DeliveryStatus
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One target tried, for logs, ``make demo`` and debugging."""
+
+    target: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    results: tuple[RecipientResult, ...]
+    server: str | None = None
+    """The target that took the message (or the last one tried)."""
+    tls_version: str | None = None
+    certificate: CertificateInfo | None = None
+    verified: bool = False
+    """The certificate was checked as the mode requires (chain, name or pins)."""
+    tls_failure: TlsFailure | None = None
+    attempts: tuple[Attempt, ...] = ()
+
+    def status_of(self, recipient: str) -> DeliveryStatus:
+        return next(r.status for r in self.results if r.recipient == recipient)
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    helo_name: str = "localhost"
+    """The name this relay gives in EHLO."""
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    """RFC 5321 §4.5.3.2: 5 minutes for MAIL and RCPT; DATA's end waits up to 10."""
+    data_timeout: float = 600.0
+    mx_port: int = 25
+    """The port of MX hosts; only tests and special setups change it."""
+    max_targets: int = 10
+    """At most this many servers are tried for one delivery."""
+    max_connections_per_target: int = 20
+    failures_before_down: int = 3
+    """Consecutive failures after which a server goes to the back of the line."""
+    down_for: float = 60.0
+    """Seconds a failing server stays at the back before it is tried first again."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    """The host name (for SNI and name checks), or the address itself."""
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        shown = self.name if self.name == self.address else f"{self.name}[{self.address}]"
+        return f"{shown}:{self.port}"
+
+
+class _TargetFailed(Exception):
+    """This target did not take the transaction; try the next one."""
+
+    def __init__(self, reason: str, code: int = 451, tls_failure: TlsFailure | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.tls_failure = tls_failure
+
+
+class _PlaintextFallback(Exception):
+    """Opportunistic TLS: the handshake failed; reconnect and send in plaintext."""
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    down_until: float = 0.0
+
+
+@dataclass
+class _Session:
+    tls_version: str | None = None
+    certificate: CertificateInfo | None = None
+    verified: bool = False
+
+
+@dataclass
+class HealthTracker:
+    """Passive health of servers: who failed recently goes to the back of the line."""
+
+    failures_before_down: int
+    down_for: float
+    clock: Callable[[], float] = time.monotonic
+    _servers: dict[tuple[str, int], _Health] = field(default_factory=dict)
+
+    def is_down(self, host: str, port: int) -> bool:
+        health = self._servers.get((host, port))
+        return health is not None and health.down_until > self.clock()
+
+    def failed(self, host: str, port: int) -> None:
+        health = self._servers.setdefault((host, port), _Health())
+        health.failures += 1
+        if health.failures >= self.failures_before_down:
+            health.down_until = self.clock() + self.down_for
+            logger.warning(
+                "server %s:%d failed %d times in a row: skipped for %.0fs",
+                host,
+                port,
+                health.failures,
+                self.down_for,
+            )
+
+    def succeeded(self, host: str, port: int) -> None:
+        self._servers.pop((host, port), None)
+
+
+class Deliverer:
+    def __init__(
+        self,
+        settings: DeliverySettings,
+        resolver: Resolver,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.health = HealthTracker(settings.failures_before_down, settings.down_for, clock)
+        self._round_robin: dict[ObjectRef, itertools.count[int]] = {}
+        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+
+    # --- targets ---------------------------------------------------------------------------
+
+    async def _targets(self, destination: Destination, recipient_domain: str) -> list[_Target]:
+        """Targets in the order to try; raises DnsError when the domain has none."""
+        if isinstance(destination, ProfilePool):
+            servers = list(destination.servers)
+            if destination.balancing is Balancing.ROUND_ROBIN and servers:
+                counter = self._round_robin.setdefault(destination.profile, itertools.count())
+                start = next(counter) % len(servers)
+                servers = servers[start:] + servers[:start]
+            # Healthy servers first; the ones that keep failing are still tried, last.
+            servers.sort(key=lambda s: self.health.is_down(s.host, s.port))
+            names = [(s.host, s.port) for s in servers]
+        elif isinstance(destination, SmartHost):
+            if destination.mx:
+                mx = await self.resolver.mx_hosts(destination.host)
+                names = [(m.host, destination.port) for m in mx]
+            else:
+                names = [(destination.host, destination.port)]
+        else:
+            assert isinstance(destination, RecipientMx)
+            mx = await self.resolver.mx_hosts(recipient_domain)
+            names = [(m.host, self.settings.mx_port) for m in mx]
+        targets: list[_Target] = []
+        errors: list[str] = []
+        for name, port in names:
+            try:
+                addresses = await self.resolver.addresses(name)
+            except DnsError as e:
+                # The next hop has no address: our side (or theirs) is misconfigured, which
+                # is worth retrying, never a reason to bounce the recipient.
+                errors.append(str(e))
+                continue
+            targets.extend(_Target(name, address, port) for address in addresses)
+        if not targets and errors:
+            raise DnsError(
+                ", ".join(n for n, _ in names), "; ".join(errors), permanent=False, status="4.4.3"
+            )
+        return targets[: self.settings.max_targets]
+
+    # --- delivery ----------------------------------------------------------------------------
+
+    async def deliver(
+        self,
+        *,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        destination: Destination,
+        tls: TlsPolicy,
+        auth: SmtpCredentials | None,
+        recipient_domain: str,
+    ) -> DeliveryReport:
+        """Deliver one message to the recipients of one route; never raises for mail reasons."""
+        try:
+            targets = await self._targets(destination, recipient_domain)
+        except DnsError as e:
+            status = DeliveryStatus.FAILED if e.permanent else DeliveryStatus.DEFERRED
+            code = 550 if e.permanent else 451
+            if e.status == "5.1.10":
+                code = 556
+            message = f"{e.status} {e}"
+            return DeliveryReport(
+                tuple(RecipientResult(r, status, code, message) for r in recipients)
+            )
+        if not targets:
+            message = "4.4.4 no server to deliver to (the profile has no servers)"
+            return DeliveryReport(
+                tuple(RecipientResult(r, DeliveryStatus.DEFERRED, 451, message) for r in recipients)
+            )
+
+        pending = list(recipients)
+        final: dict[str, RecipientResult] = {}
+        last_failure: dict[str, RecipientResult] = {}
+        attempts: list[Attempt] = []
+        session = _Session()
+        server: str | None = None
+        tls_failure: TlsFailure | None = None
+        for target in targets:
+            if not pending:
+                break
+            server = str(target)
+            try:
+                results, session = await self._transaction(
+                    target, mail_from, pending, data, tls, auth, recipient_domain
+                )
+            except _TargetFailed as e:
+                self.health.failed(target.address, target.port)
+                attempts.append(Attempt(str(target), e.reason))
+                tls_failure = e.tls_failure or tls_failure
+                logger.warning("delivery to %s failed: %s", target, e.reason)
+                for recipient in pending:
+                    last_failure[recipient] = RecipientResult(
+                        recipient, DeliveryStatus.DEFERRED, e.code, e.reason
+                    )
+                continue
+            self.health.succeeded(target.address, target.port)
+            attempts.append(Attempt(str(target), _summary(results)))
+            still_pending = []
+            for result in results:
+                if result.status is DeliveryStatus.DEFERRED:
+                    last_failure[result.recipient] = result
+                    still_pending.append(result.recipient)
+                else:
+                    final[result.recipient] = result
+            pending = still_pending
+            if not pending:
+                break
+        for recipient in pending:
+            final[recipient] = last_failure.get(
+                recipient,
+                RecipientResult(
+                    recipient, DeliveryStatus.DEFERRED, 451, "4.4.1 no server answered"
+                ),
+            )
+        return DeliveryReport(
+            results=tuple(final[r] for r in recipients),
+            server=server,
+            tls_version=session.tls_version,
+            certificate=session.certificate,
+            verified=session.verified,
+            tls_failure=None if session.tls_version else tls_failure,
+            attempts=tuple(attempts),
+        )
+
+    async def _transaction(
+        self,
+        target: _Target,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        tls: TlsPolicy,
+        auth: SmtpCredentials | None,
+        recipient_domain: str,
+    ) -> tuple[list[RecipientResult], _Session]:
+        limit = self._limits.setdefault(
+            (target.address, target.port),
+            asyncio.Semaphore(self.settings.max_connections_per_target),
+        )
+        async with limit:
+            try:
+                return await self._session(
+                    target, mail_from, recipients, data, tls, auth, recipient_domain, use_tls=True
+                )
+            except _PlaintextFallback:
+                logger.info("opportunistic TLS to %s failed: retrying in plaintext", target)
+                return await self._session(
+                    target, mail_from, recipients, data, tls, auth, recipient_domain, use_tls=False
+                )
+
+    async def _session(
+        self,
+        target: _Target,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        tls: TlsPolicy,
+        auth: SmtpCredentials | None,
+        recipient_domain: str,
+        *,
+        use_tls: bool,
+    ) -> tuple[list[RecipientResult], _Session]:
+        smtp = aiosmtplib.SMTP(
+            hostname=target.address,
+            port=target.port,
+            local_hostname=self.settings.helo_name,
+            timeout=self.settings.command_timeout,
+            start_tls=False,
+        )
+        session = _Session()
+        try:
+            try:
+                await smtp.connect(timeout=self.settings.connect_timeout)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+                raise _TargetFailed(f"4.4.1 cannot connect: {e}") from e
+            try:
+                await self._hello(smtp)
+                if use_tls:
+                    await self._starttls(smtp, target, tls, recipient_domain, session)
+                elif tls.mode.requires_tls:  # pragma: no cover - fallback is Opportunistic only
+                    raise _TargetFailed("4.7.5 TLS required", tls_failure=TlsFailure.HANDSHAKE)
+                if auth is not None:
+                    if session.tls_version is None:
+                        raise _TargetFailed(
+                            "4.7.0 credentials are only sent over TLS, and TLS was not established"
+                        )
+                    try:
+                        await smtp.login(auth.username, auth.password)
+                    except aiosmtplib.SMTPException as e:
+                        # Our credentials were refused: a configuration problem to fix,
+                        # retried later, never a bounce.
+                        raise _TargetFailed(f"4.7.8 authentication failed: {_reply(e)}") from e
+                return await self._send(smtp, mail_from, recipients, data), session
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
+                raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
+        finally:
+            smtp.close()
+
+    async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError as e:
+            if 400 <= e.code < 500:
+                raise _TargetFailed(f"{e.code} greeting refused: {e.message}", e.code) from e
+            await smtp.helo()
+
+    async def _starttls(
+        self,
+        smtp: aiosmtplib.SMTP,
+        target: _Target,
+        tls: TlsPolicy,
+        recipient_domain: str,
+        session: _Session,
+    ) -> None:
+        mode = tls.mode
+        if not smtp.supports_extension("starttls"):
+            if mode.requires_tls:
+                error = TlsPolicyError(
+                    TlsFailure.NO_STARTTLS, "the server does not offer STARTTLS", mode=mode
+                )
+                raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason)
+            return
+        try:
+            await smtp.starttls(
+                tls_context=client_context(tls),
+                server_hostname=server_name_for(tls, target.name, recipient_domain),
+                timeout=self.settings.command_timeout,
+            )
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
+            if not mode.requires_tls:
+                raise _PlaintextFallback from e
+            error = classify_handshake_error(_ssl_cause(e), mode)
+            raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason) from e
+        ssl_object = smtp.get_transport_info("ssl_object")
+        assert isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket)
+        der = ssl_object.getpeercert(binary_form=True)
+        try:
+            session.certificate = check_certificate(tls, der, recipient_domain)
+        except TlsPolicyError as e:
+            raise _TargetFailed(f"4.7.5 {e}", tls_failure=e.reason) from e
+        session.tls_version = ssl_object.version()
+        session.verified = mode is not TlsMode.OPPORTUNISTIC and (
+            mode is not TlsMode.SELF_SIGNED or bool(tls.pinned_fingerprints)
+        )
+        await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
+
+    async def _send(
+        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> list[RecipientResult]:
+        try:
+            await smtp.mail(mail_from)
+        except aiosmtplib.SMTPResponseException as e:
+            if 400 <= e.code < 500:
+                raise _TargetFailed(f"MAIL FROM refused: {_reply(e)}", e.code) from e
+            return [
+                RecipientResult(r, DeliveryStatus.FAILED, e.code, _reply(e)) for r in recipients
+            ]
+        results: dict[str, RecipientResult] = {}
+        accepted: list[str] = []
+        for recipient in recipients:
+            try:
+                await smtp.rcpt(recipient)
+                accepted.append(recipient)
+            except aiosmtplib.SMTPResponseException as e:
+                results[recipient] = RecipientResult(recipient, _status(e.code), e.code, _reply(e))
+        if accepted:
+            try:
+                response = await smtp.data(data, timeout=self.settings.data_timeout)
+                for recipient in accepted:
+                    results[recipient] = RecipientResult(
+                        recipient, DeliveryStatus.DELIVERED, response.code, response.message
+                    )
+            except aiosmtplib.SMTPResponseException as e:
+                for recipient in accepted:
+                    results[recipient] = RecipientResult(
+                        recipient, _status(e.code), e.code, _reply(e)
+                    )
+        else:
+            await smtp.rset()
+        # The transaction is complete; a lost QUIT changes nothing.
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await smtp.quit()
+        return [results[r] for r in recipients]
+
+
+def _status(code: int) -> DeliveryStatus:
+    if 200 <= code < 300:
+        return DeliveryStatus.DELIVERED
+    if 400 <= code < 500:
+        return DeliveryStatus.DEFERRED
+    return DeliveryStatus.FAILED
+
+
+def _reply(error: aiosmtplib.SMTPException) -> str:
+    if isinstance(error, aiosmtplib.SMTPResponseException):
+        return f"{error.code} {error.message}"
+    return str(error)
+
+
+def _ssl_cause(error: BaseException) -> BaseException:
+    """The ssl error behind what aiosmtplib raised, if there is one."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+def _summary(results: Sequence[RecipientResult]) -> str:
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.status.value] = counts.get(result.status.value, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))

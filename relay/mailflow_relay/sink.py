@@ -1,0 +1,135 @@
+"""A small SMTP sink: the far end for ``make demo`` and for tests of the delivery side.
+
+It accepts mail on a loopback port, optionally offers STARTTLS with a given certificate,
+can be told to answer a recipient or the whole transaction with a chosen code, and
+records what it received (envelope, data, whether TLS was used and which SNI the client
+sent). It runs on the caller's event loop: no threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+__all__ = ["ReceivedMessage", "SmtpSink"]
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    tls: bool
+    server_name: str | None
+    authenticated_as: str | None
+
+
+@dataclass
+class _Handler:
+    sink: SmtpSink
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.sink.rcpt_replies.get(address.lower())
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.sink.data_reply is not None:
+            return self.sink.data_reply
+        content = envelope.original_content or b""
+        login: Any = getattr(session.auth_data, "login", None)
+        self.sink.messages.append(
+            ReceivedMessage(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                data=content,
+                tls=session.ssl is not None,
+                server_name=self.sink.last_server_name,
+                authenticated_as=login.decode() if isinstance(login, bytes) else None,
+            )
+        )
+        self.sink.arrived.set()
+        return "250 2.0.0 OK: queued"
+
+
+@dataclass
+class SmtpSink:
+    host: str = "127.0.0.1"
+    port: int = 0
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    """With a certificate, STARTTLS is offered; without, it is not."""
+    users: Mapping[str, str] = field(default_factory=dict)
+    """AUTH accounts (plain passwords: this is a test peer)."""
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    """Recipient (lower case) → the reply to its RCPT, e.g. ``"450 4.2.0 try later"``."""
+    data_reply: str | None = None
+    """A reply that replaces ``250`` after DATA, e.g. ``"554 5.7.1 rejected"``."""
+    messages: list[ReceivedMessage] = field(default_factory=list)
+    last_server_name: str | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.Server | None = None
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.cert_file is None or self.key_file is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+
+        def remember_sni(_sock: Any, name: str | None, _context: ssl.SSLContext) -> None:
+            self.last_server_name = name
+
+        context.sni_callback = remember_sni
+        return context
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> Any:
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        if isinstance(data, LoginPassword):
+            user, password = data.login.decode(), data.password.decode()
+            if self.users.get(user) == password:
+                return AuthResult(success=True, auth_data=data)
+        return AuthResult(success=False, handled=False)
+
+    async def start(self) -> None:
+        tls_context = self._tls_context()
+        handler = _Handler(self)
+        loop = asyncio.get_running_loop()
+
+        def factory() -> SMTP:
+            return SMTP(
+                handler,
+                hostname="sink.test",
+                tls_context=tls_context,
+                authenticator=self._authenticate if self.users else None,
+                auth_require_tls=True,
+                loop=loop,
+            )
+
+        self._server = await loop.create_server(factory, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> SmtpSink:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
