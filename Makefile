@@ -19,7 +19,9 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install-debian-packages.sh
+	@echo "==> Debian packages for the tests on real sockets (postfix, swaks, nsd)"
+	bash scripts/install-debian-packages.sh
 	@echo "==> creating $(VENV) with $(PYTHON)"
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
