@@ -3,6 +3,7 @@
 #   postfix  -> /usr/sbin/smtp-source and /usr/sbin/smtp-sink (SMTP client and server load tools)
 #   swaks    -> the Swiss Army Knife for SMTP (scripted client)
 #   nsd      -> a real authoritative DNS server, run by the tests on a loopback port
+#   libnet-ssleay-perl, libio-socket-ssl-perl -> STARTTLS for swaks
 # Idempotent and fast when everything is present (no apt call at all). Only acts as root; a
 # non-root developer is told what is missing and the tests that need it are skipped.
 # No daemon is left running: services are kept from starting during the install and any
@@ -16,7 +17,10 @@ declare -A PROBES=(
     [postfix]=/usr/sbin/smtp-sink
     [swaks]=swaks
     [nsd]=/usr/sbin/nsd
+    [libnet-ssleay-perl]=perl
+    [libio-socket-ssl-perl]=perl
 )
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl)
 
 present() {
     local package=$1 probe=$2
@@ -25,12 +29,12 @@ present() {
 }
 
 missing=()
-for package in postfix swaks nsd; do
+for package in "${PACKAGES[@]}"; do
     present "$package" "${PROBES[$package]}" || missing+=("$package")
 done
 
 if ((${#missing[@]} == 0)); then
-    echo "==> Debian test packages present (postfix, swaks, nsd)"
+    echo "==> Debian test packages present (${PACKAGES[*]})"
     exit 0
 fi
 
@@ -116,10 +120,10 @@ if command -v ss >/dev/null && ss -Hltnu '( sport = :25 or sport = :53 )' 2>/dev
     ss -Hltnup '( sport = :25 or sport = :53 )' || true
 fi
 
-for package in postfix swaks nsd; do
+for package in "${PACKAGES[@]}"; do
     if ! present "$package" "${PROBES[$package]}"; then
         echo "==> $package is still missing after the install" >&2
         exit 1
     fi
 done
-echo "==> Debian test packages installed (postfix, swaks, nsd)"
+echo "==> Debian test packages installed (${PACKAGES[*]})"

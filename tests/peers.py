@@ -418,7 +418,10 @@ class SmtpSink:
         esmtp: bool = True,
         hostname: str = "smtp-sink.test",
         extra_args: Sequence[str] = (),
+        port: int = 0,
     ) -> None:
+        """``port``: listen there (a test that must know it in advance); 0 = a free one."""
+        self.fixed_port = port
         self.args: list[str] = ["-c", "-4", "-h", hostname]
         for option, commands in (
             ("-f", hard_reject),
@@ -462,7 +465,7 @@ class SmtpSink:
         # strftime expands the template: a literal "%" in the folder's name would be mangled.
         template = str(dump / "msg.").replace("%", "%%")
         for attempt in range(3):  # the free port may be taken between choosing and binding it
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
             listen = f"{self.address}:{self.port}"
             with (
                 (self.folder / "counters").open("wb") as counters,

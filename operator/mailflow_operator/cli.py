@@ -7,9 +7,13 @@ missing files, an address that is not an address).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from mailflow_operator import __version__
@@ -17,7 +21,18 @@ from mailflow_operator.checks import CheckResult, check_manifests
 from mailflow_operator.errors import CrdError, UsageError
 from mailflow_operator.explain import explain_json, explain_text
 from mailflow_operator.manifests import load_manifests
+from mailflow_operator.standalone import (
+    compile_manifests,
+    parse_endpoint,
+    parse_networks,
+    run_standalone,
+    spool_path,
+)
+from mailflow_relay.delivery import DeliverySettings
 from mailflow_relay.errors import InvalidAddressError
+from mailflow_relay.listener import ListenerSettings
+from mailflow_relay.passwords import hash_password
+from mailflow_relay.relay import RelaySettings
 from mailflow_relay.router import domain_of
 from mailflow_relay.routing import DefaultAction, DefaultRoute
 
@@ -88,7 +103,134 @@ def build_parser() -> argparse.ArgumentParser:
         help="what happens when no connector matches (default: %(default)s, Opportunistic TLS)",
     )
     _common(explain)
+    _relay_parser(commands)
+    commands.add_parser(
+        "hash-password",
+        help="hash a password (read from standard input) for --auth-secret",
+        description=(
+            "Read one password from standard input (not from the command line, where other "
+            "users could see it) and print its scrypt hash, for the Secret named by "
+            "`mailflow relay --auth-secret`."
+        ),
+    )
     return parser
+
+
+def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    relay = commands.add_parser(
+        "relay",
+        help="run an SMTP relay configured from manifests, without a cluster",
+        description=(
+            "Run the Mailflow SMTP relay standalone: compile the manifests (connectors, "
+            "profiles and the Secrets they reference) into the routing document, accept mail "
+            "from the allowed networks or authenticated clients, spool it durably and "
+            "deliver it through the connectors with their TLS modes. SIGTERM or SIGINT stops "
+            "accepting, lets sessions finish and exits; spooled mail is delivered on the "
+            "next start."
+        ),
+    )
+    relay.add_argument(
+        "--manifests", nargs="+", required=True, metavar="PATH", help="YAML files or folders"
+    )
+    relay.add_argument(
+        "--listen",
+        default="127.0.0.1:2525",
+        metavar="HOST:PORT",
+        help="SMTP listener (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--spool",
+        required=True,
+        metavar="DIR",
+        help="spool folder (created if missing); keep it across restarts",
+    )
+    relay.add_argument(
+        "--accept-from",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="networks allowed to relay without authentication (repeat); nobody else may relay",
+    )
+    relay.add_argument(
+        "--auth-secret",
+        metavar="NAME",
+        help="a Secret among the manifests whose stringData maps usernames to password hashes "
+        "(`mailflow hash-password`); enables AUTH PLAIN/LOGIN after STARTTLS",
+    )
+    relay.add_argument("--http", metavar="HOST:PORT", help="serve /healthz and /readyz here")
+    relay.add_argument(
+        "--hostname",
+        default=socket.getfqdn(),
+        help="name in the greeting, EHLO and Received (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="certificate for inbound STARTTLS (default: self-signed, made at start)",
+    )
+    relay.add_argument("--tls-key", metavar="FILE", help="key of --tls-cert")
+    relay.add_argument(
+        "--default-route",
+        choices=[a.value for a in DefaultAction],
+        default=DefaultAction.RECIPIENT_MX.value,
+        help="recipients no connector matches: deliver to their MX with Opportunistic TLS, or "
+        "refuse them at RCPT (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="DNS server to ask (repeat; default: the system's)",
+    )
+    relay.add_argument(
+        "--mx-port", type=int, default=25, help="port of MX hosts (default: %(default)s; for tests)"
+    )
+    relay.add_argument(
+        "--max-message-size",
+        type=int,
+        default=25 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest message accepted (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--max-recipients",
+        type=int,
+        default=100,
+        help="recipients per message (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--workers",
+        type=int,
+        default=16,
+        help="deliveries in progress at once (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--retry-initial",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="first retry of a deferred recipient (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--retry-max",
+        type=float,
+        default=4000.0,
+        metavar="SECONDS",
+        help="longest wait between retries (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--namespace",
+        "-n",
+        default="default",
+        help="namespace of objects that name none (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: %(default)s)",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +312,62 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    listen_host, listen_port = parse_endpoint(args.listen, "--listen")
+    http = parse_endpoint(args.http, "--http") if args.http else None
+    networks = parse_networks(args.accept_from)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    dns_servers: list[str] = []
+    dns_port = 53
+    for value in args.dns_server:
+        host, sep, port = value.rpartition(":") if value.count(":") == 1 else ("", "", "")
+        dns_servers.append(host if sep else value)
+        if sep:
+            if not port.isdigit():
+                raise UsageError(f"--dns-server {value!r}: expected IP[:PORT]")
+            dns_port = int(port)
+    document, secrets = compile_manifests(
+        args.manifests, args.namespace, DefaultRoute(action=DefaultAction(args.default_route)), err
+    )
+    users: dict[str, str] = {}
+    if args.auth_secret:
+        if args.auth_secret not in secrets:
+            raise UsageError(
+                f"--auth-secret {args.auth_secret!r}: no Secret of that name among the manifests (stringData)"
+            )
+        users = secrets[args.auth_secret]
+    if not networks and not users:
+        err.write(
+            "warning: no --accept-from and no --auth-secret: nobody may relay through this relay\n"
+        )
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=err
+    )
+    settings = RelaySettings(
+        listener=ListenerSettings(
+            host=listen_host,
+            port=listen_port,
+            hostname=args.hostname,
+            accept_from=networks,
+            users=users,
+            tls_cert_file=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key_file=Path(args.tls_key) if args.tls_key else None,
+            max_message_size=args.max_message_size,
+            max_recipients=args.max_recipients,
+        ),
+        spool_dir=spool_path(args.spool),
+        delivery=DeliverySettings(helo_name=args.hostname, mx_port=args.mx_port),
+        dns_servers=tuple(dns_servers),
+        dns_port=dns_port,
+        workers=args.workers,
+        retry_initial=args.retry_initial,
+        retry_max=args.retry_max,
+    )
+    asyncio.run(run_standalone(settings, document, http))
+    return EXIT_OK
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -181,6 +379,14 @@ def main(
             return run_validate(args, out, err)
         if args.command == "explain":
             return run_explain(args, out, err)
+        if args.command == "relay":
+            return run_relay(args, out, err)
+        if args.command == "hash-password":
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not password:
+                raise UsageError("hash-password: no password on standard input")
+            out.write(hash_password(password) + "\n")
+            return EXIT_OK
         raise UsageError(f"unknown command {args.command!r}")
     except UsageError as e:
         err.write(f"mailflow: error: {e}\n")

@@ -1,0 +1,142 @@
+"""``mailflow relay``: the relay without a cluster, configured from manifests.
+
+The manifests (connectors, profiles and the Secrets they reference) go through the same
+checks and the same compiler as ``mailflow validate`` and the operator; the routing
+document that comes out is what a relay pod would load from its config Secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from mailflow_operator.checks import check_manifests
+from mailflow_operator.errors import UsageError
+from mailflow_operator.manifests import load_manifests
+from mailflow_relay.relay import Relay, RelaySettings
+from mailflow_relay.routing import DefaultRoute, RoutingDocument
+
+__all__ = ["compile_manifests", "parse_endpoint", "run_standalone"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_endpoint(text: str, option: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"{option} {text!r}: expected HOST:PORT")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise UsageError(f"{option} {text!r}: HOST must be an IP address") from None
+    return host, int(port)
+
+
+def parse_networks(
+    values: Sequence[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError as e:
+            raise UsageError(f"--accept-from {value!r}: {e}") from e
+    return tuple(networks)
+
+
+def compile_manifests(
+    paths: Sequence[str], namespace: str, default_route: DefaultRoute, err: TextIO
+) -> tuple[RoutingDocument, dict[str, dict[str, str]]]:
+    """The routing document of the manifests, and the Secrets among them (for AUTH users)."""
+    manifests = load_manifests(paths)
+    result = check_manifests(
+        manifests, default_namespace=namespace, resolve_secrets=True, default_route=default_route
+    )
+    for problem in result.problems:
+        err.write(f"warning: {problem.format()}\n")
+    assert result.compiled is not None
+    secrets: dict[str, dict[str, str]] = {}
+    for manifest in manifests:
+        if manifest.kind == "Secret" and manifest.body is not None:
+            data = manifest.body.get("stringData") or {}
+            secrets[manifest.name] = {str(k): str(v) for k, v in data.items()}
+    return result.compiled.document, secrets
+
+
+@dataclass
+class _Health:
+    relay: Relay
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass
+            path = request.split(b" ")[1].decode("ascii", "replace") if b" " in request else "/"
+            if path == "/healthz":
+                status, body = 200, "ok\n"
+            elif path == "/readyz":
+                ready = self.relay.ready.is_set() and not self.relay.stopping
+                status, body = (200, "ready\n") if ready else (503, "not ready\n")
+            else:
+                status, body = 404, "not found\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def run_standalone(
+    settings: RelaySettings, document: RoutingDocument, http: tuple[str, int] | None
+) -> None:
+    relay = Relay(settings, document)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, relay.stop)
+    server: asyncio.Server | None = None
+    if http is not None:
+        server = await asyncio.start_server(_Health(relay).handle, http[0], http[1])
+    try:
+        runner = asyncio.create_task(relay.run(), name="mailflow-relay")
+        await relay.ready.wait()
+        print(
+            f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "
+            f"{settings.spool_dir}, routing document generation {document.generation} "
+            f"({len(document.connectors)} connector(s))",
+            file=sys.stderr,
+            flush=True,
+        )
+        await runner
+    finally:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def spool_path(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--spool {text!r}: not a folder")
+    return path
