@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: validate the example manifests and explain the route of a message through
-# each example connector. (The relay issue turns this into real delivery on loopback.)
+# `make demo`: validate the example manifests, explain their routes, then deliver a real
+# message through every example connector to local destination servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAILFLOW=.venv/bin/mailflow
@@ -23,3 +23,6 @@ echo "==> the same recipient from the marketing subdomain takes the sender-scope
 $MAILFLOW explain examples/ --from news@marketing.contoso.com --to someone@elsewhere.example
 echo "==> and a broken folder gets one line per problem (exit 1 is expected here)"
 $MAILFLOW validate tests/fixtures/broken/ || echo "(mailflow validate exited $?)"
+echo
+echo "==> real delivery: mailflow relay with the examples, destination servers on loopback"
+.venv/bin/python -m mailflow_operator.demo
