@@ -280,6 +280,18 @@ class Deliverer:
                 tuple(RecipientResult(r, DeliveryStatus.DEFERRED, 451, message) for r in recipients)
             )
 
+        if all(self.health.is_down(t.address, t.port) for t in targets):
+            # Every server failed again and again: defer at once instead of tying up a
+            # worker per message on a dead destination (no head-of-line blocking). The
+            # first delivery after the back-off probes it again.
+            message = "4.4.1 every server of this destination failed recently; retrying later"
+            logger.info("%s: %s", destination.describe(), message)
+            return DeliveryReport(
+                tuple(
+                    RecipientResult(r, DeliveryStatus.DEFERRED, 451, message) for r in recipients
+                ),
+                attempts=(Attempt(", ".join(str(t) for t in targets), "skipped: marked down"),),
+            )
         pending = list(recipients)
         final: dict[str, RecipientResult] = {}
         last_failure: dict[str, RecipientResult] = {}

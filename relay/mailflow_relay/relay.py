@@ -25,15 +25,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiosmtplib
+
+from mailflow_relay.bounce import BounceRecipient, build_dsn, status_of
 from mailflow_relay.delivery import Deliverer, DeliveryReport, DeliverySettings, DeliveryStatus
 from mailflow_relay.dns import Resolver
-from mailflow_relay.errors import InvalidAddressError
+from mailflow_relay.errors import InvalidAddressError, RoutingDocumentError
 from mailflow_relay.listener import AcceptedMessage, ListenerSettings, SmtpListener
-from mailflow_relay.router import RouteDecision, Router, domain_of
+from mailflow_relay.metrics import RelayMetrics
+from mailflow_relay.router import RouteDecision, Router
 from mailflow_relay.routing import (
     RecipientMx,
     RoutingDocument,
@@ -61,6 +65,17 @@ class RelaySettings:
     retry_max: float = 4000.0
     """The longest wait between retries (Postfix: 4000 s)."""
     scheduler_tick: float = 1.0
+    queue_lifetime: float = 5 * 24 * 3600.0
+    """A recipient still deferred this long after arrival fails, and the sender is told
+    (Postfix ``maximal_queue_lifetime``, 5 days)."""
+    delay_warning_after: float | None = None
+    """Tell the sender once (``Action: delayed``) when a recipient is still deferred after
+    this many seconds; None: no delay warnings (Postfix's default)."""
+    drain_grace: float = 25.0
+    """On stop: seconds that sessions may take to finish and deliveries may go on."""
+    handoff: tuple[str, int] | None = None
+    """On stop: hand what is left in the spool to this peer relay (the relay Service)."""
+    handoff_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +116,10 @@ class Relay:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self.metrics = RelayMetrics()
         self.router = Router(document)
+        self.document = document
+        self.metrics.config_generation.set(document.generation)
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
@@ -112,9 +130,13 @@ class Relay:
         self.on_delivery = on_delivery
         self._clock = clock
         self._index = _Index()
+        self._queued: dict[str, datetime] = {}
+        """Every message in the spool that is not final, with its arrival time (for gauges)."""
         self._in_flight: set[str] = set()
         self._work: asyncio.Queue[str] = asyncio.Queue(maxsize=max(64, settings.workers * 4))
         self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.ready = asyncio.Event()
         """Set once the listener is bound and the spool has been rescanned."""
 
@@ -122,11 +144,55 @@ class Relay:
     def port(self) -> int:
         return self.listener.port
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def is_ready(self) -> bool:
+        """For ``/readyz``: serving, with a routing document, and not draining."""
+        return self.ready.is_set() and not self.stopping
+
+    # --- configuration -----------------------------------------------------------------------
+
     def load_document(self, document: RoutingDocument) -> None:
-        """Route new deliveries with ``document``; deliveries in progress keep their route."""
+        """Route new deliveries with ``document``; deliveries in progress keep their route.
+
+        The swap is one assignment: a delivery reads ``self.router`` once, so it sees the
+        old document or the new one, never a mix. Sessions are not touched.
+        """
         self.router = Router(document)
+        self.document = document
+        self.metrics.config_generation.set(document.generation)
+        self.metrics.config_reloads.labels("loaded").inc()
         logger.info(
-            "routing document generation %d loaded (%s)", document.generation, document.checksum
+            "routing document generation %d loaded (%s, %d connectors)",
+            document.generation,
+            document.checksum,
+            len(document.connectors),
+        )
+
+    def load_document_json(self, text: str | bytes) -> bool:
+        """Load a serialised document; a broken one is refused and the current one stays."""
+        try:
+            document = RoutingDocument.from_json(text)
+        except RoutingDocumentError as e:
+            self.refuse_document(str(e))
+            return False
+        if (
+            document.checksum == self.document.checksum
+            and document.generation == self.document.generation
+        ):
+            return True
+        self.load_document(document)
+        return True
+
+    def refuse_document(self, reason: str) -> None:
+        self.metrics.config_reloads.labels("refused").inc()
+        logger.error(
+            "routing document refused: %s; generation %d stays in force",
+            reason,
+            self.document.generation,
         )
 
     # --- accepting ---------------------------------------------------------------------------
@@ -135,8 +201,10 @@ class Relay:
         try:
             decision = self.router.route_for(recipient, sender)
         except InvalidAddressError as e:
+            self.metrics.refused.labels("bad_recipient").inc()
             return 553, f"5.1.3 {e.reason}"
         if decision.rejected:
+            self.metrics.refused.labels("no_route").inc()
             return 550, "5.7.1 No route for this recipient domain"
         return None
 
@@ -147,6 +215,7 @@ class Relay:
             list(dict.fromkeys(message.rcpt_tos)),
             message.with_received,
         )
+        self.metrics.accepted.inc()
         logger.info(
             "queued %s from=<%s> recipients=%d size=%d client=%s",
             stored.queue_id,
@@ -155,12 +224,16 @@ class Relay:
             stored.size,
             message.client_address,
         )
-        self._index.set(stored.queue_id, self._clock())
+        self._track(stored)
         self._enqueue(stored.queue_id)
         return stored.queue_id
 
+    def _track(self, message: SpooledMessage) -> None:
+        self._queued[message.queue_id] = message.received
+        self._schedule(message)
+
     def _enqueue(self, queue_id: str) -> None:
-        if queue_id in self._in_flight:
+        if queue_id in self._in_flight or self.stopping:
             return
         try:
             self._work.put_nowait(queue_id)
@@ -168,15 +241,20 @@ class Relay:
             pass  # still in the index: the scheduler queues it when there is room
         else:
             self._in_flight.add(queue_id)
+            self._idle.clear()
             self._index.drop(queue_id)
 
     # --- running -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until :meth:`stop`; then stop accepting, finish sessions and deliveries."""
+        """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return."""
         for message in await asyncio.to_thread(self.spool.scan):
-            self._schedule(message)
-        logger.info("spool rescanned: %d message(s) waiting", len(self._index.due))
+            if message.is_final:
+                # A crash came between recording the last outcome and removing the record.
+                await asyncio.to_thread(self.spool.remove, message.queue_id)
+                continue
+            self._track(message)
+        logger.info("spool rescanned: %d message(s) waiting", len(self._queued))
         await self.listener.start()
         logger.info("listening on %s:%d", self.settings.listener.host, self.listener.port)
         self.ready.set()
@@ -188,20 +266,52 @@ class Relay:
                 ]
                 scheduler = tasks.create_task(self._scheduler(), name="mailflow-scheduler")
                 await self._stopping.wait()
-                await self.listener.stop(grace=self.settings.listener.command_timeout)
-                scheduler.cancel()
-                for worker in workers:
-                    worker.cancel()
+                await self._drain(workers, scheduler)
         finally:
             await self.listener.stop(grace=0)
+        if self.settings.handoff is not None:
+            await self._hand_off(self.settings.handoff)
+        logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))
 
     def stop(self) -> None:
-        """Stop accepting, let sessions and deliveries in progress finish, then return from run."""
+        """Drain: readiness goes false, the listener stops accepting, open sessions finish,
+        deliveries go on until the grace period; then what is left stays in the spool or,
+        with hand-off, goes to a peer relay."""
+        if not self._stopping.is_set():
+            logger.info("stopping: draining for up to %.0fs", self.settings.drain_grace)
         self._stopping.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
+    async def _drain(
+        self, workers: list[asyncio.Task[None]], scheduler: asyncio.Task[None]
+    ) -> None:
+        deadline = self._clock() + self.settings.drain_grace
+        await self.listener.stop_accepting()
+        await self.listener.wait_sessions_closed(max(0.0, deadline - self._clock()))
+        # Deliveries that are due go on until the grace period ends.
+        while self._clock() < deadline and (self._in_flight or self._index.take_due(self._clock())):
+            for queue_id in self._index.take_due(self._clock()):
+                if self._work.full():
+                    break
+                self._enqueue_draining(queue_id)
+            try:
+                async with asyncio.timeout(min(0.5, max(0.0, deadline - self._clock()))):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        scheduler.cancel()
+        for worker in workers:
+            worker.cancel()
+
+    def _enqueue_draining(self, queue_id: str) -> None:
+        if queue_id in self._in_flight:
+            return
+        try:
+            self._work.put_nowait(queue_id)
+        except asyncio.QueueFull:
+            return
+        self._in_flight.add(queue_id)
+        self._idle.clear()
+        self._index.drop(queue_id)
 
     def _schedule(self, message: SpooledMessage) -> None:
         if message.is_final:
@@ -219,7 +329,15 @@ class Relay:
                 if self._work.full():
                     break
                 self._enqueue(queue_id)
+            self._update_gauges()
             await asyncio.sleep(self.settings.scheduler_tick)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_messages.set(len(self._queued))
+        oldest = min(self._queued.values(), default=None)
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        self.metrics.queue_oldest_seconds.set(max(0.0, age))
+        self.metrics.sessions.set(self.listener.active_sessions)
 
     async def _worker(self) -> None:
         while True:
@@ -232,6 +350,8 @@ class Relay:
                 self._index.set(queue_id, self._clock() + self.settings.retry_initial)
             finally:
                 self._in_flight.discard(queue_id)
+                if not self._in_flight:
+                    self._idle.set()
 
     # --- delivering --------------------------------------------------------------------------
 
@@ -261,15 +381,111 @@ class Relay:
                     self._deliver_group(message, members, updates),
                     name=f"mailflow-deliver-{queue_id}",
                 )
+        updates = self._expire(message, updates, now)
+        updates = await self._notify_sender(message, updates, now)
         if updates:
             states = await asyncio.to_thread(self.spool.update, queue_id, *updates)
         else:
             states = message.recipients
         if all(s.status.is_final for s in states):
             await asyncio.to_thread(self.spool.remove, queue_id)
+            self._queued.pop(queue_id, None)
             logger.info("queue %s: done, removed from the spool", queue_id)
         else:
             self._schedule(_with_states(message, states))
+
+    def _expire(
+        self, message: SpooledMessage, updates: list[RecipientState], now: datetime
+    ) -> list[RecipientState]:
+        """Deferred recipients past the queue lifetime fail (RFC 3463 4.4.7)."""
+        if (now - message.received).total_seconds() < self.settings.queue_lifetime:
+            return updates
+        expired = []
+        for state in updates:
+            if state.status is RecipientStatus.DEFERRED:
+                reason = (
+                    f"4.4.7 queue lifetime exceeded; last error: {state.last_reply_text or 'none'}"
+                )
+                logger.warning(
+                    "queue %s: to=<%s> expired: %s", message.queue_id, state.address, reason
+                )
+                state = replace(
+                    state, status=RecipientStatus.FAILED, next_attempt=None, last_reply_text=reason
+                )
+            expired.append(state)
+        return expired
+
+    async def _notify_sender(
+        self, message: SpooledMessage, updates: list[RecipientState], now: datetime
+    ) -> list[RecipientState]:
+        """Queue a DSN for recipients that failed now (and delay warnings, when enabled).
+
+        The bounce is spooled before the failure is recorded: a crash in between can give
+        a second bounce, never none.
+        """
+        failed = [s for s in updates if s.status is RecipientStatus.FAILED]
+        warn_after = self.settings.delay_warning_after
+        delayed = [
+            s
+            for s in updates
+            if warn_after is not None
+            and s.status is RecipientStatus.DEFERRED
+            and not s.delay_notified
+            and (now - message.received).total_seconds() >= warn_after
+        ]
+        if not message.sender:
+            if failed:
+                logger.warning(
+                    "queue %s: %d recipient(s) failed; no bounce for the null sender",
+                    message.queue_id,
+                    len(failed),
+                )
+            return updates
+        for action, states in (("failed", failed), ("delayed", delayed)):
+            if not states:
+                continue
+            dsn = build_dsn(
+                reporting_mta=self.settings.listener.hostname,
+                queue_id=message.queue_id,
+                original_sender=message.sender,
+                original_body=message.body,
+                arrival=message.received,
+                recipients=[
+                    BounceRecipient(
+                        address=s.address,
+                        action=action,
+                        status=status_of(
+                            s.last_reply_text or "",
+                            s.last_reply_code,
+                            default_class="5" if action == "failed" else "4",
+                        ),
+                        diagnostic=s.last_reply_text or "",
+                        last_attempt=now,
+                    )
+                    for s in states
+                ],
+                will_retry_until=message.received + timedelta(seconds=self.settings.queue_lifetime)
+                if action == "delayed"
+                else None,
+                now=now,
+            )
+            bounce = await asyncio.to_thread(self.spool.store, "", [message.sender], dsn)
+            self.metrics.bounces.labels(action).inc()
+            logger.info(
+                "queue %s: %s notification to <%s> queued as %s",
+                message.queue_id,
+                action,
+                message.sender,
+                bounce.queue_id,
+            )
+            self._track(bounce)
+            self._enqueue(bounce.queue_id)
+        if delayed:
+            marked = {s.address for s in delayed}
+            updates = [
+                replace(s, delay_notified=True) if s.address in marked else s for s in updates
+            ]
+        return updates
 
     async def _deliver_group(
         self,
@@ -281,11 +497,15 @@ class Relay:
         connector = decision.connector
         name = str(connector.ref) if connector else "(default route)"
         assert decision.destination is not None
+        destination = decision.destination.describe()
+        labels = (name, destination, decision.tls.mode.value)
         if connector is not None and connector.unresolved:
             reason = "4.3.5 connector not ready: " + "; ".join(connector.unresolved)
             logger.warning("queue %s: %s", message.queue_id, reason)
+            self.metrics.deferred.labels(*labels).inc(len(members))
             updates.extend(self._deferred(state, 451, reason) for state, _ in members)
             return
+        started = self._clock()
         report = await self.deliverer.deliver(
             mail_from=message.sender,
             recipients=[state.address for state, _ in members],
@@ -295,10 +515,15 @@ class Relay:
             auth=connector.auth if connector else None,
             recipient_domain=decision.domain,
         )
+        self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
+        if report.tls_failure is not None:
+            self.metrics.tls_failures.labels(
+                name, decision.tls.mode.value, report.tls_failure.value
+            ).inc()
         event = DeliveryEvent(
             queue_id=message.queue_id,
             connector=name,
-            destination=decision.destination.describe(),
+            destination=destination,
             tls_mode=decision.tls.mode,
             report=report,
         )
@@ -315,12 +540,15 @@ class Relay:
                 result.message,
             )
             if result.status is DeliveryStatus.DELIVERED:
+                self.metrics.delivered.labels(*labels).inc()
                 updates.append(
                     _final(state, RecipientStatus.DELIVERED, result.code, result.message)
                 )
             elif result.status is DeliveryStatus.FAILED:
+                self.metrics.failed.labels(*labels).inc()
                 updates.append(_final(state, RecipientStatus.FAILED, result.code, result.message))
             else:
+                self.metrics.deferred.labels(*labels).inc()
                 updates.append(self._deferred(state, result.code, result.message))
         if self.on_delivery is not None:
             self.on_delivery(event)
@@ -328,8 +556,8 @@ class Relay:
     def _deferred(self, state: RecipientState, code: int, reason: str) -> RecipientState:
         attempts = state.attempts + 1
         wait = min(self.settings.retry_max, self.settings.retry_initial * 2 ** (attempts - 1))
-        return RecipientState(
-            address=state.address,
+        return replace(
+            state,
             status=RecipientStatus.DEFERRED,
             attempts=attempts,
             next_attempt=datetime.now(UTC) + timedelta(seconds=wait),
@@ -337,26 +565,61 @@ class Relay:
             last_reply_text=reason,
         )
 
+    # --- hand-off ----------------------------------------------------------------------------
+
+    async def _hand_off(self, peer: tuple[str, int]) -> None:
+        """Re-inject what is left into a peer relay; each record goes only after the peer's 250."""
+        remaining = [m for m in await asyncio.to_thread(self.spool.scan) if not m.is_final]
+        if not remaining:
+            return
+        logger.info("handing %d message(s) to %s:%d", len(remaining), *peer)
+        for message in remaining:
+            recipients = [r.address for r in message.pending]
+            try:
+                async with asyncio.timeout(self.settings.handoff_timeout):
+                    smtp = aiosmtplib.SMTP(
+                        hostname=peer[0],
+                        port=peer[1],
+                        local_hostname=self.settings.listener.hostname,
+                        start_tls=False,
+                        timeout=self.settings.handoff_timeout,
+                    )
+                    async with smtp:
+                        refused, _ = await smtp.sendmail(message.sender, recipients, message.body)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+                self.metrics.handoffs.labels("failed").inc()
+                logger.warning(
+                    "queue %s: hand-off failed, kept in the spool: %s", message.queue_id, e
+                )
+                continue
+            if refused:
+                # Some recipients were refused by the peer: keep the message here for them.
+                self.metrics.handoffs.labels("failed").inc()
+                logger.warning(
+                    "queue %s: the peer refused %s; kept in the spool",
+                    message.queue_id,
+                    sorted(refused),
+                )
+                continue
+            await asyncio.to_thread(self.spool.remove, message.queue_id, force=True)
+            self._queued.pop(message.queue_id, None)
+            self.metrics.handoffs.labels("accepted").inc()
+            logger.info("queue %s: handed off to %s:%d", message.queue_id, *peer)
+
 
 def _final(state: RecipientState, status: RecipientStatus, code: int, text: str) -> RecipientState:
-    return RecipientState(
-        address=state.address,
+    return replace(
+        state,
         status=status,
         attempts=state.attempts + 1,
+        next_attempt=None,
         last_reply_code=code,
         last_reply_text=text,
     )
 
 
 def _with_states(message: SpooledMessage, states: Sequence[RecipientState]) -> SpooledMessage:
-    return SpooledMessage(
-        queue_id=message.queue_id,
-        sender=message.sender,
-        recipients=tuple(states),
-        received=message.received,
-        size=message.size,
-        body=message.body,
-    )
+    return replace(message, recipients=tuple(states))
 
 
 def _group_key(decision: RouteDecision) -> tuple[object, ...]:
@@ -370,7 +633,3 @@ def _group_key(decision: RouteDecision) -> tuple[object, ...]:
     if isinstance(decision.destination, RecipientMx) or decision.tls.mode is TlsMode.DOMAIN_MATCH:
         key += (decision.domain,)
     return key
-
-
-def recipient_domain(address: str) -> str:
-    return domain_of(address)

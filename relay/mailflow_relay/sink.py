@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self.sink.rcpt_log.append((time.monotonic(), address))
         reply = self.sink.rcpt_replies.get(address.lower())
         if reply is not None:
             return reply
@@ -50,7 +52,7 @@ class _Handler:
         login: Any = getattr(session.auth_data, "login", None)
         self.sink.messages.append(
             ReceivedMessage(
-                mail_from=envelope.mail_from or "",
+                mail_from="" if envelope.mail_from in (None, "<>") else str(envelope.mail_from),
                 rcpt_tos=tuple(envelope.rcpt_tos),
                 data=content,
                 tls=session.ssl is not None,
@@ -76,6 +78,11 @@ class SmtpSink:
     data_reply: str | None = None
     """A reply that replaces ``250`` after DATA, e.g. ``"554 5.7.1 rejected"``."""
     messages: list[ReceivedMessage] = field(default_factory=list)
+    rcpt_log: list[tuple[float, str]] = field(default_factory=list)
+    """(monotonic time, recipient) of every RCPT, accepted or not: retry timing is read here."""
+    sessions: int = 0
+    max_sessions: int = 0
+    """The most sessions open at once: concurrency limits are read here."""
     last_server_name: str | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
@@ -108,8 +115,20 @@ class SmtpSink:
         handler = _Handler(self)
         loop = asyncio.get_running_loop()
 
+        sink = self
+
+        class _CountingSMTP(SMTP):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sink.sessions += 1
+                sink.max_sessions = max(sink.max_sessions, sink.sessions)
+                super().connection_made(transport)
+
+            def connection_lost(self, error: Exception | None) -> None:
+                sink.sessions -= 1
+                super().connection_lost(error)
+
         def factory() -> SMTP:
-            return SMTP(
+            return _CountingSMTP(
                 handler,
                 hostname="sink.test",
                 tls_context=tls_context,

@@ -272,6 +272,8 @@ class RecipientState:
     """The next hop's last SMTP reply code for this recipient, if it answered."""
     last_reply_text: str | None = None
     """The text of that reply, for the bounce and for ``mailflow queue``."""
+    delay_notified: bool = False
+    """A delay warning (RFC 3464 ``Action: delayed``) went to the sender for this recipient."""
 
     def __post_init__(self) -> None:
         if self.attempts < 0:
@@ -688,6 +690,7 @@ def _state_to_json(state: RecipientState) -> dict[str, Any]:
         "next_attempt": None if state.next_attempt is None else state.next_attempt.isoformat(),
         "last_reply_code": state.last_reply_code,
         "last_reply_text": state.last_reply_text,
+        "delay_notified": state.delay_notified,
     }
 
 
@@ -800,6 +803,8 @@ def _parse_one_state(path: Path, raw: Any) -> RecipientState:
         next_attempt=None if next_attempt is None else _parse_time(path, next_attempt),
         last_reply_code=code,
         last_reply_text=text,
+        # Absent in states written before the field existed.
+        delay_notified=bool(raw.get("delay_notified", False)),
     )
 
 
