@@ -39,6 +39,8 @@ class CheckResult:
     checked: int = 0
     """Mailflow objects checked (connectors and profiles)."""
     secrets_given: bool = False
+    invalid: int = 0
+    """Documents that did not parse or objects the schema refused (left out of the document)."""
 
 
 def check_manifests(
@@ -77,6 +79,7 @@ def check_manifests(
 
     for manifest in manifests:
         if manifest.body is None:
+            result.invalid += 1
             result.problems.append(
                 Problem(
                     manifest.file,
@@ -120,6 +123,8 @@ def check_manifests(
         errors = crd.schema.validate(body)
         for error in errors:
             problem(manifest, error.path, error.message)
+        if errors:
+            result.invalid += 1
         ref = ObjectRef(manifest.namespace(default_namespace), manifest.name)
         if errors or _duplicate(manifest, kind, ref, where, problem):
             continue

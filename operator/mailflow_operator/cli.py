@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import socket
 import sys
 from collections.abc import Sequence
@@ -22,19 +21,23 @@ from mailflow_operator.errors import CrdError, UsageError
 from mailflow_operator.explain import explain_json, explain_text
 from mailflow_operator.manifests import load_manifests
 from mailflow_operator.standalone import (
+    ManifestWatcher,
     compile_manifests,
     parse_endpoint,
     parse_networks,
     run_standalone,
     spool_path,
 )
+from mailflow_relay import queuectl
 from mailflow_relay.delivery import DeliverySettings
 from mailflow_relay.errors import InvalidAddressError
 from mailflow_relay.listener import ListenerSettings
+from mailflow_relay.logs import configure_logging
 from mailflow_relay.passwords import hash_password
-from mailflow_relay.relay import RelaySettings
+from mailflow_relay.relay import Relay, RelaySettings
 from mailflow_relay.router import domain_of
 from mailflow_relay.routing import DefaultAction, DefaultRoute
+from mailflow_relay.spool import SpoolError
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(explain)
     _relay_parser(commands)
+    _queue_parser(commands)
     commands.add_parser(
         "hash-password",
         help="hash a password (read from standard input) for --auth-secret",
@@ -231,6 +235,45 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="(default: %(default)s)",
     )
+    relay.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line with a queue_id field (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--reload-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often to look for changed manifests and reload them without a restart; "
+        "0 turns it off (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--queue-lifetime",
+        type=float,
+        default=5 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="a recipient still deferred this long bounces (default: %(default)s, 5 days)",
+    )
+    relay.add_argument(
+        "--delay-warning",
+        type=float,
+        metavar="SECONDS",
+        help="tell the sender once when a recipient is still deferred after this long (default: off)",
+    )
+    relay.add_argument(
+        "--drain-grace",
+        type=float,
+        default=25.0,
+        metavar="SECONDS",
+        help="on SIGTERM: time for sessions to finish and deliveries to go on (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--handoff",
+        metavar="HOST:PORT",
+        help="on SIGTERM, after the grace period: hand what is left in the spool to this peer relay",
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +355,54 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _queue_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    queue = commands.add_parser(
+        "queue",
+        help="inspect and act on a relay's spool (like postqueue/postsuper)",
+        description=(
+            "Look at the messages in a relay's spool and act on them. Safe while the relay "
+            "runs: every change is an atomic spool operation."
+        ),
+    )
+    actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every message with its recipients' states")
+    shown = actions.add_parser("show", help="one message: envelope, states and headers")
+    shown.add_argument("queue_id", metavar="QUEUE_ID")
+    shown.add_argument("--body", action="store_true", help="print the body too")
+    again = actions.add_parser(
+        "retry", help="make deferred recipients due now (all messages, or the given ones)"
+    )
+    again.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
+    removal = actions.add_parser("delete", help="remove messages for good: no delivery, no bounce")
+    removal.add_argument("queue_ids", nargs="+", metavar="QUEUE_ID")
+    for parser in (listing, shown, again, removal):
+        parser.add_argument(
+            "--spool", required=True, metavar="DIR", help="the relay's spool folder"
+        )
+    for parser in (listing, shown):
+        parser.add_argument(
+            "--output", "-o", choices=["text", "json"], default="text", help="output format"
+        )
+
+
+def run_queue(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    spool_dir = Path(args.spool)
+    if not spool_dir.is_dir():
+        raise UsageError(f"--spool {args.spool!r}: no such folder")
+    try:
+        if args.action == "list":
+            return queuectl.list_queue(spool_dir, out, as_json=args.output == "json")
+        if args.action == "show":
+            return queuectl.show(
+                spool_dir, args.queue_id, out, body=args.body, as_json=args.output == "json"
+            )
+        if args.action == "retry":
+            return queuectl.retry(spool_dir, args.queue_ids, out)
+        return queuectl.delete(spool_dir, args.queue_ids, out)
+    except (SpoolError, ValueError) as e:
+        raise UsageError(f"queue {args.action}: {e}") from e
+
+
 def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     listen_host, listen_port = parse_endpoint(args.listen, "--listen")
     http = parse_endpoint(args.http, "--http") if args.http else None
@@ -341,9 +432,7 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(
             "warning: no --accept-from and no --auth-secret: nobody may relay through this relay\n"
         )
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=err
-    )
+    configure_logging(args.log_level, args.log_format, err)
     settings = RelaySettings(
         listener=ListenerSettings(
             host=listen_host,
@@ -363,8 +452,21 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         workers=args.workers,
         retry_initial=args.retry_initial,
         retry_max=args.retry_max,
+        queue_lifetime=args.queue_lifetime,
+        delay_warning_after=args.delay_warning,
+        drain_grace=args.drain_grace,
+        handoff=parse_endpoint(args.handoff, "--handoff") if args.handoff else None,
     )
-    asyncio.run(run_standalone(settings, document, http))
+    default_route = DefaultRoute(action=DefaultAction(args.default_route))
+
+    def watcher(relay: Relay) -> ManifestWatcher:
+        return ManifestWatcher(
+            relay, args.manifests, args.namespace, default_route, args.reload_interval
+        )
+
+    asyncio.run(
+        run_standalone(settings, document, http, watcher if args.reload_interval > 0 else None)
+    )
     return EXIT_OK
 
 
@@ -381,6 +483,8 @@ def main(
             return run_explain(args, out, err)
         if args.command == "relay":
             return run_relay(args, out, err)
+        if args.command == "queue":
+            return run_queue(args, out, err)
         if args.command == "hash-password":
             password = sys.stdin.readline().rstrip("\r\n")
             if not password:

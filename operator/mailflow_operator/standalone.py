@@ -13,8 +13,8 @@ import ipaddress
 import logging
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -85,17 +85,22 @@ class _Health:
                 while (await reader.readline()).strip():
                     pass
             path = request.split(b" ")[1].decode("ascii", "replace") if b" " in request else "/"
+            content_type = "text/plain; charset=utf-8"
             if path == "/healthz":
-                status, body = 200, "ok\n"
+                status, body = 200, b"ok\n"
             elif path == "/readyz":
-                ready = self.relay.ready.is_set() and not self.relay.stopping
-                status, body = (200, "ready\n") if ready else (503, "not ready\n")
+                ready = self.relay.is_ready
+                status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+            elif path == "/metrics":
+                status, body = 200, self.relay.metrics.render()
+                content_type = "text/plain; version=0.0.4; charset=utf-8"
             else:
-                status, body = 404, "not found\n"
+                status, body = 404, b"not found\n"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
             writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
             )
             await writer.drain()
         except (TimeoutError, ConnectionError, IndexError):
@@ -106,8 +111,82 @@ class _Health:
                 await writer.wait_closed()
 
 
+@dataclass
+class ManifestWatcher:
+    """Standalone hot reload: recompile when a manifest file changes.
+
+    A change that does not compile cleanly — YAML that does not parse, an object the
+    schema refuses, a value the compiler refuses — is refused as a whole, with a log
+    line and a metric, and the document in force stays: half an edit must never drop a
+    connector and send its mail down a less specific route. Conflicts and unresolved
+    references are not refusals: they are reported, as the operator would.
+    """
+
+    relay: Relay
+    paths: Sequence[str]
+    namespace: str
+    default_route: DefaultRoute
+    interval: float
+
+    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
+        files: list[Path] = []
+        for text in self.paths:
+            path = Path(text)
+            files.extend(
+                sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            )
+        stamp = []
+        for file in files:
+            try:
+                info = file.stat()
+            except OSError:
+                continue
+            stamp.append((str(file), info.st_mtime_ns, info.st_size))
+        return tuple(stamp)
+
+    def reload(self) -> bool:
+        current = self.relay.document
+        try:
+            manifests = load_manifests(self.paths)
+        except UsageError as e:
+            self.relay.refuse_document(str(e))
+            return False
+        result = check_manifests(
+            manifests,
+            default_namespace=self.namespace,
+            resolve_secrets=True,
+            default_route=self.default_route,
+        )
+        assert result.compiled is not None
+        invalid_values = [f for f in result.compiled.findings if f.reason == "InvalidValue"]
+        if result.invalid or invalid_values:
+            shown = "; ".join(p.format() for p in result.problems[:3])
+            self.relay.refuse_document(f"the manifests have problems: {shown}")
+            return False
+        for problem in result.problems:
+            logger.warning("manifests: %s", problem.format())
+        document = result.compiled.document
+        if document.checksum == current.checksum:
+            return True
+        self.relay.load_document(replace(document, generation=current.generation + 1))
+        return True
+
+    async def run(self) -> None:
+        stamp = self._stamp()
+        while True:
+            await asyncio.sleep(self.interval)
+            now = self._stamp()
+            if now != stamp:
+                stamp = now
+                logger.info("manifests changed: recompiling")
+                self.reload()
+
+
 async def run_standalone(
-    settings: RelaySettings, document: RoutingDocument, http: tuple[str, int] | None
+    settings: RelaySettings,
+    document: RoutingDocument,
+    http: tuple[str, int] | None,
+    watcher: Callable[[Relay], ManifestWatcher] | None = None,
 ) -> None:
     relay = Relay(settings, document)
     loop = asyncio.get_running_loop()
@@ -118,6 +197,9 @@ async def run_standalone(
         server = await asyncio.start_server(_Health(relay).handle, http[0], http[1])
     try:
         runner = asyncio.create_task(relay.run(), name="mailflow-relay")
+        reloads = None
+        if watcher is not None:
+            reloads = asyncio.create_task(watcher(relay).run(), name="mailflow-manifest-watcher")
         await relay.ready.wait()
         print(
             f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "
@@ -127,6 +209,10 @@ async def run_standalone(
             flush=True,
         )
         await runner
+        if reloads is not None:
+            reloads.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloads
     finally:
         if server is not None:
             server.close()

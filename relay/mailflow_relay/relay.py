@@ -22,6 +22,7 @@ lets sessions finish, and lets workers finish the delivery they are in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -37,13 +38,20 @@ from mailflow_relay.dns import Resolver
 from mailflow_relay.errors import InvalidAddressError, RoutingDocumentError
 from mailflow_relay.listener import AcceptedMessage, ListenerSettings, SmtpListener
 from mailflow_relay.metrics import RelayMetrics
+from mailflow_relay.queuectl import FLUSH_REQUEST
 from mailflow_relay.router import RouteDecision, Router
 from mailflow_relay.routing import (
     RecipientMx,
     RoutingDocument,
     TlsMode,
 )
-from mailflow_relay.spool import RecipientState, RecipientStatus, Spool, SpooledMessage
+from mailflow_relay.spool import (
+    MessageNotFoundError,
+    RecipientState,
+    RecipientStatus,
+    Spool,
+    SpooledMessage,
+)
 
 __all__ = ["DeliveryEvent", "Relay", "RelaySettings"]
 
@@ -324,7 +332,16 @@ class Relay:
         self._index.set(message.queue_id, self._clock() + min(waits, default=0.0))
 
     async def _scheduler(self) -> None:
+        flush = self.settings.spool_dir / FLUSH_REQUEST
         while True:
+            if flush.exists():
+                # `mailflow queue retry` made deferred recipients due: reread the spool.
+                with contextlib.suppress(FileNotFoundError):
+                    flush.unlink()
+                for message in await asyncio.to_thread(self.spool.scan):
+                    if not message.is_final and message.queue_id not in self._in_flight:
+                        self._track(message)
+                logger.info("flush requested: %d message(s) rescheduled", len(self._index.due))
             for queue_id in self._index.take_due(self._clock()):
                 if self._work.full():
                     break
@@ -345,6 +362,11 @@ class Relay:
             try:
                 # A delivery in progress finishes even when the relay is stopping.
                 await asyncio.shield(self._process(queue_id))
+            except MessageNotFoundError:
+                # Deleted by an administrator (`mailflow queue delete`) meanwhile.
+                logger.info("queue %s: no longer in the spool", queue_id)
+                self._queued.pop(queue_id, None)
+                self._index.drop(queue_id)
             except Exception:
                 logger.exception("queue %s: processing failed; retrying later", queue_id)
                 self._index.set(queue_id, self._clock() + self.settings.retry_initial)
