@@ -19,9 +19,10 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-debian-packages.sh
+$(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm.sh
 	@echo "==> Debian packages for the tests on real sockets (postfix, swaks, nsd)"
 	bash scripts/install-debian-packages.sh
+	bash scripts/install-helm.sh
 	@echo "==> creating $(VENV) with $(PYTHON)"
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,20 @@ lint: venv
 test: venv lint
 	@echo "==> pytest"
 	$(BIN)/pytest
+
+.PHONY: images
+images:
+	@engine=$$(command -v docker || command -v podman || true); \
+	if [[ -z $$engine ]] || ! $$engine info >/dev/null 2>&1; then \
+		echo "make images: no container engine (docker or podman with a running daemon/socket); no images built"; \
+		exit 0; \
+	fi; \
+	version=$$(sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml); \
+	prefix=$${IMAGE_PREFIX:-ghcr.io/mailflow/}; \
+	for component in operator relay; do \
+		echo "==> $$engine build -f $$component/Dockerfile -t $${prefix}mailflow-$$component:$$version ."; \
+		$$engine build -f $$component/Dockerfile -t "$${prefix}mailflow-$$component:$$version" .; \
+	done
 
 demo: venv
 	@bash examples/demo.sh

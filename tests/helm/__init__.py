@@ -1,0 +1,1 @@
+"""Tests of the Helm chart, the images and the GitOps files."""

@@ -1,0 +1,220 @@
+"""RBAC, HPA, PDB and NetworkPolicy as rendered: least privilege, and only where asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from helm.chart import Rendered
+
+Rule = dict[str, Any]
+
+
+def rules(rendered: Rendered, kind: str, name: str, namespace: str = "mail") -> list[Rule]:
+    (role,) = [
+        r
+        for r in rendered.of_kind(kind)
+        if r["metadata"]["name"] == name and r["metadata"].get("namespace", namespace) == namespace
+    ]
+    found: list[Rule] = role["rules"]
+    return found
+
+
+def bound_roles(rendered: Rendered, service_account: str) -> set[tuple[str, str, str]]:
+    """(binding kind, namespace, role name) of every binding that names the ServiceAccount."""
+    bound = set()
+    for binding in rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding"):
+        subjects = {(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]}
+        if ("ServiceAccount", service_account, "mail") in subjects:
+            namespace = binding["metadata"].get("namespace", "*")
+            bound.add((binding["roleRef"]["kind"], namespace, binding["roleRef"]["name"]))
+    return bound
+
+
+def test_relay_role_reads_only_its_secrets_and_patches_only_relay_pods(default: Rendered) -> None:
+    assert rules(default, "Role", "mailflow-relay") == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["mailflow-routing"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["pods"],
+            "resourceNames": ["mailflow-relay-0", "mailflow-relay-1"],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    assert bound_roles(default, "mailflow-relay") == {("Role", "mail", "mailflow-relay")}
+
+
+def test_relay_role_names_the_auth_secret_and_every_pod_the_hpa_may_create(
+    production: Rendered,
+) -> None:
+    secrets, pods = rules(production, "Role", "mailflow-relay")
+    assert secrets["resourceNames"] == ["mailflow-routing", "relay-users"]
+    assert pods["resourceNames"] == [f"mailflow-relay-{i}" for i in range(12)]
+
+
+def test_no_role_grants_wildcards_or_escalation(production: Rendered) -> None:
+    for kind in ("Role", "ClusterRole"):
+        for role in production.of_kind(kind):
+            for rule in role["rules"]:
+                assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role
+                assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} & set(
+                    rule["verbs"]
+                ), role
+
+
+def test_operator_roles_are_least_privilege(default: Rendered) -> None:
+    assert rules(default, "Role", "mailflow-operator") == [
+        {
+            "apiGroups": ["mailflow.dev"],
+            "resources": ["outboundconnectors", "multismtpprofiles"],
+            "verbs": ["get", "list", "watch", "patch"],
+        },
+        {
+            "apiGroups": ["mailflow.dev"],
+            "resources": ["outboundconnectors/status", "multismtpprofiles/status"],
+            "verbs": ["get", "patch", "update"],
+        },
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]},
+    ]
+    # The routing Secret is written by name; never `create` on Secrets.
+    assert rules(default, "Role", "mailflow-operator-relays") == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["mailflow-routing"],
+            "verbs": ["get", "list", "watch", "update", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    ]
+    assert rules(default, "ClusterRole", "mail-mailflow-operator-crds") == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["list", "watch"],
+        }
+    ]
+    assert bound_roles(default, "mailflow-operator") == {
+        ("Role", "mail", "mailflow-operator"),
+        ("Role", "mail", "mailflow-operator-relays"),
+        ("ClusterRole", "*", "mail-mailflow-operator-crds"),
+    }
+
+
+def test_operator_gets_a_role_in_each_watched_namespace_only(production: Rendered) -> None:
+    assert bound_roles(production, "mailflow-operator") == {
+        ("Role", "mail", "mailflow-operator"),
+        ("Role", "mail-apps", "mailflow-operator"),
+        ("Role", "mail", "mailflow-operator-relays"),
+        ("ClusterRole", "*", "mail-mailflow-operator-crds"),
+    }
+
+
+def test_service_accounts_do_not_mount_tokens_into_other_pods(default: Rendered) -> None:
+    for account in default.of_kind("ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False
+    test_pod = default.get("Pod", "mailflow-test-send")
+    assert test_pod["spec"]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize(
+    "kind", ["HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"]
+)
+def test_production_extras_are_absent_by_default(
+    default: Rendered, production: Rendered, kind: str
+) -> None:
+    assert not default.has(kind)
+    assert len(production.of_kind(kind)) == 1
+
+
+def test_hpa_scales_the_relays_on_cpu_and_queue_depth(production: Rendered) -> None:
+    hpa = production.get("HorizontalPodAutoscaler", "mailflow-relay")["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": "mailflow-relay",
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 12)
+    cpu, queue = hpa["metrics"]
+    assert cpu["resource"] == {
+        "name": "cpu",
+        "target": {"type": "Utilization", "averageUtilization": 60},
+    }
+    assert queue["pods"] == {
+        "metric": {"name": "mailflow_queue_messages"},
+        "target": {"type": "AverageValue", "averageValue": "1000"},
+    }
+    assert hpa["behavior"]["scaleDown"]["policies"] == [
+        {"type": "Pods", "value": 1, "periodSeconds": 300}
+    ]
+
+
+def test_hpa_without_a_metrics_adapter_scales_on_cpu_only(render: Callable[..., Rendered]) -> None:
+    rendered: Rendered = render("default", "--set", "relay.autoscaling.enabled=true")
+    hpa = rendered.get("HorizontalPodAutoscaler", "mailflow-relay")["spec"]
+    assert [m["type"] for m in hpa["metrics"]] == ["Resource"]
+
+
+def test_pdb_selects_the_relay_pods(production: Rendered, render: Callable[..., Rendered]) -> None:
+    pdb = production.get("PodDisruptionBudget", "mailflow-relay")["spec"]
+    assert pdb["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb
+    relay = production.get("StatefulSet", "mailflow-relay")
+    assert (
+        pdb["selector"]["matchLabels"].items()
+        <= relay["spec"]["template"]["metadata"]["labels"].items()
+    )
+    rendered: Rendered = render(
+        "production-values.yaml", "--set", "relay.podDisruptionBudget.minAvailable=2"
+    )
+    pdb = rendered.get("PodDisruptionBudget", "mailflow-relay")["spec"]
+    assert (pdb["minAvailable"], "maxUnavailable" in pdb) == (2, False)
+
+
+def test_network_policy_admits_smtp_only_from_configured_sources(production: Rendered) -> None:
+    policy = production.get("NetworkPolicy", "mailflow-relay")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    smtp, metrics = policy["ingress"]
+    assert smtp["ports"] == [{"port": "smtp", "protocol": "TCP"}]
+    assert [p["ipBlock"]["cidr"] for p in smtp["from"] if "ipBlock" in p] == [
+        "10.20.0.0/16",
+        "10.30.4.0/24",
+    ]
+    assert [p["namespaceSelector"] for p in smtp["from"] if "namespaceSelector" in p] == [
+        {"matchLabels": {"kubernetes.io/metadata.name": "mail-apps"}}
+    ]
+    # Besides those: peer relays (hand-off on drain) and this release's helm test pod, nobody.
+    components = [
+        p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for p in smtp["from"]
+        if "podSelector" in p
+    ]
+    assert components == ["relay", "helm-test"]
+    assert len(smtp["from"]) == 5
+    assert metrics["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert metrics["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_network_policy_egress_is_smtp_dns_api_server_and_peers(production: Rendered) -> None:
+    egress = production.get("NetworkPolicy", "mailflow-relay")["spec"]["egress"]
+    ports = [sorted({(p["port"], p["protocol"]) for p in rule["ports"]}) for rule in egress]
+    assert ports == [
+        [(25, "TCP"), (465, "TCP"), (587, "TCP")],
+        [(53, "TCP"), (53, "UDP")],
+        [(443, "TCP"), (6443, "TCP")],
+        [(2525, "TCP")],
+    ]
+    assert [p["ipBlock"]["cidr"] for p in egress[2]["to"]] == ["10.0.0.1/32", "172.20.0.10/32"]
+    assert (
+        egress[3]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "relay"
+    )
