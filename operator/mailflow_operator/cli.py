@@ -20,6 +20,7 @@ from mailflow_operator.checks import CheckResult, check_manifests
 from mailflow_operator.errors import CrdError, UsageError
 from mailflow_operator.explain import explain_json, explain_text
 from mailflow_operator.manifests import load_manifests
+from mailflow_operator.operator_cli import add_operator_parser, run_operator_command
 from mailflow_operator.standalone import (
     ManifestWatcher,
     compile_manifests,
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(explain)
     _relay_parser(commands)
+    _operator_parser(commands)
     _queue_parser(commands)
     commands.add_parser(
         "hash-password",
@@ -118,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     return parser
+
+
+def _operator_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
+    """``mailflow operator``: its options live with it, in :mod:`.operator_cli`."""
+    add_operator_parser(commands)
 
 
 def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -481,6 +488,8 @@ def main(
             return run_validate(args, out, err)
         if args.command == "explain":
             return run_explain(args, out, err)
+        if args.command == "operator":
+            return run_operator_command(args, out, err)
         if args.command == "relay":
             return run_relay(args, out, err)
         if args.command == "queue":

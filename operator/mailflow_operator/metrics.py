@@ -1,0 +1,78 @@
+"""Prometheus metrics of the operator, in a registry of its own (tests can run several)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["OperatorMetrics"]
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reconciles = Counter(
+            "mailflow_operator_reconciles", "Reconcile passes", registry=self.registry
+        )
+        self.failures = Counter(
+            "mailflow_operator_reconcile_failures",
+            "Reconcile passes that failed (retried)",
+            registry=self.registry,
+        )
+        self.generation = Gauge(
+            "mailflow_operator_routing_generation",
+            "Generation of the published routing document",
+            registry=self.registry,
+        )
+        self.probe_ok = Gauge(
+            "mailflow_operator_probe_success",
+            "1 when the last destination probe passed (reachable and TLS as declared)",
+            ["kind", "namespace", "name"],
+            registry=self.registry,
+        )
+        self.certificate_days = Gauge(
+            "mailflow_operator_certificate_days_left",
+            "Days until the destination's certificate expires",
+            ["kind", "namespace", "name"],
+            registry=self.registry,
+        )
+        self.certificate_expiring = Gauge(
+            "mailflow_operator_certificate_expiring",
+            "1 when the destination's certificate expires within the warning period",
+            ["kind", "namespace", "name"],
+            registry=self.registry,
+        )
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        for gauge in (self.probe_ok, self.certificate_days, self.certificate_expiring):
+            with contextlib.suppress(KeyError):
+                gauge.remove(kind, namespace, name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def serve(self, host: str, port: int) -> asyncio.Server:
+        """A minimal HTTP endpoint: any GET answers the exposition text."""
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                async with asyncio.timeout(5):
+                    while (await reader.readline()).strip():
+                        pass
+                body = self.render()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+            except (TimeoutError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+        return await asyncio.start_server(handle, host, port)

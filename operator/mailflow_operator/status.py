@@ -1,0 +1,165 @@
+"""Status of OutboundConnectors and MultiSmtpProfiles, following the API conventions.
+
+Pure functions: given what the compiler found, what the relays serve and what the last
+probe saw, compute the ``status`` an object should have. The reconciler writes it only
+when it differs from what is stored, so an unchanged world makes no API writes.
+
+Conditions have the ``metav1.Condition`` shape. ``lastTransitionTime`` changes only
+when a condition's *status* changes (a new reason or message keeps the old time), so a
+restarted operator that computes the same statuses writes nothing at all. ``Ready`` is
+the summary that GitOps tools read (Argo CD's health.lua, Flux's kstatus): True when the
+object is accepted, its references resolve and every ready relay serves it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mailflow_operator.compiler import Finding
+
+__all__ = [
+    "ACCEPTED",
+    "DESTINATION_REACHABLE",
+    "PROGRAMMED",
+    "READY",
+    "RESOLVED_REFS",
+    "TLS_VERIFIED",
+    "Condition",
+    "RelayCount",
+    "merge_conditions",
+    "now_rfc3339",
+]
+
+ACCEPTED = "Accepted"
+RESOLVED_REFS = "ResolvedRefs"
+PROGRAMMED = "Programmed"
+READY = "Ready"
+DESTINATION_REACHABLE = "DestinationReachable"
+TLS_VERIFIED = "TLSVerified"
+ORDER = (ACCEPTED, RESOLVED_REFS, PROGRAMMED, READY, DESTINATION_REACHABLE, TLS_VERIFIED)
+PROBE_CONDITIONS = (DESTINATION_REACHABLE, TLS_VERIFIED)
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str
+    """``"True"``, ``"False"`` or ``"Unknown"``."""
+    reason: str
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "True"
+
+
+@dataclass(frozen=True)
+class RelayCount:
+    synced: int
+    ready: int
+
+    def __str__(self) -> str:
+        return f"{self.synced}/{self.ready}"
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _findings_text(findings: Sequence[Finding]) -> str:
+    return "; ".join(f"{f.path}: {f.message}" for f in findings)
+
+
+def accepted(findings: Sequence[Finding], schema_errors: Sequence[str]) -> Condition:
+    if schema_errors:
+        return Condition(ACCEPTED, "False", "InvalidValue", "; ".join(schema_errors))
+    mine = [f for f in findings if f.condition == ACCEPTED]
+    if not mine:
+        return Condition(
+            ACCEPTED, "True", "Accepted", "The spec is valid and conflicts with no other connector"
+        )
+    conflicted = [f for f in mine if f.reason == "Conflicted"]
+    reason = "Conflicted" if conflicted else mine[0].reason
+    return Condition(ACCEPTED, "False", reason, _findings_text(mine))
+
+
+def resolved_refs(findings: Sequence[Finding], *, has_refs: bool) -> Condition:
+    mine = [f for f in findings if f.condition == RESOLVED_REFS]
+    if mine:
+        return Condition(RESOLVED_REFS, "False", mine[0].reason, _findings_text(mine))
+    message = "Every referenced object exists" if has_refs else "Nothing to resolve"
+    return Condition(RESOLVED_REFS, "True", "ResolvedRefs", message)
+
+
+def programmed(config_generation: int | None, relays: RelayCount, selector: str) -> Condition:
+    if config_generation is None:
+        return Condition(
+            PROGRAMMED, "False", "Invalid", "Not in the routing document: the spec is invalid"
+        )
+    if relays.ready == 0:
+        return Condition(
+            PROGRAMMED,
+            "False",
+            "NoReadyRelays",
+            f"No ready relay pod matches {selector!r}; routing generation {config_generation} "
+            "is published",
+        )
+    if relays.synced == relays.ready:
+        return Condition(
+            PROGRAMMED,
+            "True",
+            "Programmed",
+            f"{relays} ready relay pods serve routing generation {config_generation} or newer",
+        )
+    return Condition(
+        PROGRAMMED,
+        "False",
+        "Pending",
+        f"{relays} ready relay pods serve routing generation {config_generation} or newer",
+    )
+
+
+def ready(conditions: Sequence[Condition]) -> Condition:
+    for condition in conditions:
+        if not condition.ok:
+            return Condition(
+                READY, "False", condition.reason, f"{condition.type}: {condition.message}"
+            )
+    return Condition(
+        READY, "True", "Ready", "Accepted, references resolved, served by every ready relay"
+    )
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]] | None,
+    desired: Sequence[Condition],
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """The conditions list to store: ``lastTransitionTime`` kept unless the status changed.
+
+    Probe conditions not in ``desired`` (no probe has run since the operator started) are
+    carried over unchanged, so a restart does not make them disappear and come back.
+    """
+    before = {str(c.get("type")): c for c in previous or () if isinstance(c, Mapping)}
+    result: dict[str, dict[str, Any]] = {}
+    for condition in desired:
+        old = before.get(condition.type)
+        changed = old is None or old.get("status") != condition.status
+        result[condition.type] = {
+            "type": condition.type,
+            "status": condition.status,
+            "reason": condition.reason,
+            "message": condition.message,
+            "observedGeneration": generation,
+            "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),  # type: ignore[union-attr]
+        }
+    for kind in PROBE_CONDITIONS:
+        if kind not in result and kind in before:
+            result[kind] = dict(before[kind])
+    return [result[t] for t in ORDER if t in result] + [
+        c for t, c in sorted(result.items()) if t not in ORDER
+    ]

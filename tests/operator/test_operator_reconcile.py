@@ -1,0 +1,345 @@
+"""The real operator (kopf + the reconciler) over HTTP against kmock's Kubernetes emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kube_emulator import Cluster, OperatorThread, cluster, eventually
+from mailflow_operator.checks import check_manifests
+from mailflow_operator.manifests import Manifest, load_manifests
+from mailflow_operator.reconcile import ReconcileSettings
+from mailflow_operator.runner import OperatorConfig
+from mailflow_operator.selectors import LabelSelector
+from mailflow_relay.routing import ObjectRef, RoutingDocument
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+RELAYS = "mailflow-system"
+SECRET = ObjectRef(RELAYS, "mailflow-routing")
+
+
+def config_for(api: Cluster) -> OperatorConfig:
+    return OperatorConfig(
+        reconcile=ReconcileSettings(
+            namespaces=("mail",),
+            routing_secret=SECRET,
+            relay_selector=LabelSelector.parse("app.kubernetes.io/name=mailflow-relay"),
+            probe_interval=0,  # probes have their own tests, against real SMTP servers
+            debounce=0.05,
+        ),
+        api_server=api.url,
+    )
+
+
+def run(scenario: Callable[[Cluster], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with cluster() as api:
+            await scenario(api)
+
+    asyncio.run(main())
+
+
+def routing(api: Cluster) -> tuple[str, dict[str, str]]:
+    secret = api.stored("Secret", SECRET.namespace, SECRET.name)
+    assert secret is not None
+    text = base64.b64decode(secret["data"]["routing.json"]).decode()
+    return text, secret["metadata"]["annotations"]
+
+
+def status(api: Cluster, kind: str, name: str) -> dict[str, Any]:
+    body = api.stored(kind, "mail", name)
+    assert body is not None
+    return dict(body.get("status") or {})
+
+
+def condition(api: Cluster, kind: str, name: str, type_: str) -> dict[str, Any]:
+    for item in status(api, kind, name).get("conditions", []):
+        if item["type"] == type_:
+            return dict(item)
+    raise AssertionError(f"{kind}/{name} has no {type_} condition")
+
+
+def connector(name: str, domains: list[str], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "OutboundConnector",
+        "metadata": {"name": name, "namespace": "mail"},
+        "spec": {"recipientDomains": domains, **spec},
+    }
+
+
+def relay_pod(name: str, generation: int | None, *, ready: bool = True) -> dict[str, Any]:
+    annotations = {} if generation is None else {"mailflow.dev/config-generation": str(generation)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": RELAYS,
+            "labels": {"app.kubernetes.io/name": "mailflow-relay"},
+            "annotations": annotations,
+        },
+        "spec": {"containers": [{"name": "relay", "image": "mailflow"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+async def apply_examples(api: Cluster) -> list[Manifest]:
+    """Apply every example; the manifests as the cluster now holds them (with metadata)."""
+    stored = []
+    for manifest in load_manifests([str(EXAMPLES)]):
+        assert manifest.body is not None
+        body = await api.apply(manifest.body)
+        stored.append(dataclasses.replace(manifest, body=body))
+    return stored
+
+
+def compiled_from(manifests: list[Manifest], generation: int) -> str:
+    """What `mailflow relay --manifests` compiles from the same objects."""
+    result = check_manifests(manifests, resolve_secrets=True)
+    assert result.compiled is not None
+    document = dataclasses.replace(result.compiled.document, generation=generation)
+    return document.to_json()
+
+
+def test_examples_publish_the_document_that_mailflow_relay_compiles_byte_for_byte() -> None:
+    async def scenario(api: Cluster) -> None:
+        manifests = await apply_examples(api)
+        async with OperatorThread(config_for(api)) as operator:
+            await eventually(
+                lambda: api.stored("Secret", SECRET.namespace, SECRET.name), what="Secret"
+            )
+            await eventually(lambda: operator.passes >= 1)
+            text, annotations = routing(api)
+            assert text == compiled_from(manifests, generation=1)
+            document = RoutingDocument.from_json(text)
+            assert annotations == {
+                "mailflow.dev/generation": "1",
+                "mailflow.dev/checksum": document.checksum,
+            }
+            assert len(document.connectors) == 8
+
+            # Printer columns read real status fields on every object.
+            await eventually(lambda: status(api, "OutboundConnector", "tls-name-match")["relays"])
+            assert status(api, "OutboundConnector", "all-via-compliance")["destination"] == (
+                "compliance.contoso.com:25"
+            )
+            assert status(api, "OutboundConnector", "fabrikam-partner")["destination"] == (
+                "profile fabrikam-gateways"
+            )
+            assert status(api, "OutboundConnector", "tls-domain-match")["destination"] == (
+                "recipient MX"
+            )
+            await eventually(lambda: status(api, "MultiSmtpProfile", "fabrikam-gateways")["relays"])
+            assert status(api, "MultiSmtpProfile", "fabrikam-gateways")["destination"] == (
+                "RoundRobin: 192.0.2.21:25, 192.0.2.22:25, gw3.fabrikam.example:587"
+            )
+            for name in ("all-via-compliance", "fabrikam-partner", "marketing-bulk"):
+                assert status(api, "OutboundConnector", name)["relays"] == "0/0"
+                assert condition(api, "OutboundConnector", name, "Accepted")["status"] == "True"
+                assert condition(api, "OutboundConnector", name, "ResolvedRefs")["status"] == "True"
+                programmed = condition(api, "OutboundConnector", name, "Programmed")
+                assert (programmed["status"], programmed["reason"]) == ("False", "NoReadyRelays")
+
+            # Nothing changed: a pass (here, caused by a pod that is not a relay) writes nothing.
+            history = len(api.history("Secret", SECRET.namespace, SECRET.name))
+            before = operator.passes
+            other = relay_pod("not-a-relay", None)
+            other["metadata"]["labels"] = {"app": "something-else"}
+            await api.apply(other)
+            await eventually(lambda: operator.passes > before, what="another pass")
+            assert len(api.history("Secret", SECRET.namespace, SECRET.name)) == history
+            assert routing(api)[1]["mailflow.dev/generation"] == "1"
+
+    run(scenario)
+
+
+def test_conflicting_connectors_are_both_not_accepted_and_name_each_other() -> None:
+    async def scenario(api: Cluster) -> None:
+        await api.apply(connector("first", ["*"]))
+        await api.apply(connector("second", ["*.*"]))
+        async with OperatorThread(config_for(api)):
+            first = await eventually(
+                lambda: condition(api, "OutboundConnector", "first", "Accepted")
+            )
+            second = condition(api, "OutboundConnector", "second", "Accepted")
+            assert (first["status"], first["reason"]) == ("False", "Conflicted")
+            assert (second["status"], second["reason"]) == ("False", "Conflicted")
+            assert "OutboundConnector mail/second" in first["message"]
+            assert "keeps routing it" in first["message"]
+            assert "OutboundConnector mail/first" in second["message"]
+            assert "mail/first is older" in second["message"]
+            ready = condition(api, "OutboundConnector", "second", "Ready")
+            assert (ready["status"], ready["reason"]) == ("False", "Conflicted")
+            document = RoutingDocument.from_json(routing(api)[0])
+            assert [str(c.winner) for c in document.conflicts] == ["mail/first"]
+
+            # The user fixes it: the loser's Accepted turns True, with a new transition time.
+            await api.apply(connector("second", ["contoso.com"]))
+            await eventually(
+                lambda: (
+                    condition(api, "OutboundConnector", "second", "Accepted")["status"] == "True"
+                )
+            )
+            await eventually(
+                lambda: condition(api, "OutboundConnector", "first", "Accepted")["status"] == "True"
+            )
+            assert status(api, "OutboundConnector", "second")["observedGeneration"] == 2
+
+    run(scenario)
+
+
+def test_missing_profile_turns_resolved_refs_false_until_it_exists_and_again_when_deleted() -> None:
+    profile = {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "MultiSmtpProfile",
+        "metadata": {"name": "pool", "namespace": "mail"},
+        "spec": {"servers": [{"host": "192.0.2.21"}]},
+    }
+
+    async def scenario(api: Cluster) -> None:
+        await api.apply(
+            connector("partner", ["fabrikam.example"], destination={"profileRef": {"name": "pool"}})
+        )
+        async with OperatorThread(config_for(api)):
+            refs = await eventually(
+                lambda: condition(api, "OutboundConnector", "partner", "ResolvedRefs")
+            )
+            assert (refs["status"], refs["reason"]) == ("False", "ProfileNotFound")
+            assert refs["message"] == (
+                'spec.destination.profileRef.name: Not found: "pool": no MultiSmtpProfile '
+                'named "pool" in namespace "mail"'
+            )
+            assert condition(api, "OutboundConnector", "partner", "Ready")["status"] == "False"
+            assert status(api, "OutboundConnector", "partner")["destination"] == "profile pool"
+
+            await api.apply(profile)
+            await eventually(
+                lambda: (
+                    condition(api, "OutboundConnector", "partner", "ResolvedRefs")["status"]
+                    == "True"
+                )
+            )
+            generation = int(routing(api)[1]["mailflow.dev/generation"])
+            assert generation == 2
+            served = RoutingDocument.from_json(routing(api)[0])
+            partner = served.connector(ObjectRef("mail", "partner"))
+            assert partner is not None
+            assert not partner.unresolved
+
+            # Deleting a profile in use: no finalizer holds it, its connector stops resolving.
+            await api.delete("MultiSmtpProfile", "mail", "pool")
+            await eventually(
+                lambda: (
+                    condition(api, "OutboundConnector", "partner", "ResolvedRefs")["status"]
+                    == "False"
+                )
+            )
+            assert api.stored("MultiSmtpProfile", "mail", "pool") is None
+            assert routing(api)[1]["mailflow.dev/generation"] == "3"
+
+    run(scenario)
+
+
+def test_relay_pods_serving_the_generation_make_connectors_programmed() -> None:
+    async def scenario(api: Cluster) -> None:
+        await api.apply(connector("all", ["*"]))
+        await api.apply(relay_pod("relay-0", 1))
+        await api.apply(relay_pod("relay-1", None))
+        await api.apply(relay_pod("relay-2", 0, ready=False))  # not ready: not counted
+        async with OperatorThread(config_for(api)):
+            await eventually(lambda: status(api, "OutboundConnector", "all")["relays"] == "1/2")
+            programmed = condition(api, "OutboundConnector", "all", "Programmed")
+            assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
+            assert status(api, "OutboundConnector", "all")["configGeneration"] == 1
+
+            await api.apply(relay_pod("relay-1", 1))
+            await eventually(
+                lambda: condition(api, "OutboundConnector", "all", "Programmed")["status"] == "True"
+            )
+            assert status(api, "OutboundConnector", "all")["relays"] == "2/2"
+            ready = condition(api, "OutboundConnector", "all", "Ready")
+            assert (ready["status"], ready["reason"]) == ("True", "Ready")
+            assert ready["observedGeneration"] == 1
+
+            # A spec change: a new generation of the connector, of the document; the relays
+            # still serve the old one, so it is not programmed until they catch up.
+            updated = connector("all", ["*"], description="changed")
+            await api.apply(updated)
+            await eventually(
+                lambda: status(api, "OutboundConnector", "all")["observedGeneration"] == 2
+            )
+            assert status(api, "OutboundConnector", "all")["configGeneration"] == 2
+            assert condition(api, "OutboundConnector", "all", "Programmed")["status"] == "False"
+            assert routing(api)[1]["mailflow.dev/generation"] == "2"
+            await api.apply(relay_pod("relay-0", 2))
+            await api.apply(relay_pod("relay-1", 3))
+            await eventually(
+                lambda: condition(api, "OutboundConnector", "all", "Programmed")["status"] == "True"
+            )
+
+            # Deleting a connector removes its routes in the next generation.
+            await api.delete("OutboundConnector", "mail", "all")
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "3")
+            assert RoutingDocument.from_json(routing(api)[0]).connectors == ()
+
+    run(scenario)
+
+
+def test_a_restarted_operator_publishes_the_same_document_and_changes_no_status() -> None:
+    async def scenario(api: Cluster) -> None:
+        await apply_examples(api)
+        await api.apply(connector("duplicate-catch-all", ["*.*"]))
+        await api.apply(relay_pod("relay-0", 1))
+        async with OperatorThread(config_for(api)) as operator:
+            await eventually(
+                lambda: status(api, "OutboundConnector", "tls-name-match").get("relays") == "1/1"
+            )
+            settled = operator.passes
+            await eventually(lambda: operator.passes >= settled)
+        names = [
+            ("OutboundConnector", m.name)
+            for m in load_manifests([str(EXAMPLES)])
+            if m.kind == "OutboundConnector"
+        ] + [
+            ("OutboundConnector", "duplicate-catch-all"),
+            ("MultiSmtpProfile", "fabrikam-gateways"),
+        ]
+        before = {name: copy.deepcopy(status(api, *name)) for name in names}
+        versions = {name: len(api.history(name[0], "mail", name[1])) for name in names}
+        secret_versions = len(api.history("Secret", SECRET.namespace, SECRET.name))
+        text = routing(api)[0]
+
+        async with OperatorThread(config_for(api)) as operator:
+            await eventually(lambda: operator.passes >= 1, what="a pass after the restart")
+            await asyncio.sleep(0.3)  # and whatever the replayed watch events cause
+        assert routing(api)[0] == text
+        assert len(api.history("Secret", SECRET.namespace, SECRET.name)) == secret_versions
+        for name in names:
+            assert status(api, *name) == before[name], name
+            assert len(api.history(name[0], "mail", name[1])) == versions[name], name
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("0[1-9]*.yaml")))
+def test_each_example_set_alone_is_published_byte_identical(example: str) -> None:
+    async def scenario(api: Cluster) -> None:
+        manifests = []
+        for path in ("00-secrets.yaml", example):
+            for manifest in load_manifests([str(EXAMPLES / path)]):
+                assert manifest.body is not None
+                body = await api.apply(manifest.body)
+                manifests.append(dataclasses.replace(manifest, body=body))
+        async with OperatorThread(config_for(api)) as operator:
+            await eventually(lambda: operator.passes >= 1)
+            assert routing(api)[0] == compiled_from(manifests, generation=1)
+
+    run(scenario)

@@ -1,0 +1,145 @@
+"""The validating webhook, served by kopf over TLS, asked with real AdmissionReview requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import uuid
+from typing import Any
+
+from conftest import Pki
+from kube_emulator import Cluster, OperatorThread, cluster, eventually
+from mailflow_operator.checks import check_manifests
+from mailflow_operator.manifests import Manifest
+from mailflow_operator.reconcile import ReconcileSettings
+from mailflow_operator.runner import OperatorConfig, WebhookConfig
+from mailflow_operator.selectors import LabelSelector
+from mailflow_relay.routing import ObjectRef
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connector(name: str, domains: list[str], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "OutboundConnector",
+        "metadata": {"name": name, "namespace": "mail"},
+        "spec": {"recipientDomains": domains, **spec},
+    }
+
+
+def review(body: dict[str, Any], operation: str = "CREATE") -> dict[str, Any]:
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": "mailflow.dev", "version": "v1alpha1", "kind": body["kind"]},
+            "resource": {
+                "group": "mailflow.dev",
+                "version": "v1alpha1",
+                "resource": "outboundconnectors",
+            },
+            "requestKind": {"group": "mailflow.dev", "version": "v1alpha1", "kind": body["kind"]},
+            "name": body["metadata"]["name"],
+            "namespace": body["metadata"]["namespace"],
+            "operation": operation,
+            "userInfo": {"username": "alice", "groups": ["system:authenticated"]},
+            "object": body,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+async def post(port: int, path: str, payload: dict[str, Any], ca_file: str) -> dict[str, Any]:
+    """POST over TLS, verifying the webhook's certificate as the API server would."""
+    context = ssl.create_default_context(cafile=ca_file)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, server_hostname="localhost"
+    )
+    data = json.dumps(payload).encode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        + data
+    )
+    await writer.drain()
+    response = await reader.read()
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return dict(json.loads(body))
+
+
+def expected_problems(bodies: list[dict[str, Any]], name: str) -> str:
+    """What `mailflow validate` says about the object ``name`` among ``bodies``."""
+    manifests = [Manifest("cluster.yaml", i + 1, 1, b) for i, b in enumerate(bodies)]
+    result = check_manifests(manifests)
+    return "\n".join(f"{p.path}: {p.message}" for p in result.problems if p.name == name)
+
+
+def test_webhook_refuses_conflicts_with_the_messages_of_mailflow_validate(pki: Pki) -> None:
+    ca = pki.ca("Webhook CA")
+    leaf = ca.issue("localhost")
+    port = free_port()
+
+    async def scenario(api: Cluster) -> None:
+        existing = await api.apply(connector("first", ["*"]))
+        config = OperatorConfig(
+            reconcile=ReconcileSettings(
+                namespaces=("mail",),
+                routing_secret=ObjectRef("mailflow-system", "routing"),
+                relay_selector=LabelSelector.parse("app=relay"),
+                probe_interval=0,
+                debounce=0.05,
+            ),
+            webhook=WebhookConfig(
+                port=port,
+                addr="127.0.0.1",
+                host="localhost",
+                cert_file=leaf.cert_file,
+                key_file=leaf.key_file,
+            ),
+            api_server=api.url,
+        )
+        async with OperatorThread(config) as operator:
+            await eventually(lambda: operator.passes >= 1)
+            path = "/validate-outboundconnectors"
+            ca_file = str(ca.issued.cert_file)
+
+            fine = await post(port, path, review(connector("contoso", ["contoso.com"])), ca_file)
+            assert fine["response"]["allowed"] is True
+
+            clash = connector("second", ["*.*"])
+            denied = await post(port, path, review(clash), ca_file)
+            assert denied["response"]["allowed"] is False
+            message = denied["response"]["status"]["message"]
+            assert message == expected_problems([existing, clash], "second")
+            assert "OutboundConnector mail/first" in message
+
+            # A profile that does not exist (yet) is fine unless strict mode is on.
+            pooled = connector(
+                "pooled", ["fabrikam.example"], destination={"profileRef": {"name": "nope"}}
+            )
+            allowed = await post(port, path, review(pooled), ca_file)
+            assert allowed["response"]["allowed"] is True
+
+            # An update of the existing connector is not a conflict with itself.
+            again = connector("first", ["*"], description="now with a description")
+            assert (await post(port, path, review(again, "UPDATE"), ca_file))["response"][
+                "allowed"
+            ] is True
+
+    async def main() -> None:
+        async with cluster() as api:
+            await scenario(api)
+
+    asyncio.run(main())
