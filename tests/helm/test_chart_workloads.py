@@ -72,7 +72,7 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
     ]
     assert "--manifests" not in args
     assert "--tls-cert" not in args
-    assert "--auth-secret" not in args
+    assert "--auth-dir" not in args
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in relay["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
 
@@ -80,16 +80,20 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
 def test_relay_tls_auth_allow_list_and_default_route_come_from_values(production: Rendered) -> None:
     relay = relay_of(production)
     args = container(relay, "relay")["args"]
-    assert option(args, "--accept-from") == ["10.20.0.0/16", "10.30.4.0/24"]
+    # The allow-list, plus the pod network so that peers accept the hand-off on drain.
+    assert option(args, "--accept-from") == ["10.20.0.0/16", "10.30.4.0/24", "10.244.0.0/16"]
     assert option(args, "--default-route") == ["Reject"]
     assert option(args, "--hostname") == ["relay.mail.contoso.com"]
     assert option(args, "--tls-cert") == ["/etc/mailflow/tls/tls.crt"]
     assert option(args, "--tls-key") == ["/etc/mailflow/tls/tls.key"]
-    assert option(args, "--auth-secret") == ["mail/relay-users"]
+    # AUTH users come from the mounted Secret, not through the API (no RBAC on that Secret).
+    assert option(args, "--auth-dir") == ["/etc/mailflow/auth"]
     mounts = {m["name"]: m for m in container(relay, "relay")["volumeMounts"]}
     assert mounts["tls"] == {"name": "tls", "mountPath": "/etc/mailflow/tls", "readOnly": True}
+    assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/mailflow/auth", "readOnly": True}
     volumes = {v["name"]: v for v in relay["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "relay-inbound-tls"
+    assert volumes["auth"]["secret"]["secretName"] == "relay-users"
 
 
 @pytest.mark.parametrize("workload", ["relay", "operator"])
@@ -136,6 +140,20 @@ def test_relay_drains_with_a_pre_stop_pause_inside_a_long_grace_period(
         "exec": {"command": ["sleep", "10"]}
     }
     assert relay_of(production)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 900
+    # The drain ends early enough for the hand-off before SIGKILL: 300 - 10 (preStop) - 60.
+    args = container(relay_of(default), "relay")["args"]
+    assert option(args, "--drain-grace") == ["230"]
+    assert option(args, "--handoff") == ["mailflow-relay.mail.svc.cluster.local:25"]
+    assert option(container(relay_of(production), "relay")["args"], "--drain-grace") == ["830"]
+
+
+def test_relay_without_hand_off_leaves_the_rest_in_its_spool(
+    render: Callable[..., Rendered],
+) -> None:
+    args = container(relay_of(render("default", "--set", "relay.handoff.enabled=false")), "relay")[
+        "args"
+    ]
+    assert "--handoff" not in args
 
 
 def test_relay_replicas_belong_to_the_hpa_when_autoscaling(
@@ -161,9 +179,12 @@ def test_operator_runs_with_the_contracted_flags(default: Rendered, production: 
         "app.kubernetes.io/name=mailflow,app.kubernetes.io/instance=mailflow,app.kubernetes.io/component=relay"
     ]
     assert option(args, "--liveness") == ["http://0.0.0.0:8080/healthz"]
+    # The operator compiles the default route into the document: the same as the relays'.
+    assert option(args, "--default-route") == ["RecipientMx"]
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     production_args = container(operator_of(production), "operator")["args"]
     assert option(production_args, "--namespace") == ["mail", "mail-apps"]
+    assert option(production_args, "--default-route") == ["Reject"]
 
 
 def test_relay_selector_of_the_operator_selects_the_relay_pods(default: Rendered) -> None:

@@ -98,7 +98,3 @@ Role lists their names (a StatefulSet's pods are <name>-0 .. <name>-N-1) as reso
 {{- .Values.relay.replicas }}
 {{- end }}
 {{- end }}
-
-{{- define "mailflow.relay.authSecretRef" -}}
-{{- printf "%s/%s" .Release.Namespace .Values.relay.auth.existingSecret }}
-{{- end }}
