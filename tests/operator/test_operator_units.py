@@ -1,0 +1,93 @@
+"""Pure parts of the operator: label selectors, condition bookkeeping, command-line options."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailflow_operator.cli import build_parser
+from mailflow_operator.errors import UsageError
+from mailflow_operator.operator_cli import config_from_args
+from mailflow_operator.selectors import LabelSelector
+from mailflow_operator.status import Condition, merge_conditions
+from mailflow_relay.routing import DefaultAction, ObjectRef
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "matches"),
+    [
+        ("app=relay", {"app": "relay"}, True),
+        ("app==relay", {"app": "other"}, False),
+        ("app!=relay", {}, True),
+        ("app=relay,tier in (mail, edge)", {"app": "relay", "tier": "edge"}, True),
+        ("app=relay,tier notin (edge)", {"app": "relay", "tier": "edge"}, False),
+        (
+            "app.kubernetes.io/name=mailflow-relay,!canary",
+            {"app.kubernetes.io/name": "mailflow-relay"},
+            True,
+        ),
+        ("canary", {"canary": ""}, True),
+    ],
+)
+def test_label_selectors_match_as_the_api_server_does(
+    selector: str, labels: dict[str, str], matches: bool
+) -> None:
+    assert LabelSelector.parse(selector).matches(labels) is matches
+
+
+@pytest.mark.parametrize("text", ["", "app=(x", "a b c"])
+def test_bad_label_selectors_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
+        LabelSelector.parse(text)
+
+
+def test_last_transition_time_changes_only_with_the_status() -> None:
+    first = merge_conditions(None, [Condition("Ready", "False", "Pending", "1/2")], 1, "T1")
+    assert first[0]["lastTransitionTime"] == "T1"
+    reworded = merge_conditions(
+        first, [Condition("Ready", "False", "NoReadyRelays", "0/0")], 2, "T2"
+    )
+    assert reworded[0]["lastTransitionTime"] == "T1"
+    assert (reworded[0]["reason"], reworded[0]["observedGeneration"]) == ("NoReadyRelays", 2)
+    flipped = merge_conditions(reworded, [Condition("Ready", "True", "Ready", "ok")], 2, "T3")
+    assert flipped[0]["lastTransitionTime"] == "T3"
+
+
+def test_probe_conditions_survive_a_pass_without_a_probe_result() -> None:
+    stored = merge_conditions(
+        None,
+        [
+            Condition("Ready", "True", "Ready", "ok"),
+            Condition("TLSVerified", "True", "Verified", "ok"),
+        ],
+        1,
+        "T1",
+    )
+    again = merge_conditions(stored, [Condition("Ready", "True", "Ready", "ok")], 1, "T2")
+    assert again == stored
+
+
+def test_operator_options_become_the_documented_configuration() -> None:
+    args = build_parser().parse_args(
+        [
+            "operator", "--namespace", "mail", "--namespace", "billing",
+            "--routing-secret", "mailflow-system/mailflow-routing",
+            "--relay-selector", "app.kubernetes.io/name=mailflow-relay",
+            "--probe-interval", "60", "--default-route", "Reject", "--webhook-port", "9443",
+        ]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.reconcile.namespaces == ("mail", "billing")
+    assert config.reconcile.routing_secret == ObjectRef("mailflow-system", "mailflow-routing")
+    assert config.reconcile.default_route.action is DefaultAction.REJECT
+    assert config.reconcile.probe_interval == 60
+    assert config.reconcile.certificate_warning_days == 14
+    assert config.webhook is not None
+    assert (config.webhook.port, config.webhook.strict) == (9443, False)
+
+
+def test_routing_secret_must_name_a_namespace() -> None:
+    args = build_parser().parse_args(
+        ["operator", "-n", "mail", "--routing-secret", "routing", "--relay-selector", "app=r"]
+    )
+    with pytest.raises(UsageError, match="--routing-secret"):
+        config_from_args(args)
