@@ -22,14 +22,15 @@ from mailflow_operator.explain import explain_json, explain_text
 from mailflow_operator.manifests import load_manifests
 from mailflow_operator.operator_cli import add_operator_parser, run_operator_command
 from mailflow_operator.standalone import (
+    ManifestSource,
     ManifestWatcher,
     compile_manifests,
     parse_endpoint,
     parse_networks,
-    run_standalone,
     spool_path,
 )
 from mailflow_relay import queuectl
+from mailflow_relay.cluster import RoutingSecretSource
 from mailflow_relay.delivery import DeliverySettings
 from mailflow_relay.errors import InvalidAddressError
 from mailflow_relay.listener import ListenerSettings
@@ -38,6 +39,7 @@ from mailflow_relay.passwords import hash_password
 from mailflow_relay.relay import Relay, RelaySettings
 from mailflow_relay.router import domain_of
 from mailflow_relay.routing import DefaultAction, DefaultRoute
+from mailflow_relay.service import DocumentSource, serve
 from mailflow_relay.spool import SpoolError
 
 EXIT_OK = 0
@@ -141,7 +143,24 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         ),
     )
     relay.add_argument(
-        "--manifests", nargs="+", required=True, metavar="PATH", help="YAML files or folders"
+        "--manifests",
+        nargs="+",
+        metavar="PATH",
+        help="standalone: YAML files or folders with connectors, profiles and their Secrets",
+    )
+    relay.add_argument(
+        "--routing-secret",
+        metavar="NAMESPACE/NAME",
+        help="in a cluster: read the routing document from this Secret (key routing.json) and "
+        "follow its changes; the pod (POD_NAME, POD_NAMESPACE) is annotated with the generation "
+        "it serves",
+    )
+    relay.add_argument(
+        "--config-poll",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --routing-secret: how often to read the Secret (default: %(default)s)",
     )
     relay.add_argument(
         "--listen",
@@ -167,6 +186,12 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         metavar="NAME",
         help="a Secret among the manifests whose stringData maps usernames to password hashes "
         "(`mailflow hash-password`); enables AUTH PLAIN/LOGIN after STARTTLS",
+    )
+    relay.add_argument(
+        "--auth-dir",
+        metavar="DIR",
+        help="a folder with one file per username holding its password hash (a mounted Secret); "
+        "enables AUTH PLAIN/LOGIN after STARTTLS",
     )
     relay.add_argument("--http", metavar="HOST:PORT", help="serve /healthz and /readyz here")
     relay.add_argument(
@@ -410,6 +435,19 @@ def run_queue(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError(f"queue {args.action}: {e}") from e
 
 
+def read_auth_dir(folder: str) -> dict[str, str]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise UsageError(f"--auth-dir {folder!r}: no such folder")
+    users = {}
+    for file in sorted(path.iterdir()):
+        # A mounted Secret also holds ..data links and hidden folders: skip them.
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        users[file.name] = file.read_text(encoding="utf-8").strip()
+    return users
+
+
 def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     listen_host, listen_port = parse_endpoint(args.listen, "--listen")
     http = parse_endpoint(args.http, "--http") if args.http else None
@@ -425,16 +463,23 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if not port.isdigit():
                 raise UsageError(f"--dns-server {value!r}: expected IP[:PORT]")
             dns_port = int(port)
-    document, secrets = compile_manifests(
-        args.manifests, args.namespace, DefaultRoute(action=DefaultAction(args.default_route)), err
-    )
+    if bool(args.manifests) == bool(args.routing_secret):
+        raise UsageError("give either --manifests (standalone) or --routing-secret (in a cluster)")
+    default_route = DefaultRoute(action=DefaultAction(args.default_route))
     users: dict[str, str] = {}
+    secrets: dict[str, dict[str, str]] = {}
+    document = None
+    if args.manifests:
+        document, secrets = compile_manifests(args.manifests, args.namespace, default_route, err)
     if args.auth_secret:
         if args.auth_secret not in secrets:
             raise UsageError(
-                f"--auth-secret {args.auth_secret!r}: no Secret of that name among the manifests (stringData)"
+                f"--auth-secret {args.auth_secret!r}: no Secret of that name among the manifests "
+                "(stringData); in a cluster, mount the Secret and use --auth-dir"
             )
         users = secrets[args.auth_secret]
+    if args.auth_dir:
+        users.update(read_auth_dir(args.auth_dir))
     if not networks and not users:
         err.write(
             "warning: no --accept-from and no --auth-secret: nobody may relay through this relay\n"
@@ -464,16 +509,21 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         drain_grace=args.drain_grace,
         handoff=parse_endpoint(args.handoff, "--handoff") if args.handoff else None,
     )
-    default_route = DefaultRoute(action=DefaultAction(args.default_route))
 
     def watcher(relay: Relay) -> ManifestWatcher:
         return ManifestWatcher(
             relay, args.manifests, args.namespace, default_route, args.reload_interval
         )
 
-    asyncio.run(
-        run_standalone(settings, document, http, watcher if args.reload_interval > 0 else None)
-    )
+    source: DocumentSource
+    if document is not None:
+        source = ManifestSource(document, watcher if args.reload_interval > 0 else None)
+    else:
+        namespace, _, name = args.routing_secret.partition("/")
+        if not namespace or not name:
+            raise UsageError(f"--routing-secret {args.routing_secret!r}: expected NAMESPACE/NAME")
+        source = RoutingSecretSource(namespace, name, poll_interval=args.config_poll)
+    asyncio.run(serve(settings, source, http))
     return EXIT_OK
 
 

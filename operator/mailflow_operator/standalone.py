@@ -8,11 +8,8 @@ document that comes out is what a relay pod would load from its config Secret.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import signal
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,10 +18,10 @@ from typing import TextIO
 from mailflow_operator.checks import check_manifests
 from mailflow_operator.errors import UsageError
 from mailflow_operator.manifests import load_manifests
-from mailflow_relay.relay import Relay, RelaySettings
+from mailflow_relay.relay import Relay
 from mailflow_relay.routing import DefaultRoute, RoutingDocument
 
-__all__ = ["compile_manifests", "parse_endpoint", "run_standalone"]
+__all__ = ["ManifestSource", "ManifestWatcher", "compile_manifests", "parse_endpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,43 +69,6 @@ def compile_manifests(
             data = manifest.body.get("stringData") or {}
             secrets[manifest.name] = {str(k): str(v) for k, v in data.items()}
     return result.compiled.document, secrets
-
-
-@dataclass
-class _Health:
-    relay: Relay
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(5):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass
-            path = request.split(b" ")[1].decode("ascii", "replace") if b" " in request else "/"
-            content_type = "text/plain; charset=utf-8"
-            if path == "/healthz":
-                status, body = 200, b"ok\n"
-            elif path == "/readyz":
-                ready = self.relay.is_ready
-                status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
-            elif path == "/metrics":
-                status, body = 200, self.relay.metrics.render()
-                content_type = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                status, body = 404, b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, IndexError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
 
 @dataclass
@@ -182,43 +142,21 @@ class ManifestWatcher:
                 self.reload()
 
 
-async def run_standalone(
-    settings: RelaySettings,
-    document: RoutingDocument,
-    http: tuple[str, int] | None,
-    watcher: Callable[[Relay], ManifestWatcher] | None = None,
-) -> None:
-    relay = Relay(settings, document)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, relay.stop)
-    server: asyncio.Server | None = None
-    if http is not None:
-        server = await asyncio.start_server(_Health(relay).handle, http[0], http[1])
-    try:
-        runner = asyncio.create_task(relay.run(), name="mailflow-relay")
-        reloads = None
-        if watcher is not None:
-            reloads = asyncio.create_task(watcher(relay).run(), name="mailflow-manifest-watcher")
-        await relay.ready.wait()
-        print(
-            f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "
-            f"{settings.spool_dir}, routing document generation {document.generation} "
-            f"({len(document.connectors)} connector(s))",
-            file=sys.stderr,
-            flush=True,
-        )
-        await runner
-        if reloads is not None:
-            reloads.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reloads
-    finally:
-        if server is not None:
-            server.close()
-            await server.wait_closed()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+@dataclass
+class ManifestSource:
+    """The standalone relay's documents: the manifests, compiled once and on every change."""
+
+    document: RoutingDocument
+    watcher: Callable[[Relay], ManifestWatcher] | None
+
+    async def first(self) -> RoutingDocument:
+        return self.document
+
+    async def follow(self, relay: Relay) -> None:
+        if self.watcher is None:
+            await asyncio.Event().wait()  # nothing to follow; cancelled at stop
+        else:
+            await self.watcher(relay).run()
 
 
 def spool_path(text: str) -> Path:
