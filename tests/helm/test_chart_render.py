@@ -193,3 +193,11 @@ def test_notes_tell_how_to_send_a_first_message(helm_binary: Path) -> None:
     assert "kubectl -n mail port-forward service/mailflow-relay 2525:25" in notes
     assert "swaks --server 127.0.0.1:2525" in notes
     assert "helm test mailflow -n mail" in notes
+
+
+def test_docs_claim_the_kubernetes_releases_that_are_validated() -> None:
+    claim = (
+        f"{KUBERNETES_VERSIONS[0].rsplit('.', 1)[0]} to {KUBERNETES_VERSIONS[-1].rsplit('.', 1)[0]}"
+    )
+    assert f"Kubernetes **{claim}**" in (ROOT / "docs" / "install.md").read_text()
+    assert f"for Kubernetes {claim}" in (ROOT / "README.md").read_text()
