@@ -268,6 +268,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="(default: %(default)s)",
     )
     relay.add_argument(
+        "--idle-connections",
+        type=int,
+        default=4,
+        metavar="N",
+        help="connections kept open per destination server for the next message (connection "
+        "reuse; 0 turns it off; default: %(default)s)",
+    )
+    relay.add_argument(
         "--log-format",
         default="text",
         choices=["text", "json"],
@@ -498,7 +506,11 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             max_recipients=args.max_recipients,
         ),
         spool_dir=spool_path(args.spool),
-        delivery=DeliverySettings(helo_name=args.hostname, mx_port=args.mx_port),
+        delivery=DeliverySettings(
+            helo_name=args.hostname,
+            mx_port=args.mx_port,
+            idle_connections_per_target=args.idle_connections,
+        ),
         dns_servers=tuple(dns_servers),
         dns_port=dns_port,
         workers=args.workers,

@@ -124,6 +124,12 @@ class DeliverySettings:
     """Consecutive failures after which a server goes to the back of the line."""
     down_for: float = 60.0
     """Seconds a failing server stays at the back before it is tried first again."""
+    idle_connections_per_target: int = 0
+    """Connections kept open after a delivery, for the next message to the same target and
+    route (0: close after each delivery). Reuse spares a TCP and TLS handshake per message."""
+    idle_connection_seconds: float = 5.0
+    """How long an unused connection is kept."""
+    max_messages_per_connection: int = 100
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,22 @@ class _TargetFailed(Exception):
 
 class _PlaintextFallback(Exception):
     """Opportunistic TLS: the handshake failed; reconnect and send in plaintext."""
+
+
+@dataclass(frozen=True)
+class _ReuseKey:
+    target: _Target
+    tls: TlsPolicy
+    auth: SmtpCredentials | None
+    domain: str
+
+
+@dataclass
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    session: _Session
+    idle_since: float
+    uses: int = 1
 
 
 @dataclass
@@ -208,6 +230,7 @@ class Deliverer:
         self.health = HealthTracker(settings.failures_before_down, settings.down_for, clock)
         self._round_robin: dict[ObjectRef, itertools.count[int]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._idle: dict[_ReuseKey, list[_Connection]] = {}
 
     # --- targets ---------------------------------------------------------------------------
 
@@ -360,29 +383,53 @@ class Deliverer:
             (target.address, target.port),
             asyncio.Semaphore(self.settings.max_connections_per_target),
         )
+        key = _ReuseKey(
+            target,
+            tls,
+            auth,
+            # DomainMatch checks (and names in SNI) the recipient domain: a connection
+            # verified for one domain says nothing about another.
+            recipient_domain if tls.mode is TlsMode.DOMAIN_MATCH else "",
+        )
         async with limit:
+            await self._reap_idle()
+            idle = self._take_idle(key)
+            if idle is not None:
+                try:
+                    results = await self._send(idle.smtp, mail_from, recipients, data)
+                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
+                    # The server closed the idle connection meanwhile: a new one follows.
+                    idle.smtp.close()
+                else:
+                    idle.uses += 1
+                    await self._release(key, idle)
+                    return results, idle.session
             try:
-                return await self._session(
-                    target, mail_from, recipients, data, tls, auth, recipient_domain, use_tls=True
-                )
+                connection = await self._open(target, tls, auth, recipient_domain, use_tls=True)
             except _PlaintextFallback:
                 logger.info("opportunistic TLS to %s failed: retrying in plaintext", target)
-                return await self._session(
-                    target, mail_from, recipients, data, tls, auth, recipient_domain, use_tls=False
-                )
+                connection = await self._open(target, tls, auth, recipient_domain, use_tls=False)
+            try:
+                results = await self._send(connection.smtp, mail_from, recipients, data)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
+                connection.smtp.close()
+                raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
+            except BaseException:
+                connection.smtp.close()
+                raise
+            await self._release(key, connection)
+            return results, connection.session
 
-    async def _session(
+    async def _open(
         self,
         target: _Target,
-        mail_from: str,
-        recipients: Sequence[str],
-        data: bytes,
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
         *,
         use_tls: bool,
-    ) -> tuple[list[RecipientResult], _Session]:
+    ) -> _Connection:
+        """Connect, greet, STARTTLS as the policy says, authenticate: ready for MAIL FROM."""
         smtp = aiosmtplib.SMTP(
             hostname=target.address,
             port=target.port,
@@ -413,11 +460,56 @@ class Deliverer:
                         # Our credentials were refused: a configuration problem to fix,
                         # retried later, never a bounce.
                         raise _TargetFailed(f"4.7.8 authentication failed: {_reply(e)}") from e
-                return await self._send(smtp, mail_from, recipients, data), session
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
                 raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
-        finally:
+        except BaseException:
             smtp.close()
+            raise
+        return _Connection(smtp, session, time.monotonic())
+
+    # --- connection reuse ------------------------------------------------------------------
+
+    def _take_idle(self, key: _ReuseKey) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection.smtp.is_connected:
+                return connection
+            connection.smtp.close()
+        return None
+
+    async def _release(self, key: _ReuseKey, connection: _Connection) -> None:
+        """Keep a connection for the next message to the same target, or say goodbye."""
+        settings = self.settings
+        idle = self._idle.setdefault(key, [])
+        if (
+            settings.idle_connections_per_target > 0
+            and len(idle) < settings.idle_connections_per_target
+            and connection.uses < settings.max_messages_per_connection
+            and connection.smtp.is_connected
+        ):
+            connection.idle_since = time.monotonic()
+            idle.append(connection)
+            return
+        await _goodbye(connection.smtp)
+
+    async def _reap_idle(self) -> None:
+        """Close connections that sat idle longer than the settings allow."""
+        deadline = time.monotonic() - self.settings.idle_connection_seconds
+        for key, idle in list(self._idle.items()):
+            expired = [c for c in idle if c.idle_since < deadline]
+            if not expired:
+                continue
+            self._idle[key] = [c for c in idle if c.idle_since >= deadline]
+            for connection in expired:
+                await _goodbye(connection.smtp)
+
+    async def close(self) -> None:
+        """QUIT every idle connection (at shutdown)."""
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                await _goodbye(connection.smtp)
 
     async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
         try:
@@ -500,10 +592,15 @@ class Deliverer:
                     )
         else:
             await smtp.rset()
-        # The transaction is complete; a lost QUIT changes nothing.
-        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-            await smtp.quit()
         return [results[r] for r in recipients]
+
+
+async def _goodbye(smtp: aiosmtplib.SMTP) -> None:
+    # The transactions are complete: a lost QUIT changes nothing.
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+        if smtp.is_connected:
+            await smtp.quit(timeout=5)
+    smtp.close()
 
 
 def _status(code: int) -> DeliveryStatus:

@@ -277,6 +277,7 @@ class Relay:
                 await self._drain(workers, scheduler)
         finally:
             await self.listener.stop(grace=0)
+            await self.deliverer.close()
         if self.settings.handoff is not None:
             await self._hand_off(self.settings.handoff)
         logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))

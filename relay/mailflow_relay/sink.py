@@ -83,9 +83,12 @@ class SmtpSink:
     sessions: int = 0
     max_sessions: int = 0
     """The most sessions open at once: concurrency limits are read here."""
+    connections: int = 0
+    """Connections accepted so far: connection reuse is read here."""
     last_server_name: str | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
+    _protocols: set[SMTP] = field(default_factory=set)
 
     def _tls_context(self) -> ssl.SSLContext | None:
         if self.cert_file is None or self.key_file is None:
@@ -118,13 +121,22 @@ class SmtpSink:
         sink = self
 
         class _CountingSMTP(SMTP):
+            counted = False
+
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                sink.sessions += 1
-                sink.max_sessions = max(sink.max_sessions, sink.sessions)
+                # aiosmtpd calls this again after STARTTLS: one connection, counted once.
+                if not self.counted:
+                    self.counted = True
+                    sink.sessions += 1
+                    sink.connections += 1
+                    sink.max_sessions = max(sink.max_sessions, sink.sessions)
+                    sink._protocols.add(self)
                 super().connection_made(transport)
 
             def connection_lost(self, error: Exception | None) -> None:
-                sink.sessions -= 1
+                if self in sink._protocols:
+                    sink._protocols.discard(self)
+                    sink.sessions -= 1
                 super().connection_lost(error)
 
         def factory() -> SMTP:
@@ -141,10 +153,15 @@ class SmtpSink:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Stop listening and close every open session, as a server going down would."""
         if self._server is not None:
             self._server.close()
+            for protocol in list(self._protocols):
+                if protocol.transport is not None:
+                    protocol.transport.close()
             await self._server.wait_closed()
             self._server = None
+            await asyncio.sleep(0)  # let connection_lost run
 
     async def __aenter__(self) -> SmtpSink:
         await self.start()

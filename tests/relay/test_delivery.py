@@ -390,3 +390,95 @@ def test_refused_credentials_defer_and_never_bounce(pki: Pki) -> None:
     assert report.results[0].status is DeliveryStatus.DEFERRED
     assert report.results[0].message.startswith("4.7.8 authentication failed: 535")
     assert "wrong" not in report.results[0].message
+
+
+# --- connection reuse ------------------------------------------------------------------------
+
+
+def reusing(**settings: object) -> Deliverer:
+    return deliverer(idle_connections_per_target=2, **settings)
+
+
+def test_connections_are_reused_for_the_next_message_to_the_same_server() -> None:
+    async def scenario() -> tuple[int, int, int]:
+        async with SmtpSink() as sink:
+            engine = reusing()
+            for _ in range(5):
+                report = await send(engine, SmartHost("127.0.0.1", sink.port), TlsPolicy())
+                assert report.results[0].status is DeliveryStatus.DELIVERED
+            open_before_close = sink.sessions
+            await engine.close()
+            await asyncio.sleep(0.1)
+            return sink.connections, len(sink.messages), open_before_close - sink.sessions
+
+    connections, delivered, closed = run(scenario)
+    assert (connections, delivered, closed) == (1, 5, 1)
+
+
+def test_a_reused_connection_keeps_its_verified_tls(pki: Pki) -> None:
+    ca = pki.ca()
+    certificate = ca.issue(HOST)
+    policy = TlsPolicy(TlsMode.TRUSTED_CA, ca_bundle=ca.pem)
+
+    async def scenario() -> tuple[list[DeliveryReport], int]:
+        async with SmtpSink(cert_file=certificate.cert_file, key_file=certificate.key_file) as sink:
+            engine = reusing()
+            reports = [
+                await send(engine, SmartHost("127.0.0.1", sink.port), policy) for _ in range(3)
+            ]
+            await engine.close()
+            return reports, sink.connections
+
+    reports, connections = run(scenario)
+    assert connections == 1
+    assert all(r.tls_version is not None and r.verified for r in reports)
+
+
+def test_connections_are_not_shared_between_different_tls_policies(pki: Pki) -> None:
+    ca = pki.ca()
+    certificate = ca.issue(HOST)
+
+    async def scenario() -> int:
+        async with SmtpSink(cert_file=certificate.cert_file, key_file=certificate.key_file) as sink:
+            engine = reusing()
+            await send(engine, SmartHost("127.0.0.1", sink.port), TlsPolicy())
+            await send(
+                engine,
+                SmartHost("127.0.0.1", sink.port),
+                TlsPolicy(TlsMode.TRUSTED_CA, ca_bundle=ca.pem),
+            )
+            await engine.close()
+            return sink.connections
+
+    assert run(scenario) == 2
+
+
+def test_an_idle_connection_the_server_closed_is_replaced_transparently() -> None:
+    async def scenario() -> tuple[DeliveryReport, int]:
+        sink = SmtpSink()
+        await sink.start()
+        port = sink.port
+        engine = reusing()
+        await send(engine, SmartHost("127.0.0.1", port), TlsPolicy())
+        await sink.stop()  # the idle connection dies with the server
+        async with SmtpSink(port=port) as again:
+            report = await send(engine, SmartHost("127.0.0.1", port), TlsPolicy())
+            await engine.close()
+            return report, len(again.messages)
+
+    report, delivered = run(scenario)
+    assert report.results[0].status is DeliveryStatus.DELIVERED
+    assert delivered == 1
+
+
+def test_idle_connections_are_closed_after_their_idle_time() -> None:
+    async def scenario() -> tuple[int, int]:
+        async with SmtpSink() as sink:
+            engine = reusing(idle_connection_seconds=0.1)
+            await send(engine, SmartHost("127.0.0.1", sink.port), TlsPolicy())
+            await asyncio.sleep(0.3)
+            await send(engine, SmartHost("127.0.0.1", sink.port), TlsPolicy())
+            await engine.close()
+            return sink.connections, len(sink.messages)
+
+    assert run(scenario) == (2, 2)
