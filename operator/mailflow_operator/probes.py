@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
+from mailflow_relay.delivery import ssl_cause
 from mailflow_relay.routing import ServerAddress, TlsMode, TlsPolicy
 from mailflow_relay.tls_policy import (
     CertificateInfo,
@@ -111,7 +112,7 @@ async def probe_server(
                 timeout=step_timeout,
             )
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
-            error = classify_handshake_error(_ssl_cause(e), mode)
+            error = classify_handshake_error(ssl_cause(e), mode)
             return ServerProbe(
                 server,
                 True,
@@ -151,15 +152,6 @@ def _reason(error: TlsPolicyError) -> str:
     return "".join(part.capitalize() for part in error.reason.value.split("_")).replace(
         "Starttls", "StartTLS"
     )
-
-
-def _ssl_cause(error: BaseException) -> BaseException:
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return error
 
 
 def summarize(

@@ -14,8 +14,6 @@ off (standalone): run one replica; a second one would write the same document.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import tempfile
 import threading
@@ -25,16 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from mailflow_operator.kubeclient import KubeClient
 from mailflow_operator.manifests import API_GROUP
 from mailflow_operator.metrics import OperatorMetrics
 from mailflow_operator.reconcile import PLURALS, Reconciler, ReconcileSettings
 from mailflow_operator.webhook import admission_findings, denial_message
+from mailflow_relay.certificates import self_signed
 
 __all__ = ["OperatorConfig", "WebhookConfig", "build_registry", "run_operator"]
 
@@ -149,36 +144,10 @@ def build_registry(
 
 def _self_signed(folder: Path, names: list[str]) -> tuple[Path, Path]:
     """A certificate for the webhook when none is given (cert-manager is the better way)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    alternatives: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alternatives.append(x509.DNSName(name))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    certificate, key = self_signed(names, ca=True)
     cert_file, key_file = folder / "tls.crt", folder / "tls.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_file.write_bytes(certificate)
+    key_file.write_bytes(key)
     return cert_file, key_file
 
 

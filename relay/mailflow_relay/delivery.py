@@ -544,7 +544,7 @@ class Deliverer:
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
             if not mode.requires_tls:
                 raise _PlaintextFallback from e
-            error = classify_handshake_error(_ssl_cause(e), mode)
+            error = classify_handshake_error(ssl_cause(e), mode)
             raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason) from e
         ssl_object = smtp.get_transport_info("ssl_object")
         assert isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket)
@@ -617,7 +617,7 @@ def _reply(error: aiosmtplib.SMTPException) -> str:
     return str(error)
 
 
-def _ssl_cause(error: BaseException) -> BaseException:
+def ssl_cause(error: BaseException) -> BaseException:
     """The ssl error behind what aiosmtplib raised, if there is one."""
     seen: BaseException | None = error
     while seen is not None:

@@ -70,6 +70,7 @@ from typing import Any, TypeAlias
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from mailflow_relay.certificates import self_signed
 from mailflow_relay.errors import MailflowRelayError
 from mailflow_relay.passwords import verify_password
 
@@ -479,34 +480,7 @@ def _server_tls_context(settings: ListenerSettings) -> tuple[ssl.SSLContext, str
 
 
 def _self_signed_pem(hostname: str) -> tuple[bytes, bytes]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = hostname if _is_dns_name(hostname) else "localhost"
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return (
-        certificate.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
+    return self_signed([hostname if _is_dns_name(hostname) else "localhost"])
 
 
 def _is_dns_name(name: str) -> bool:
