@@ -457,6 +457,15 @@ def read_auth_dir(folder: str) -> dict[str, str]:
 
 
 def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    settings, source, http = relay_setup(args, err)
+    asyncio.run(serve(settings, source, http))
+    return EXIT_OK
+
+
+def relay_setup(
+    args: argparse.Namespace, err: TextIO
+) -> tuple[RelaySettings, DocumentSource, tuple[str, int] | None]:
+    """Everything `mailflow relay` needs, checked before anything listens or connects."""
     listen_host, listen_port = parse_endpoint(args.listen, "--listen")
     http = parse_endpoint(args.http, "--http") if args.http else None
     networks = parse_networks(args.accept_from)
@@ -519,7 +528,8 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         queue_lifetime=args.queue_lifetime,
         delay_warning_after=args.delay_warning,
         drain_grace=args.drain_grace,
-        handoff=parse_endpoint(args.handoff, "--handoff") if args.handoff else None,
+        # The peer is the relay Service: a name, resolved when the hand-off happens.
+        handoff=parse_endpoint(args.handoff, "--handoff", names=True) if args.handoff else None,
     )
 
     def watcher(relay: Relay) -> ManifestWatcher:
@@ -535,8 +545,7 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if not namespace or not name:
             raise UsageError(f"--routing-secret {args.routing_secret!r}: expected NAMESPACE/NAME")
         source = RoutingSecretSource(namespace, name, poll_interval=args.config_poll)
-    asyncio.run(serve(settings, source, http))
-    return EXIT_OK
+    return settings, source, http
 
 
 def main(

@@ -18,6 +18,8 @@ from typing import TextIO
 from mailflow_operator.checks import check_manifests
 from mailflow_operator.errors import UsageError
 from mailflow_operator.manifests import load_manifests
+from mailflow_relay.domains import normalize_host
+from mailflow_relay.errors import InvalidDomainError
 from mailflow_relay.relay import Relay
 from mailflow_relay.routing import DefaultRoute, RoutingDocument
 
@@ -26,8 +28,8 @@ __all__ = ["ManifestSource", "ManifestWatcher", "compile_manifests", "parse_endp
 logger = logging.getLogger(__name__)
 
 
-def parse_endpoint(text: str, option: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``."""
+def parse_endpoint(text: str, option: str, *, names: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT``; HOST an IP address, or with ``names`` a host name."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"{option} {text!r}: expected HOST:PORT")
@@ -35,8 +37,14 @@ def parse_endpoint(text: str, option: str) -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if host != "localhost":
-            raise UsageError(f"{option} {text!r}: HOST must be an IP address") from None
+        if host == "localhost":
+            return host, int(port)
+        if not names:
+            raise UsageError(f"{option} {text!r}: HOST must be an IP address to bind") from None
+        try:
+            normalize_host(host)
+        except InvalidDomainError as e:
+            raise UsageError(f"{option} {text!r}: {e.reason}") from e
     return host, int(port)
 
 
