@@ -397,7 +397,7 @@ class Deliverer:
             if idle is not None:
                 try:
                     results = await self._send(idle.smtp, mail_from, recipients, data)
-                except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
+                except (aiosmtplib.SMTPException, OSError):
                     # The server closed the idle connection meanwhile: a new one follows.
                     idle.smtp.close()
                 else:
@@ -405,20 +405,37 @@ class Deliverer:
                     await self._release(key, idle)
                     return results, idle.session
             try:
-                connection = await self._open(target, tls, auth, recipient_domain, use_tls=True)
-            except _PlaintextFallback:
-                logger.info("opportunistic TLS to %s failed: retrying in plaintext", target)
-                connection = await self._open(target, tls, auth, recipient_domain, use_tls=False)
+                connection = await self._open_any(target, tls, auth, recipient_domain)
+            except _TargetFailed:
+                raise
+            except Exception as e:
+                # deliver() must decide something for every recipient: an answer this code
+                # did not expect is a failure of this target, logged with its traceback.
+                logger.exception("unexpected error talking to %s", target)
+                raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
             try:
                 results = await self._send(connection.smtp, mail_from, recipients, data)
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
                 connection.smtp.close()
                 raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
+            except aiosmtplib.SMTPException as e:
+                connection.smtp.close()
+                logger.exception("unexpected SMTP error from %s", target)
+                raise _TargetFailed(f"4.4.0 unexpected reply: {_reply(e)}") from e
             except BaseException:
                 connection.smtp.close()
                 raise
             await self._release(key, connection)
             return results, connection.session
+
+    async def _open_any(
+        self, target: _Target, tls: TlsPolicy, auth: SmtpCredentials | None, recipient_domain: str
+    ) -> _Connection:
+        try:
+            return await self._open(target, tls, auth, recipient_domain, use_tls=True)
+        except _PlaintextFallback:
+            logger.info("opportunistic TLS to %s failed: retrying in plaintext", target)
+            return await self._open(target, tls, auth, recipient_domain, use_tls=False)
 
     async def _open(
         self,
@@ -517,7 +534,14 @@ class Deliverer:
         except aiosmtplib.SMTPHeloError as e:
             if 400 <= e.code < 500:
                 raise _TargetFailed(f"{e.code} greeting refused: {e.message}", e.code) from e
-            await smtp.helo()
+            try:
+                await smtp.helo()
+            except aiosmtplib.SMTPHeloError as again:
+                # A server that refuses both greetings takes no mail from us now: that is
+                # about this hop, never a reason to bounce the recipient.
+                raise _TargetFailed(
+                    f"4.4.0 greeting refused: {again.code} {again.message}"
+                ) from again
 
     async def _starttls(
         self,
@@ -591,7 +615,12 @@ class Deliverer:
                         recipient, _status(e.code), e.code, _reply(e)
                     )
         else:
-            await smtp.rset()
+            try:
+                await smtp.rset()
+            except aiosmtplib.SMTPResponseException:
+                # The transaction is over either way; a connection in an unknown state is
+                # not kept for reuse.
+                smtp.close()
         return [results[r] for r in recipients]
 
 

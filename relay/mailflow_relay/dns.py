@@ -82,11 +82,8 @@ class Resolver:
         except dns.resolver.NoAnswer:
             logger.info("no MX for %s: using the implicit MX (RFC 5321 5.1)", domain)
             return [MxHost(0, domain, implicit=True)]
-        except (
-            dns.resolver.NoNameservers,
-            dns.exception.Timeout,
-            dns.resolver.LifetimeTimeout,
-        ) as e:
+        except dns.exception.DNSException as e:
+            # SERVFAIL, timeouts, anything that is not a definite answer: retry later.
             raise DnsError(
                 domain, f"MX lookup failed temporarily: {e}", permanent=False, status="4.4.3"
             ) from e
@@ -126,7 +123,7 @@ class Resolver:
                 break
             except dns.resolver.NoAnswer:
                 continue
-            except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
+            except dns.exception.DNSException as e:
                 permanent = False
                 failures.append(f"{rdtype.name}: {e}")
                 continue

@@ -20,8 +20,9 @@ enters here, so this module decides three things before the spool ever sees a by
   this relay; but we re-send the data to the next hop, whose parser we do not know, so
   any bare LF or bare CR in the data refuses the whole message (as Postfix's
   ``smtpd_forbid_bare_newline = reject`` does). Commands are still read by aiosmtpd,
-  which ends a command line at LF: that cannot smuggle a message, since nothing of a
-  command line ever reaches the next hop except the sanitised ``Received:`` header.
+  which ends a command line at LF: that cannot smuggle a message, since of a command
+  line only the envelope addresses reach the next hop (refused when they hold a control
+  character, ``501``) and the sanitised ``Received:`` header.
 * **What it costs us.** Limits with their RFC 5321 codes (section 4.5.3.1): message size
   (advertised with SIZE, RFC 1870; ``552 5.3.4``), recipients per message
   (``452 4.5.3``), text line length (1000 octets including CRLF, not counting the
@@ -83,6 +84,7 @@ __all__ = [
     "SmtpListener",
 ]
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 log = logging.getLogger(__name__)
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -532,6 +534,15 @@ class _SessionHooks:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if _CONTROL_CHARACTERS.search(address):
+            # aiosmtpd ends a command at a bare LF and keeps a bare CR: an address with
+            # one would reach the spool, the logs and (rewritten) the next hop.
+            log.info(
+                "Refused MAIL from %s: control characters in <%s>",
+                self.session.client,
+                _printable(address),
+            )
+            return "501 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -544,6 +555,13 @@ class _SessionHooks:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if _CONTROL_CHARACTERS.search(address):
+            log.info(
+                "Refused RCPT from %s: control characters in <%s>",
+                self.session.client,
+                _printable(address),
+            )
+            return "501 5.1.3 Bad recipient address syntax"
         return self.session.decide_recipient(envelope, address, rcpt_options)
 
     async def handle_exception(self, error: Exception) -> str:

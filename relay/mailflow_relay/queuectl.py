@@ -1,7 +1,8 @@
 """``mailflow queue``: look at a spool and act on it, as ``postqueue``/``postsuper`` do.
 
-It works on the spool folder directly, also while a relay runs on it: every change goes
-through the spool's own atomic operations. ``retry`` also leaves a flush request that a
+It works on the spool folder directly, also while a relay runs on it: it only reads what
+the relay writes (no repair of a spool in use), and every change is an atomic spool
+operation under the same per-message lock the relay takes. ``retry`` also leaves a flush request that a
 running relay picks up within a second, so deferred mail is tried at once.
 """
 
@@ -9,14 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 from mailflow_relay.spool import (
     MessageNotFoundError,
-    RecipientStatus,
     Spool,
     SpooledMessage,
     SpoolError,
@@ -59,7 +58,7 @@ def _message_json(message: SpooledMessage, now: datetime) -> dict[str, object]:
 
 def list_queue(spool_dir: Path, out: TextIO, *, as_json: bool = False) -> int:
     spool = Spool(spool_dir)
-    messages = spool.scan()
+    messages = spool.scan(repair=False)
     now = datetime.now(UTC)
     if as_json:
         json.dump([_message_json(m, now) for m in messages], out, indent=2)
@@ -115,17 +114,13 @@ def show(
 def retry(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
     """Make deferred recipients due now (all messages when no id is given)."""
     spool = Spool(spool_dir)
-    targets = [spool.load(q) for q in queue_ids] if queue_ids else spool.scan()
+    targets = [spool.load(q) for q in queue_ids] if queue_ids else spool.scan(repair=False)
     count = 0
     for message in targets:
-        due = [
-            replace(r, next_attempt=None)
-            for r in message.recipients
-            if r.status is RecipientStatus.DEFERRED
-        ]
-        if due:
-            spool.update(message.queue_id, *due)
-            count += len(due)
+        try:
+            count += spool.make_due(message.queue_id)
+        except MessageNotFoundError:
+            continue  # delivered or removed by the relay meanwhile: nothing to retry
     (spool_dir / FLUSH_REQUEST).touch()
     out.write(f"{count} deferred recipient(s) made due now\n")
     return 0

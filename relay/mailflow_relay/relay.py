@@ -141,6 +141,8 @@ class Relay:
         self._queued: dict[str, datetime] = {}
         """Every message in the spool that is not final, with its arrival time (for gauges)."""
         self._in_flight: set[str] = set()
+        self._processing: set[asyncio.Task[None]] = set()
+        self._stores: set[asyncio.Task[SpooledMessage]] = set()
         self._work: asyncio.Queue[str] = asyncio.Queue(maxsize=max(64, settings.workers * 4))
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -217,12 +219,36 @@ class Relay:
         return None
 
     async def _accept(self, message: AcceptedMessage) -> str:
-        stored = await asyncio.to_thread(
-            self.spool.store_with_header,
-            message.mail_from,
-            list(dict.fromkeys(message.rcpt_tos)),
-            message.with_received,
+        store = asyncio.create_task(
+            asyncio.to_thread(
+                self.spool.store_with_header,
+                message.mail_from,
+                list(dict.fromkeys(message.rcpt_tos)),
+                message.with_received,
+            ),
+            name="mailflow-store",
         )
+        try:
+            stored = await asyncio.shield(store)
+        except asyncio.CancelledError:
+            # The session ended (client gone, timeout) while the record was being written.
+            # The thread still finishes: a record that made it to disk must be delivered,
+            # even though the client never heard 250 and will likely send it again.
+            self._stores.add(store)
+            store.add_done_callback(self._stored_unacknowledged)
+            raise
+        self._queued_message(stored, message.client_address)
+        return stored.queue_id
+
+    def _stored_unacknowledged(self, store: asyncio.Task[SpooledMessage]) -> None:
+        self._stores.discard(store)
+        if store.cancelled() or store.exception() is not None:
+            return
+        stored = store.result()
+        logger.warning("queue %s: stored, but the client left before hearing 250", stored.queue_id)
+        self._queued_message(stored, "(gone)")
+
+    def _queued_message(self, stored: SpooledMessage, client: str) -> None:
         self.metrics.accepted.inc()
         logger.info(
             "queued %s from=<%s> recipients=%d size=%d client=%s",
@@ -230,11 +256,10 @@ class Relay:
             stored.sender,
             len(stored.recipients),
             stored.size,
-            message.client_address,
+            client,
         )
         self._track(stored)
         self._enqueue(stored.queue_id)
-        return stored.queue_id
 
     def _track(self, message: SpooledMessage) -> None:
         self._queued[message.queue_id] = message.received
@@ -310,6 +335,17 @@ class Relay:
         scheduler.cancel()
         for worker in workers:
             worker.cancel()
+        # The grace period is over: deliveries still in progress are cut short. Their
+        # messages stay in the spool (or go to the peer) with the outcome unrecorded, so
+        # at worst a message the destination already took goes out once more — never zero.
+        unfinished = list(self._processing)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            logger.warning(
+                "drain: %d delivery(ies) cut short at the end of the grace period", len(unfinished)
+            )
+            await asyncio.gather(*unfinished, return_exceptions=True)
 
     def _enqueue_draining(self, queue_id: str) -> None:
         if queue_id in self._in_flight:
@@ -339,7 +375,12 @@ class Relay:
                 # `mailflow queue retry` made deferred recipients due: reread the spool.
                 with contextlib.suppress(FileNotFoundError):
                     flush.unlink()
-                for message in await asyncio.to_thread(self.spool.scan):
+                try:
+                    rescanned = await asyncio.to_thread(self.spool.scan)
+                except OSError:
+                    logger.exception("flush: cannot read the spool; the schedule stays as it was")
+                    rescanned = []
+                for message in rescanned:
                     if not message.is_final and message.queue_id not in self._in_flight:
                         self._track(message)
                 logger.info("flush requested: %d message(s) rescheduled", len(self._index.due))
@@ -360,21 +401,49 @@ class Relay:
     async def _worker(self) -> None:
         while True:
             queue_id = await self._work.get()
-            try:
-                # A delivery in progress finishes even when the relay is stopping.
-                await asyncio.shield(self._process(queue_id))
-            except MessageNotFoundError:
-                # Deleted by an administrator (`mailflow queue delete`) meanwhile.
-                logger.info("queue %s: no longer in the spool", queue_id)
+            # The processing task is tracked on its own: when a stopping relay cancels its
+            # workers, a delivery in progress goes on (shielded) and the drain waits for it
+            # before anything is handed to a peer.
+            task = asyncio.create_task(
+                self._process_guarded(queue_id), name=f"mailflow-process-{queue_id}"
+            )
+            self._processing.add(task)
+            task.add_done_callback(self._processing.discard)
+            await asyncio.shield(task)
+
+    async def _process_guarded(self, queue_id: str) -> None:
+        try:
+            await self._process(queue_id)
+        except MessageNotFoundError:
+            # Deleted by an administrator (`mailflow queue delete`) meanwhile.
+            logger.info("queue %s: no longer in the spool", queue_id)
+            self._queued.pop(queue_id, None)
+            self._index.drop(queue_id)
+        except Exception as e:
+            logger.exception("queue %s: processing failed", queue_id)
+            await self._defer_after_error(queue_id, e)
+        finally:
+            self._in_flight.discard(queue_id)
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _defer_after_error(self, queue_id: str, error: Exception) -> None:
+        """Record the failure as a deferral, so backoff, the lifetime and the bounce apply."""
+        try:
+            message = await asyncio.to_thread(self.spool.load, queue_id)
+            reason = f"4.3.0 internal error: {type(error).__name__}"
+            updates = [self._deferred(state, 451, reason) for state in message.pending]
+            updates = self._expire(message, updates, datetime.now(UTC))
+            updates = await self._notify_sender(message, updates, datetime.now(UTC))
+            states = await asyncio.to_thread(self.spool.update, queue_id, *updates)
+            if all(s.status.is_final for s in states):
+                await asyncio.to_thread(self.spool.remove, queue_id)
                 self._queued.pop(queue_id, None)
-                self._index.drop(queue_id)
-            except Exception:
-                logger.exception("queue %s: processing failed; retrying later", queue_id)
-                self._index.set(queue_id, self._clock() + self.settings.retry_initial)
-            finally:
-                self._in_flight.discard(queue_id)
-                if not self._in_flight:
-                    self._idle.set()
+            else:
+                self._schedule(_with_states(message, states))
+        except Exception:
+            logger.exception("queue %s: cannot record the failure; retrying later", queue_id)
+            self._index.set(queue_id, self._clock() + self.settings.retry_initial)
 
     # --- delivering --------------------------------------------------------------------------
 
@@ -398,12 +467,26 @@ class Relay:
                 continue
             groups.setdefault(_group_key(decision), []).append((state, decision))
 
-        async with asyncio.TaskGroup() as tasks:
-            for members in groups.values():
-                tasks.create_task(
-                    self._deliver_group(message, members, updates),
-                    name=f"mailflow-deliver-{queue_id}",
+        # One route failing in a way nobody foresaw must not cost the other routes their
+        # recorded outcome (they would be delivered again): each group stands alone.
+        outcomes = await asyncio.gather(
+            *(self._deliver_group(message, members) for members in groups.values()),
+            return_exceptions=True,
+        )
+        for members, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                logger.error(
+                    "queue %s: delivery failed unexpectedly: %r",
+                    queue_id,
+                    outcome,
+                    exc_info=outcome,
                 )
+                reason = f"4.3.0 internal error: {type(outcome).__name__}"
+                updates.extend(self._deferred(state, 451, reason) for state, _ in members)
+            else:
+                updates.extend(outcome)
         updates = self._expire(message, updates, now)
         updates = await self._notify_sender(message, updates, now)
         if updates:
@@ -514,8 +597,9 @@ class Relay:
         self,
         message: SpooledMessage,
         members: Sequence[tuple[RecipientState, RouteDecision]],
-        updates: list[RecipientState],
-    ) -> None:
+    ) -> list[RecipientState]:
+        """Deliver one route's recipients; their new states (never raises for mail reasons)."""
+        updates: list[RecipientState] = []
         decision = members[0][1]
         connector = decision.connector
         name = str(connector.ref) if connector else "(default route)"
@@ -526,8 +610,7 @@ class Relay:
             reason = "4.3.5 connector not ready: " + "; ".join(connector.unresolved)
             logger.warning("queue %s: %s", message.queue_id, reason)
             self.metrics.deferred.labels(*labels).inc(len(members))
-            updates.extend(self._deferred(state, 451, reason) for state, _ in members)
-            return
+            return [self._deferred(state, 451, reason) for state, _ in members]
         started = self._clock()
         report = await self.deliverer.deliver(
             mail_from=message.sender,
@@ -575,6 +658,7 @@ class Relay:
                 updates.append(self._deferred(state, result.code, result.message))
         if self.on_delivery is not None:
             self.on_delivery(event)
+        return updates
 
     def _deferred(self, state: RecipientState, code: int, reason: str) -> RecipientState:
         attempts = state.attempts + 1
@@ -616,10 +700,23 @@ class Relay:
                 )
                 continue
             if refused:
-                # Some recipients were refused by the peer: keep the message here for them.
+                # The peer took the message for some recipients only: those are done here
+                # (recorded before anything else), the others stay for this relay.
+                taken = [
+                    _final(
+                        r,
+                        RecipientStatus.DELIVERED,
+                        250,
+                        f"2.0.0 handed off to {peer[0]}:{peer[1]}",
+                    )
+                    for r in message.pending
+                    if r.address not in refused
+                ]
+                if taken:
+                    await asyncio.to_thread(self.spool.update, message.queue_id, *taken)
                 self.metrics.handoffs.labels("failed").inc()
                 logger.warning(
-                    "queue %s: the peer refused %s; kept in the spool",
+                    "queue %s: the peer refused %s; kept in the spool for them",
                     message.queue_id,
                     sorted(refused),
                 )

@@ -86,6 +86,18 @@ class HealthServer:
                 await writer.wait_closed()
 
 
+async def _follow(source: DocumentSource, relay: Relay) -> None:
+    """Follow configuration changes; a failure here must never take the relay down."""
+    while True:
+        try:
+            await source.follow(relay)
+            return
+        except Exception:
+            logger.exception("following configuration changes failed; trying again in 5 s")
+            relay.metrics.config_reloads.labels("refused").inc()
+            await asyncio.sleep(5)
+
+
 async def serve(
     settings: RelaySettings, source: DocumentSource, http: tuple[str, int] | None
 ) -> None:
@@ -117,9 +129,11 @@ async def serve(
         document = first.result()
         relay = Relay(settings, document)
         health.relay = relay
+        if stop_requested.is_set():  # a signal came while the document was being read
+            relay.stop()
         async with asyncio.TaskGroup() as tasks:
             runner = tasks.create_task(relay.run(), name="mailflow-relay")
-            follower = tasks.create_task(source.follow(relay), name="mailflow-config-follower")
+            follower = tasks.create_task(_follow(source, relay), name="mailflow-config-follower")
             await relay.ready.wait()
             print(
                 f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "

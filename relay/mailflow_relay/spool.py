@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import hashlib
 import json
 import logging
@@ -124,7 +125,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -424,29 +425,51 @@ class Spool:
         delivery transaction (several recipients, one next hop) is all-or-nothing.
         """
         queue_id = _checked_queue_id(queue_id)
-        with self._lock_for(queue_id):
-            # The envelope and current states are enough; re-reading a large body on
-            # every delivery attempt would undo the point of the separate state file.
-            current = self._read_current_states(queue_id)
-            by_address = {state.address: state for state in current}
-            for state in states:
-                previous = by_address.get(state.address)
-                if previous is None:
-                    raise SpoolStateError(queue_id, f"{state.address!r} is not a recipient")
-                if previous.status.is_final and state != previous:
-                    raise SpoolStateError(
-                        queue_id,
-                        f"{state.address!r} is already {previous.status.value}; "
-                        "a final state never changes",
-                    )
-                by_address[state.address] = state
-            updated = tuple(by_address[state.address] for state in current)
-            payload = _dump_json(
-                {"queue_id": queue_id, "recipients": [_state_to_json(s) for s in updated]}
-            )
-            header = _STATE_MAGIC + f"{_digest(payload)} {len(payload)}\n".encode()
-            self._write_durably(self._state_path(queue_id), header, payload)
-            return updated
+        with self._lock_for(queue_id), self._process_lock(queue_id):
+            return self._update_locked(queue_id, states)
+
+    def make_due(self, queue_id: str) -> int:
+        """Deferred recipients due now (``mailflow queue retry``); how many there were.
+
+        Read and written under the message's lock, so a delivery outcome the relay records
+        at the same moment is neither lost nor overwritten.
+        """
+        queue_id = _checked_queue_id(queue_id)
+        with self._lock_for(queue_id), self._process_lock(queue_id):
+            due = [
+                replace(s, next_attempt=None)
+                for s in self._read_current_states(queue_id)
+                if s.status is RecipientStatus.DEFERRED
+            ]
+            if due:
+                self._update_locked(queue_id, due)
+            return len(due)
+
+    def _update_locked(
+        self, queue_id: str, states: Sequence[RecipientState]
+    ) -> tuple[RecipientState, ...]:
+        # The envelope and current states are enough; re-reading a large body on
+        # every delivery attempt would undo the point of the separate state file.
+        current = self._read_current_states(queue_id)
+        by_address = {state.address: state for state in current}
+        for state in states:
+            previous = by_address.get(state.address)
+            if previous is None:
+                raise SpoolStateError(queue_id, f"{state.address!r} is not a recipient")
+            if previous.status.is_final and state != previous:
+                raise SpoolStateError(
+                    queue_id,
+                    f"{state.address!r} is already {previous.status.value}; "
+                    "a final state never changes",
+                )
+            by_address[state.address] = state
+        updated = tuple(by_address[state.address] for state in current)
+        payload = _dump_json(
+            {"queue_id": queue_id, "recipients": [_state_to_json(s) for s in updated]}
+        )
+        header = _STATE_MAGIC + f"{_digest(payload)} {len(payload)}\n".encode()
+        self._write_durably(self._state_path(queue_id), header, payload)
+        return updated
 
     def remove(self, queue_id: str, *, force: bool = False) -> None:
         """Delete a message durably once every recipient is final (or at once, if forced).
@@ -455,7 +478,7 @@ class Spool:
         not use it, or a recipient could silently never get the message.
         """
         queue_id = _checked_queue_id(queue_id)
-        with self._lock_for(queue_id):
+        with self._lock_for(queue_id), self._process_lock(queue_id):
             record = self._record_path(queue_id)
             if not record.exists():
                 raise MessageNotFoundError(queue_id)
@@ -475,12 +498,16 @@ class Spool:
                 self._unlink(self._state_path(queue_id))
                 self._fsync_directory(self._directory)
 
-    def scan(self) -> list[SpooledMessage]:
+    def scan(self, *, repair: bool = True) -> list[SpooledMessage]:
         """Repair what a crash can leave and return every complete message, oldest first.
 
-        Meant for start-up, but safe while other threads use the spool.
+        Meant for start-up, but safe while other threads use the spool. Another process
+        (``mailflow queue``) must pass ``repair=False``: it cannot know which temp files
+        the relay is writing right now, so it only reads, and skips what it cannot read.
         """
         names = sorted(os.listdir(self._directory))
+        if not repair:
+            return self._read_only_scan(names)
         # Listed first, then the in-flight set: a temp file in the listing is either
         # still in the set or finished (renamed away, so deleting it is a no-op).
         with self._mutex:
@@ -509,6 +536,20 @@ class Spool:
                 message = self._scan_one(stem, f".{suffix}")
             if message is not None:
                 messages.append(message)
+        messages.sort(key=lambda m: (m.received, m.queue_id))
+        return messages
+
+    def _read_only_scan(self, names: list[str]) -> list[SpooledMessage]:
+        messages = []
+        for name in names:
+            stem, _, suffix = name.rpartition(".")
+            if f".{suffix}" != _RECORD_SUFFIX or not is_queue_id(stem):
+                continue
+            try:
+                with self._lock_for(stem):
+                    messages.append(self._load(stem))
+            except (MessageNotFoundError, SpoolCorruptError, OSError) as e:
+                logger.info("spool: skipping %s while reading: %s", name, e)
         messages.sort(key=lambda m: (m.received, m.queue_id))
         return messages
 
@@ -645,6 +686,23 @@ class Spool:
 
     def _state_path(self, queue_id: str) -> Path:
         return self._directory / f"{queue_id}{_STATE_SUFFIX}"
+
+    @contextlib.contextmanager
+    def _process_lock(self, queue_id: str) -> Iterator[None]:
+        """Exclude other processes (``mailflow queue``) from this message's read-modify-write.
+
+        An advisory ``flock`` on the record itself: no extra files, and it goes away with
+        the record. The thread lock is taken first, so within one process this never waits.
+        """
+        try:
+            fd = os.open(self._record_path(queue_id), os.O_RDONLY)
+        except FileNotFoundError:
+            raise MessageNotFoundError(queue_id) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _lock_for(self, queue_id: str) -> threading.Lock:
         return self._locks[hash(queue_id) % _LOCK_STRIPES]

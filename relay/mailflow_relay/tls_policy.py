@@ -158,7 +158,16 @@ def check_certificate(
         if mode.requires_tls:
             raise TlsPolicyError(TlsFailure.HANDSHAKE, "the server sent no certificate", mode=mode)
         return None
-    info = certificate_info(der)
+    try:
+        info = certificate_info(der)
+    except ValueError as e:
+        # OpenSSL took it, cryptography cannot read it. Modes that check nothing go on;
+        # a mode that must check something cannot, and says so.
+        if mode is TlsMode.OPPORTUNISTIC or (
+            mode is TlsMode.SELF_SIGNED and not policy.pinned_fingerprints
+        ):
+            return None
+        raise TlsPolicyError(TlsFailure.HANDSHAKE, f"unreadable certificate: {e}", mode=mode) from e
     if mode is TlsMode.SELF_SIGNED and policy.pinned_fingerprints:
         pins = {pin.partition("/")[2].lower() for pin in policy.pinned_fingerprints}
         if info.sha256 not in pins and info.spki_sha256 not in pins:

@@ -14,6 +14,7 @@ import email.policy
 import ipaddress
 import itertools
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -544,3 +545,198 @@ def test_load_document_json_refuses_garbage(tmp_path: Path, bad: str) -> None:
     assert relay.load_document_json(bad) is False
     assert metric(relay, "mailflow_config_reloads_total", result="refused") == 1.0
     assert relay.document.generation == 1
+
+
+# --- regressions from review: nothing stuck, nothing twice --------------------------------------
+
+
+async def raw_send(port: int, lines: list[bytes], *, abort_after_data: bool = False) -> list[bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies = [await reader.readline()]
+    for line in lines:
+        writer.write(line)
+        await writer.drain()
+        if abort_after_data and line.endswith(b"\r\n.\r\n"):
+            writer.transport.abort()
+            return replies
+        reply = await reader.readline()
+        while reply[3:4] == b"-":
+            reply = await reader.readline()
+        replies.append(reply)
+    writer.close()
+    await writer.wait_closed()
+    return replies
+
+
+async def refuses_every_greeting(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    try:
+        writer.write(b"220 grumpy.test ESMTP\r\n")
+        while line := await reader.readline():
+            greeting = line[:4].upper() in (b"EHLO", b"HELO")
+            writer.write(b"502 5.5.1 go away\r\n" if greeting else b"221 2.0.0 bye\r\n")
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def test_a_server_refusing_every_greeting_defers_and_the_other_route_is_delivered_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> tuple[int, list[RecipientStatus], int]:
+        grumpy = await asyncio.start_server(refuses_every_greeting, "127.0.0.1", 0)
+        async with grumpy, SmtpSink() as good:
+            doc = document(
+                connector("good", ["good.test"], good.port),
+                connector("bad", ["bad.test"], grumpy.sockets[0].getsockname()[1]),
+            )
+            relay = Relay(settings(tmp_path, retry_initial=0.2, retry_max=0.3), doc)
+            async with running(relay):
+                await send(relay, ["x@good.test", "y@bad.test"])
+                await until(lambda: len(good.messages) == 1)
+                await asyncio.sleep(1.0)  # several retries of y@bad.test
+                (message,) = relay.spool.scan()
+            return (
+                len(good.messages),
+                [r.status for r in message.recipients],
+                message.recipient("y@bad.test").attempts,
+            )
+
+    delivered, statuses, attempts = run(scenario)
+    assert delivered == 1
+    assert statuses == [RecipientStatus.DELIVERED, RecipientStatus.DEFERRED]
+    assert attempts >= 2  # recorded each time, so backoff and the lifetime apply
+
+
+def test_a_message_stored_while_the_client_hangs_up_is_still_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailflow_relay.spool import Spool
+
+    original = Spool.store_with_header
+
+    def slow_store(self: Spool, *args: Any) -> Any:
+        time.sleep(0.5)  # a slow fsync: the client gives up before the 250
+        return original(self, *args)
+
+    monkeypatch.setattr(Spool, "store_with_header", slow_store)
+
+    async def scenario() -> int:
+        async with SmtpSink() as sink:
+            relay = Relay(settings(tmp_path), document(connector("all", ["*"], sink.port)))
+            async with running(relay):
+                lines = [
+                    b"EHLO c.test\r\n",
+                    b"MAIL FROM:<a@sender.test>\r\n",
+                    b"RCPT TO:<b@dest.test>\r\n",
+                    b"DATA\r\n",
+                    b"Subject: x\r\n\r\nhello\r\n.\r\n",
+                ]
+                await raw_send(relay.port, lines, abort_after_data=True)
+                await until(lambda: len(sink.messages) == 1)
+            return len(sink.messages)
+
+    assert run(scenario) == 1
+
+
+def test_a_partial_hand_off_keeps_only_the_recipients_the_peer_refused(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[tuple[str, ...]], list[tuple[str, RecipientStatus]]]:
+        async with SmtpSink(rcpt_replies={"y@dest.test": "452 4.5.3 try later"}) as peer:
+            relay = Relay(
+                settings(
+                    tmp_path, drain_grace=0.3, retry_initial=30, handoff=("127.0.0.1", peer.port)
+                ),
+                document(connector("all", ["*"], closed_port())),
+            )
+            async with running(relay):
+                await send(relay, ["x@dest.test", "y@dest.test"])
+                await until(
+                    lambda: (
+                        bool(relay.spool.scan())
+                        and relay.spool.scan()[0].recipients[0].attempts == 1
+                    )
+                )
+            (left,) = relay.spool.scan()
+            return [m.rcpt_tos for m in peer.messages], [
+                (r.address, r.status) for r in left.recipients
+            ]
+
+    handed, left = run(scenario)
+    assert handed == [("x@dest.test",)]
+    assert left == [
+        ("x@dest.test", RecipientStatus.DELIVERED),
+        ("y@dest.test", RecipientStatus.DEFERRED),
+    ]
+
+
+async def slow_data_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A destination that takes its time to answer the end of DATA."""
+    try:
+        writer.write(b"220 slow.test ESMTP\r\n")
+        in_data = False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    await asyncio.sleep(3)
+                    writer.write(b"250 2.0.0 taken\r\n")
+            elif line.upper().startswith(b"DATA"):
+                in_data = True
+                writer.write(b"354 go ahead\r\n")
+            elif line.upper().startswith(b"QUIT"):
+                writer.write(b"221 2.0.0 bye\r\n")
+            else:
+                writer.write(b"250 2.0.0 ok\r\n")
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def test_a_delivery_cut_short_by_the_drain_is_handed_off_and_nothing_runs_on(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> tuple[int, int, set[str]]:
+        slow = await asyncio.start_server(slow_data_handler, "127.0.0.1", 0)
+        async with slow, SmtpSink() as peer:
+            relay = Relay(
+                settings(tmp_path, drain_grace=0.5, handoff=("127.0.0.1", peer.port)),
+                document(connector("all", ["*"], slow.sockets[0].getsockname()[1])),
+            )
+            async with running(relay):
+                await send(relay, ["b@dest.test"])
+                await asyncio.sleep(0.3)  # the delivery is waiting for the slow 250
+            left = len(relay.spool.scan())
+            names = {
+                t.get_name()
+                for t in asyncio.all_tasks()
+                if t.get_name().startswith("mailflow-process")
+            }
+            return len(peer.messages), left, names
+
+    handed, left, still_running = run(scenario)
+    assert handed == 1
+    assert left == 0
+    assert still_running == set()
+
+
+def test_addresses_with_control_characters_are_refused(tmp_path: Path) -> None:
+    async def scenario() -> list[bytes]:
+        async with SmtpSink() as sink:
+            relay = Relay(settings(tmp_path), document(connector("all", ["*"], sink.port)))
+            async with running(relay):
+                return await raw_send(
+                    relay.port,
+                    [
+                        b"EHLO c.test\r\n",
+                        b"MAIL FROM:<a\r@sender.test>\r\n",
+                        b"MAIL FROM:<a@sender.test>\r\n",
+                        b"RCPT TO:<b\r@dest.test>\r\n",
+                        b"QUIT\r\n",
+                    ],
+                )
+
+    replies = run(scenario)
+    assert replies[2].startswith(b"501 5.1.7")
+    assert replies[3].startswith(b"250")
+    assert replies[4].startswith(b"501 5.1.3")

@@ -562,3 +562,44 @@ def test_scan_while_other_threads_store_deletes_none_of_their_writes(spool: Spoo
     assert not errors
     assert {m.queue_id for m in spool.scan()} == set(stored)
     assert not os.listdir(spool.directory / "corrupt")
+
+
+def test_make_due_touches_only_deferred_recipients_and_never_a_final_state(tmp_path: Path) -> None:
+    relay_side = Spool(tmp_path)
+    admin_side = Spool(tmp_path)  # another process, as `mailflow queue retry` is
+    message = relay_side.store(
+        "a@sender.test", ["x@d.test", "y@d.test"], b"Subject: s\r\n\r\nx\r\n"
+    )
+    later = datetime.now(UTC) + timedelta(hours=1)
+    relay_side.update(
+        message.queue_id,
+        RecipientState(
+            "x@d.test",
+            RecipientStatus.DELIVERED,
+            attempts=1,
+            last_reply_code=250,
+            last_reply_text="ok",
+        ),
+        RecipientState(
+            "y@d.test",
+            RecipientStatus.DEFERRED,
+            attempts=1,
+            next_attempt=later,
+            last_reply_code=451,
+            last_reply_text="later",
+        ),
+    )
+    assert admin_side.make_due(message.queue_id) == 1
+    states = {s.address: s for s in relay_side.load(message.queue_id).recipients}
+    assert states["x@d.test"].status is RecipientStatus.DELIVERED
+    assert states["y@d.test"].next_attempt is None
+    assert states["y@d.test"].attempts == 1
+
+
+def test_a_read_only_scan_leaves_temp_files_of_a_writer_alone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.store("a@sender.test", ["x@d.test"], b"x\r\n")
+    in_progress = tmp_path / ".tmp-somebody-is-writing"
+    in_progress.write_bytes(b"half")
+    assert len(Spool(tmp_path).scan(repair=False)) == 1
+    assert in_progress.exists()
