@@ -178,6 +178,7 @@ class _Connection:
 class _Health:
     failures: int = 0
     down_until: float = 0.0
+    last_failure: float = 0.0
 
 
 @dataclass
@@ -203,6 +204,7 @@ class HealthTracker:
     def failed(self, host: str, port: int) -> None:
         health = self._servers.setdefault((host, port), _Health())
         health.failures += 1
+        health.last_failure = self.clock()
         if health.failures >= self.failures_before_down:
             health.down_until = self.clock() + self.down_for
             logger.warning(
@@ -215,6 +217,16 @@ class HealthTracker:
 
     def succeeded(self, host: str, port: int) -> None:
         self._servers.pop((host, port), None)
+
+    def forget_old(self, age: float) -> None:
+        """Drop servers that last failed long ago (MX hosts come and go with the mail)."""
+        horizon = self.clock() - age
+        for key in [
+            k
+            for k, h in self._servers.items()
+            if h.last_failure < horizon and h.down_until < self.clock()
+        ]:
+            del self._servers[key]
 
 
 class Deliverer:
@@ -231,6 +243,8 @@ class Deliverer:
         self._round_robin: dict[ObjectRef, itertools.count[int]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
         self._idle: dict[_ReuseKey, list[_Connection]] = {}
+        self._in_use: dict[tuple[str, int], int] = {}
+        self._transactions = 0
 
     # --- targets ---------------------------------------------------------------------------
 
@@ -391,42 +405,64 @@ class Deliverer:
             # verified for one domain says nothing about another.
             recipient_domain if tls.mode is TlsMode.DOMAIN_MATCH else "",
         )
-        async with limit:
-            await self._reap_idle()
-            idle = self._take_idle(key)
-            if idle is not None:
-                try:
-                    results = await self._send(idle.smtp, mail_from, recipients, data)
-                except (aiosmtplib.SMTPException, OSError):
-                    # The server closed the idle connection meanwhile: a new one follows.
-                    idle.smtp.close()
-                else:
-                    idle.uses += 1
-                    await self._release(key, idle)
-                    return results, idle.session
+        server = (target.address, target.port)
+        self._in_use[server] = self._in_use.get(server, 0) + 1
+        try:
+            async with limit:
+                return await self._limited_transaction(
+                    key, target, mail_from, recipients, data, tls, auth, recipient_domain
+                )
+        finally:
+            self._in_use[server] -= 1
+            if not self._in_use[server]:
+                del self._in_use[server]
+
+    async def _limited_transaction(
+        self,
+        key: _ReuseKey,
+        target: _Target,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        tls: TlsPolicy,
+        auth: SmtpCredentials | None,
+        recipient_domain: str,
+    ) -> tuple[list[RecipientResult], _Session]:
+        await self._reap_idle()
+        idle = self._take_idle(key)
+        if idle is not None:
             try:
-                connection = await self._open_any(target, tls, auth, recipient_domain)
-            except _TargetFailed:
-                raise
-            except Exception as e:
-                # deliver() must decide something for every recipient: an answer this code
-                # did not expect is a failure of this target, logged with its traceback.
-                logger.exception("unexpected error talking to %s", target)
-                raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
-            try:
-                results = await self._send(connection.smtp, mail_from, recipients, data)
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
-                connection.smtp.close()
-                raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
-            except aiosmtplib.SMTPException as e:
-                connection.smtp.close()
-                logger.exception("unexpected SMTP error from %s", target)
-                raise _TargetFailed(f"4.4.0 unexpected reply: {_reply(e)}") from e
-            except BaseException:
-                connection.smtp.close()
-                raise
-            await self._release(key, connection)
-            return results, connection.session
+                results = await self._send(idle.smtp, mail_from, recipients, data)
+            except (aiosmtplib.SMTPException, OSError):
+                # The server closed the idle connection meanwhile: a new one follows.
+                idle.smtp.close()
+            else:
+                idle.uses += 1
+                await self._release(key, idle)
+                return results, idle.session
+        try:
+            connection = await self._open_any(target, tls, auth, recipient_domain)
+        except _TargetFailed:
+            raise
+        except Exception as e:
+            # deliver() must decide something for every recipient: an answer this code
+            # did not expect is a failure of this target, logged with its traceback.
+            logger.exception("unexpected error talking to %s", target)
+            raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
+        try:
+            results = await self._send(connection.smtp, mail_from, recipients, data)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
+            connection.smtp.close()
+            raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
+        except aiosmtplib.SMTPException as e:
+            connection.smtp.close()
+            logger.exception("unexpected SMTP error from %s", target)
+            raise _TargetFailed(f"4.4.0 unexpected reply: {_reply(e)}") from e
+        except BaseException:
+            connection.smtp.close()
+            raise
+        await self._release(key, connection)
+        return results, connection.session
 
     async def _open_any(
         self, target: _Target, tls: TlsPolicy, auth: SmtpCredentials | None, recipient_domain: str
@@ -510,8 +546,19 @@ class Deliverer:
             return
         await _goodbye(connection.smtp)
 
+    def _prune(self) -> None:
+        """Bound the per-server tables: they are keyed by every server mail ever went to."""
+        self.health.forget_old(max(600.0, self.settings.down_for * 10))
+        for server in [k for k in self._limits if self._in_use.get(k, 0) == 0]:
+            del self._limits[server]
+        for reuse in [k for k, idle in self._idle.items() if not idle]:
+            del self._idle[reuse]
+
     async def _reap_idle(self) -> None:
         """Close connections that sat idle longer than the settings allow."""
+        self._transactions += 1
+        if self._transactions % 1000 == 0:
+            self._prune()
         deadline = time.monotonic() - self.settings.idle_connection_seconds
         for key, idle in list(self._idle.items()):
             expired = [c for c in idle if c.idle_since < deadline]
