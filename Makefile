@@ -42,7 +42,7 @@ lint: venv
 
 test: venv lint
 	@echo "==> pytest"
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not soak"
 
 .PHONY: images
 images:
@@ -64,8 +64,9 @@ demo: venv
 bench:
 	@echo "make bench: not yet (see the benchmarks issue)"
 
-soak:
-	@echo "make soak: not yet (see the relay queue lifecycle issue)"
+soak: venv
+	@echo "==> soak: SIGKILL the relay under traffic, again and again (a few minutes)"
+	$(BIN)/pytest -m soak -s tests/soak
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
