@@ -14,7 +14,7 @@ help:
 	@echo "make demo   - validate the examples and explain their routes"
 	@echo "make test   - install everything, lint (ruff, mypy --strict, import contracts), run all tests"
 	@echo "make lint   - ruff, mypy --strict and the import contract"
-	@echo "make bench  - relay vs Postfix benchmarks (not yet)"
+	@echo "make bench  - relay vs Postfix end to end, and the control plane at scale (BENCH_ARGS=...)"
 	@echo "make soak   - long-running suites (not yet)"
 
 venv: $(STAMP)
@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm
 
 lint: venv
 	@echo "==> ruff"
-	$(BIN)/ruff check operator relay tests
-	$(BIN)/ruff format --check operator relay tests
+	$(BIN)/ruff check operator relay tests bench
+	$(BIN)/ruff format --check operator relay tests bench
 	@echo "==> mypy --strict"
 	$(BIN)/mypy
 	@echo "==> import contracts"
@@ -61,8 +61,12 @@ images:
 demo: venv
 	@bash examples/demo.sh
 
-bench:
-	@echo "make bench: not yet (see the benchmarks issue)"
+# Loads on 127.0.0.1 only; a private Postfix instance in a temporary folder (needs root).
+# `make bench BENCH_ARGS="--messages 5000 --reuse both"`; `$(BIN)/python bench/run.py -h` lists all.
+BENCH_ARGS ?=
+BENCH_JSON ?= bench/results/latest.json
+bench: venv
+	$(BIN)/python bench/run.py --json $(BENCH_JSON) $(BENCH_ARGS)
 
 soak: venv
 	@echo "==> soak: SIGKILL the relay under traffic, again and again (a few minutes)"

@@ -1,0 +1,557 @@
+"""``make bench``: Mailflow's relay against Postfix, end to end, on this machine.
+
+In one run, with the same message set (smtp-source: N messages of S bytes over C
+sessions, with or without connection reuse), three paths are timed until the sink has
+counted every message — not just until injection ends:
+
+1. **floor**: smtp-source → sink (what the load tools and the machine can do at most);
+2. **postfix**: smtp-source → a private Postfix (default durability: ``250`` after the
+   queue file's fsync; ``smtp_tls_security_level = may``) → sink;
+3. **mailflow**: smtp-source → ``mailflow relay`` (standalone, durable spool, one
+   smart-host connector with Opportunistic TLS, ``--idle-connections 4``) → sink.
+
+Table 1 delivers to Postfix's smtp-sink (no STARTTLS: both relays send in plaintext).
+Table 2 delivers to a STARTTLS-capable sink (``tls_sink.py``), so both relays encrypt
+the outbound hop. Acceptance latency comes from a probe session that runs alongside the
+load (see :mod:`smtp_peers`). CPU seconds and peak RSS are the relay's whole process tree
+(see :mod:`procstat`). Then the control plane (:mod:`control_plane`).
+
+Everything listens on 127.0.0.1 only, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import control_plane
+from postfix_instance import PostfixInstance
+from procstat import TreeSampler
+from report import ControlPlaneResult, RunResult, Table, format_control_plane, format_table, to_json
+from smtp_peers import (
+    LOCALHOST,
+    CountingSink,
+    LatencyProbe,
+    free_port,
+    source_command,
+    stop_process,
+    tool,
+    wait_for_port,
+)
+from tls_sink import make_certificate, parse_counts
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+WARMUP_MESSAGES = 50
+POLL = 0.01
+
+CONNECTOR = """\
+apiVersion: mailflow.dev/v1alpha1
+kind: OutboundConnector
+metadata: {{name: bench-smart-host, namespace: bench}}
+spec:
+  description: "Everything to the benchmark's sink"
+  recipientDomains: ["*"]
+  destination: {{smartHost: {{host: 127.0.0.1, port: {port}}}}}
+  tls: {{mode: Opportunistic}}
+"""
+
+
+@dataclass(frozen=True)
+class Load:
+    messages: int
+    size: int
+    sessions: int
+    reuse: bool
+    idle_connections: int
+    timeout: float
+    probe_max: int
+    profile: Path | None = None
+    """Record the mailflow relay with py-spy during the timed part, into this folder."""
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- the far ends --------------------------------------------------------------------------
+
+
+class Sink:
+    """What a run delivers to: counted messages, and the TLS sessions where there is TLS."""
+
+    port: int
+
+    def received(self) -> int:
+        raise NotImplementedError
+
+    def tls_counts(self) -> tuple[int, int] | None:
+        """(messages that came over TLS, sessions); None for a sink without TLS."""
+        return None
+
+
+class PlainSink(Sink):
+    def __init__(self, sink: CountingSink) -> None:
+        self.sink = sink
+        self.port = sink.port
+
+    def received(self) -> int:
+        return self.sink.received()
+
+
+class TlsSink(Sink):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count_file = folder / "tls-sink.count"
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cert, key = make_certificate(self.folder)
+        with (self.folder / "tls-sink.log").open("wb") as output:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(BENCH / "tls_sink.py"),
+                    "--port",
+                    str(self.port),
+                    "--cert",
+                    str(cert),
+                    "--key",
+                    str(key),
+                    "--count-file",
+                    str(self.count_file),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_port(self.port)
+
+    def _counts(self) -> tuple[int, int, int]:
+        try:
+            return parse_counts(self.count_file.read_text())
+        except OSError:
+            return 0, 0, 0
+
+    def received(self) -> int:
+        return self._counts()[0]
+
+    def tls_counts(self) -> tuple[int, int] | None:
+        _, tls, sessions = self._counts()
+        return tls, sessions
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@contextlib.contextmanager
+def sink_for(hop: str, folder: Path) -> Iterator[Sink]:
+    if hop == "plain":
+        with CountingSink() as counting:
+            yield PlainSink(counting)
+        return
+    tls = TlsSink(folder)
+    try:
+        tls.start()
+        yield tls
+    finally:
+        tls.stop()
+
+
+# --- the relays ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def no_relay(sink: Sink, folder: Path, load: Load) -> Iterator[tuple[int, int | None]]:
+    yield sink.port, None
+
+
+@contextlib.contextmanager
+def postfix_relay(sink: Sink, folder: Path, load: Load) -> Iterator[tuple[int, int | None]]:
+    port = free_port()
+    instance = PostfixInstance(
+        folder / "postfix", port=port, relay_port=sink.port, connection_reuse=load.reuse, tls=True
+    )
+    (folder / "postfix").mkdir()
+    with instance:
+        wait_for_port(port)
+        yield port, instance.master_pid()
+
+
+@contextlib.contextmanager
+def mailflow_relay(sink: Sink, folder: Path, load: Load) -> Iterator[tuple[int, int | None]]:
+    port = free_port()
+    manifests = folder / "connector.yaml"
+    manifests.write_text(CONNECTOR.format(port=sink.port))
+    mailflow = Path(sys.executable).parent / "mailflow"
+    command = [str(mailflow), "relay", "--manifests", str(manifests)]
+    command += ["--listen", f"{LOCALHOST}:{port}", "--spool", str(folder / "spool")]
+    command += ["--accept-from", "127.0.0.0/8", "--hostname", "mailflow.bench.test"]
+    command += ["--idle-connections", str(load.idle_connections if load.reuse else 0)]
+    with (folder / "mailflow.log").open("wb") as output:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_port(port, timeout=30)
+        yield port, process.pid
+    finally:
+        stop_process(process)
+
+
+RELAYS: dict[
+    str, Callable[[Sink, Path, Load], contextlib.AbstractContextManager[tuple[int, int | None]]]
+] = {
+    "floor": no_relay,
+    "postfix": postfix_relay,
+    "mailflow": mailflow_relay,
+}
+
+
+# --- one run -------------------------------------------------------------------------------
+
+
+def _wait_for_sink(sink: Sink, target: int, deadline: float, label: str) -> int:
+    """Poll the sink until it counted ``target`` messages or the deadline passed."""
+    next_report = time.monotonic() + 2
+    while True:
+        count = sink.received()
+        now = time.monotonic()
+        if count >= target or now >= deadline:
+            return count
+        if now >= next_report:
+            log(f"    {label}: sink counted {count}/{target}")
+            next_report = now + 2
+        time.sleep(POLL)
+
+
+def _warm_up(port: int, sink: Sink, smtp_source: str, load: Load, label: str) -> int:
+    """A few messages first: processes spawned, code paths warm, connections opened."""
+    command = source_command(
+        port,
+        messages=WARMUP_MESSAGES,
+        size=load.size,
+        sessions=min(load.sessions, 5),
+        reuse=load.reuse,
+        smtp_source=smtp_source,
+    )
+    subprocess.run(command, capture_output=True, timeout=60, check=True)
+    count = _wait_for_sink(sink, WARMUP_MESSAGES, time.monotonic() + 60, f"{label} warm-up")
+    if count < WARMUP_MESSAGES:
+        raise RuntimeError(f"warm-up: the sink counted {count}/{WARMUP_MESSAGES}")
+    time.sleep(0.3)  # let connection caches and queues settle
+    return sink.received()
+
+
+def run_one(relay: str, hop: str, load: Load, smtp_source: str, folder: Path) -> RunResult:
+    label = f"{relay}/{hop}"
+    folder.mkdir(parents=True)
+    with sink_for(hop, folder) as sink, RELAYS[relay](sink, folder, load) as (port, pid):
+        try:
+            base = _warm_up(port, sink, smtp_source, load, label)
+        except (subprocess.SubprocessError, RuntimeError) as e:
+            return RunResult(relay, 0, load.messages, 0.0, 0.0, error=f"warm-up failed: {e}")
+        base_tls = sink.tls_counts()
+        sampler = TreeSampler(pid) if pid is not None else None
+        probe = LatencyProbe(port, load.size, max_messages=load.probe_max)
+        command = source_command(
+            port,
+            messages=load.messages,
+            size=load.size,
+            sessions=load.sessions,
+            reuse=load.reuse,
+            smtp_source=smtp_source,
+        )
+        log(f"  {label}: {load.messages} messages through port {port} …")
+        spy = _start_py_spy(pid, load.profile, label) if relay == "mailflow" else None
+        if sampler is not None:
+            sampler.start()
+        started = time.monotonic()
+        deadline = started + load.timeout
+        source = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        probe.start()
+        error: str | None = None
+        try:
+            output, _ = source.communicate(timeout=load.timeout)
+        except subprocess.TimeoutExpired:
+            source.kill()
+            output, _ = source.communicate()
+            error = f"smtp-source did not finish within {load.timeout:.0f}s"
+        injected = time.monotonic()
+        probe.stop()
+        if source.returncode != 0 and error is None:
+            error = (
+                f"smtp-source exited {source.returncode}: {output.decode(errors='replace')[-300:]}"
+            )
+        if probe.errors:
+            error = error or f"probe: {probe.errors[0]}"
+        expected = load.messages + probe.sent
+        if error is not None:
+            # smtp-source gave up: what it did send is not known, so do not wait long.
+            deadline = min(deadline, time.monotonic() + 5)
+        count = _wait_for_sink(sink, base + expected, deadline, label) - base
+        finished = time.monotonic()
+        usage = sampler.stop() if sampler is not None else None
+        if spy is not None:
+            _stop_py_spy(spy)
+        sessions = sink.tls_counts()
+        if sessions is not None and base_tls is not None:
+            sessions = (sessions[0] - base_tls[0], sessions[1] - base_tls[1])
+        if count < expected and error is None:
+            error = f"the sink counted {count}/{expected} within {load.timeout:.0f}s"
+        result = RunResult(
+            relay=relay,
+            messages=count,
+            expected=expected,
+            seconds=round(finished - started, 3),
+            inject_seconds=round(injected - started, 3),
+            latency_ms=tuple(round(s * 1000, 3) for s in probe.samples),
+            cpu_seconds=None if usage is None else usage.cpu_seconds,
+            peak_rss_bytes=None if usage is None else usage.peak_rss_bytes,
+            peak_pss_bytes=None if usage is None else usage.peak_pss_bytes,
+            processes=None if usage is None else usage.processes,
+            tls_messages=None if sessions is None else sessions[0],
+            sessions=None if sessions is None else sessions[1],
+            error=error,
+        )
+        log(
+            f"  {label}: {result.msgs_per_second or 0:.1f} msg/s end to end "
+            f"({count} in {result.seconds:.2f}s), p50 {result.p50_ms} ms, p99 {result.p99_ms} ms"
+        )
+        return result
+
+
+def _start_py_spy(
+    pid: int | None, folder: Path | None, label: str
+) -> subprocess.Popen[bytes] | None:
+    spy = Path(sys.executable).parent / "py-spy"
+    if folder is None or pid is None:
+        return None
+    if not spy.exists():
+        log(
+            "    --profile: py-spy is not installed in the venv (pip install py-spy); not profiling"
+        )
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    output = folder / f"{label.replace('/', '-')}.collapsed.txt"
+    command = [str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+    command += ["--output", str(output), "--nonblocking", "--idle"]
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    time.sleep(0.5)  # py-spy attaches
+    log(f"    py-spy → {output}")
+    return process
+
+
+def _stop_py_spy(process: subprocess.Popen[bytes]) -> None:
+    stop_process(process, signal.SIGINT)
+
+
+# --- the machine and the tools -------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    postfix_version = ""
+    postconf = tool("postconf")
+    if postconf is not None:
+        result = subprocess.run(
+            [postconf, "-dh", "mail_version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        postfix_version = result.stdout.strip()
+    memory = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.strip()
+    return {
+        "git": commit,
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(memory / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": postfix_version,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def ensure_tools() -> str:
+    """smtp-source, smtp-sink and postfix, installed from Debian when missing (as root)."""
+    if not all(tool(name) for name in ("smtp-source", "smtp-sink", "postfix")):
+        script = REPO / "scripts" / "install-debian-packages.sh"
+        log(f"==> installing Postfix and its load tools ({script.name})")
+        subprocess.run(["bash", str(script)], check=True, timeout=900)
+    missing = [name for name in ("smtp-source", "smtp-sink", "postfix") if not tool(name)]
+    if missing:
+        raise SystemExit(f"make bench needs {', '.join(missing)} (Debian package postfix)")
+    if os.geteuid() != 0:
+        raise SystemExit("make bench runs a private Postfix instance, which needs root")
+    smtp_source = tool("smtp-source")
+    assert smtp_source is not None
+    return smtp_source
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Mailflow's relay against Postfix (and the floor) end to end, then the "
+        "control plane at scale. Loads go to 127.0.0.1 only.",
+    )
+    parser.add_argument(
+        "--messages", type=int, default=3000, help="messages per run (smtp-source -m)"
+    )
+    parser.add_argument("--size", type=int, default=4096, help="bytes per message (smtp-source -l)")
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=16,
+        help="parallel sessions (smtp-source -s); the probe adds one; mailflow relay allows 20 "
+        "per client address (default: 16)",
+    )
+    parser.add_argument(
+        "--reuse",
+        choices=("on", "off", "both"),
+        default="on",
+        help="connection reuse: smtp-source -d inbound; Postfix smtp_connection_cache_on_demand "
+        "and mailflow --idle-connections outbound (default: on)",
+    )
+    parser.add_argument(
+        "--idle-connections", type=int, default=4, help="mailflow relay, with reuse on"
+    )
+    parser.add_argument(
+        "--hops", default="plain,tls", help="outbound hops: plain, tls or both (default)"
+    )
+    parser.add_argument("--relays", default="floor,postfix,mailflow", help="which paths to run")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per run")
+    parser.add_argument(
+        "--probe-max", type=int, default=3000, help="latency samples at most per run"
+    )
+    parser.add_argument("--no-control-plane", action="store_true", help="skip the control plane")
+    parser.add_argument("--json", type=Path, help="write every figure to this file as JSON")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record the mailflow relay with py-spy (collapsed stacks) into DIR",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    smtp_source = ensure_tools()
+    info = machine()
+    log(
+        f"==> Mailflow benchmark on {info['nproc']} × {info['cpu_model']}, "
+        f"Postfix {info['postfix']}, Python {info['python']}"
+    )
+    reuses = {"on": [True], "off": [False], "both": [True, False]}[args.reuse]
+    hops = [h.strip() for h in args.hops.split(",") if h.strip()]
+    relays = [r.strip() for r in args.relays.split(",") if r.strip()]
+    for name in relays:
+        if name not in RELAYS:
+            raise SystemExit(f"unknown relay {name!r}: choose among {', '.join(RELAYS)}")
+    tables: list[Table] = []
+    work = Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
+    work.chmod(0o755)  # Postfix's daemons run as the postfix user: they must reach their folders
+    try:
+        for reuse in reuses:
+            load = Load(
+                messages=args.messages,
+                size=args.size,
+                sessions=args.sessions,
+                reuse=reuse,
+                idle_connections=args.idle_connections,
+                timeout=args.timeout,
+                probe_max=args.probe_max,
+                profile=args.profile,
+            )
+            for hop in hops:
+                title = {
+                    "plain": "Outbound hop in plaintext (smtp-sink)",
+                    "tls": "Outbound hop with STARTTLS (TLS sink)",
+                }[hop]
+                log(f"==> {title}, connection reuse {'on' if reuse else 'off'}")
+                runs = []
+                for relay in relays:
+                    folder = work / f"{relay}-{hop}-{'reuse' if reuse else 'noreuse'}"
+                    runs.append(run_one(relay, hop, load, smtp_source, folder))
+                parameters = {
+                    "messages": load.messages,
+                    "size": load.size,
+                    "sessions": load.sessions,
+                    "reuse": "on" if reuse else "off",
+                }
+                table = Table(title, parameters, tuple(runs))
+                tables.append(table)
+                log("")
+                log(format_table(table))
+                log("")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    control: list[ControlPlaneResult] = []
+    if not args.no_control_plane:
+        log("==> Control plane")
+        control = control_plane.run_all(progress=log)
+        log("")
+        log(format_control_plane(control))
+        log("")
+
+    log("==> Summary")
+    for table in tables:
+        log("")
+        log(format_table(table))
+    if control:
+        log("")
+        log(format_control_plane(control))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(to_json(machine=info, tables=tables, control_plane=control))
+        log(f"\nfigures written to {args.json}")
+    failed = [f"{t.title}: {r.relay}" for t in tables for r in t.runs if not r.complete]
+    if failed:
+        log("incomplete runs: " + "; ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
