@@ -208,15 +208,13 @@ class PostfixInstance:
             return
         self._started = False
         self._postfix("stop")
-        # `postfix stop` returns before master has exited: wait for its pid file to go.
-        pid_file = self.folder / "queue" / "pid" / "master.pid"
+        # `postfix stop` returns before master has exited: wait (bounded) for it to go.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             pid = self.master_pid()
             if pid is None or not Path(f"/proc/{pid}").exists():
                 return
             time.sleep(0.05)
-        del pid_file
 
     def master_pid(self) -> int | None:
         try:
