@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from helm.chart import Rendered
+from helm.chart import CHART, Rendered
 
 Rule = dict[str, Any]
 
@@ -85,17 +85,22 @@ OPERATOR_NAMESPACE_RULES = [
 ]
 
 
+OPERATOR_ROUTING_RULES = [
+    # The routing Secret is read and written by name only.
+    {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["mailflow-routing"],
+        "verbs": ["get", "update", "patch"],
+    },
+    # Recreating it when deleted: RBAC cannot limit create by name, so a rule of its own.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+]
+
+
 def test_operator_roles_are_least_privilege(default: Rendered) -> None:
     assert rules(default, "Role", "mailflow-operator") == OPERATOR_NAMESPACE_RULES
-    # The routing Secret is written by name; never `create` on Secrets.
-    assert rules(default, "Role", "mailflow-operator-routing") == [
-        {
-            "apiGroups": [""],
-            "resources": ["secrets"],
-            "resourceNames": ["mailflow-routing"],
-            "verbs": ["get", "update", "patch"],
-        },
-    ]
+    assert rules(default, "Role", "mailflow-operator-routing") == OPERATOR_ROUTING_RULES
     # kopf's resource scanning is off: nothing cluster-wide.
     assert not default.has("ClusterRole")
     assert not default.has("ClusterRoleBinding")
@@ -111,6 +116,14 @@ def test_operator_gets_a_role_in_each_watched_namespace_and_the_release_one(
     rendered = render("production-values.yaml", "--set", "operator.watchNamespaces={team-a,team-b}")
     for namespace in ("team-a", "team-b", "mail"):
         assert rules(rendered, "Role", "mailflow-operator", namespace) == OPERATOR_NAMESPACE_RULES
+    # `create` on Secrets exists once, in the release namespace: never in a watched one.
+    creates = [
+        (role["metadata"]["namespace"], role["metadata"]["name"], rule)
+        for role in rendered.of_kind("Role")
+        for rule in role["rules"]
+        if "create" in rule["verbs"] and "secrets" in rule["resources"]
+    ]
+    assert creates == [("mail", "mailflow-operator-routing", OPERATOR_ROUTING_RULES[1])]
     # The relay pods and the routing Secret live in the release namespace, watched as well.
     assert bound_roles(rendered, "mailflow-operator") == {
         ("Role", "team-a", "mailflow-operator"),
@@ -141,13 +154,19 @@ def test_service_accounts_do_not_mount_tokens_into_other_pods(default: Rendered)
 
 
 @pytest.mark.parametrize(
-    "kind", ["HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"]
+    ("kind", "count"),
+    [
+        ("HorizontalPodAutoscaler", 1),
+        ("PodDisruptionBudget", 1),
+        ("NetworkPolicy", 1),
+        ("ServiceMonitor", 2),  # the relays' and the operator's
+    ],
 )
 def test_production_extras_are_absent_by_default(
-    default: Rendered, production: Rendered, kind: str
+    default: Rendered, production: Rendered, kind: str, count: int
 ) -> None:
     assert not default.has(kind)
-    assert len(production.of_kind(kind)) == 1
+    assert len(production.of_kind(kind)) == count
 
 
 def test_hpa_scales_the_relays_on_cpu_and_queue_depth(production: Rendered) -> None:
@@ -224,7 +243,7 @@ def test_network_policy_egress_is_smtp_dns_api_server_and_peers(production: Rend
     egress = production.get("NetworkPolicy", "mailflow-relay")["spec"]["egress"]
     ports = [sorted({(p["port"], p["protocol"]) for p in rule["ports"]}) for rule in egress]
     assert ports == [
-        [(25, "TCP"), (465, "TCP"), (587, "TCP")],
+        [(25, "TCP"), (465, "TCP"), (587, "TCP"), (2525, "TCP")],
         [(53, "TCP"), (53, "UDP")],
         [(443, "TCP"), (6443, "TCP")],
         [(2525, "TCP")],
@@ -233,3 +252,55 @@ def test_network_policy_egress_is_smtp_dns_api_server_and_peers(production: Rend
     assert (
         egress[3]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "relay"
     )
+
+
+def test_network_policy_defaults_let_connectors_on_2525_and_ipv6_api_servers_through(
+    render: Callable[..., Rendered],
+) -> None:
+    rendered = render("default", "--set", "relay.networkPolicy.enabled=true")
+    smtp, _dns, api, _peers = rendered.get("NetworkPolicy", "mailflow-relay")["spec"]["egress"]
+    # 2525 is the alternative submission port of examples/04-tls-modes.yaml.
+    assert [p["port"] for p in smtp["ports"]] == [25, 465, 587, 2525]
+    # "Anywhere" must mean anywhere on IPv6 too, or IPv6 clusters lose their routing Secret.
+    assert [p["ipBlock"]["cidr"] for p in api["to"]] == ["0.0.0.0/0", "::/0"]
+
+
+def test_hand_off_peers_are_admitted_by_relay_labels_never_by_peer_cidrs(
+    production: Rendered,
+) -> None:
+    # production-values.yaml sets handoff.peerCIDRs to the pod network: every pod there may
+    # relay without AUTH, so the policy must admit only the relay StatefulSet's own pods.
+    relay = production.get("StatefulSet", "mailflow-relay")
+    args = relay["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "10.244.0.0/16" in args
+    policy = production.get("NetworkPolicy", "mailflow-relay")["spec"]
+    sources = [peer for rule in policy["ingress"] for peer in rule["from"]]
+    cidrs = {p["ipBlock"]["cidr"] for p in sources if "ipBlock" in p}
+    assert "10.244.0.0/16" not in cidrs
+    (peers,) = [
+        p
+        for p in sources
+        if p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
+        == "relay"
+    ]
+    # A bare podSelector: this namespace only, exactly the StatefulSet's selector.
+    assert peers == {"podSelector": {"matchLabels": relay["spec"]["selector"]["matchLabels"]}}
+
+
+def comment_above(text: str, key: str) -> str:
+    """The comment lines right above the first line that starts with `key:`."""
+    lines = text.splitlines()
+    (index,) = [i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:")]
+    above: list[str] = []
+    for line in reversed(lines[:index]):
+        if not line.strip().startswith("#"):
+            break
+        above.append(line.strip().lstrip("#").strip())
+    return " ".join(reversed(above))
+
+
+def test_values_comments_warn_about_ports_api_server_and_peers() -> None:
+    text = (CHART / "values.yaml").read_text()
+    assert "must be listed" in comment_above(text, "smtpPorts")
+    assert "PRODUCTION: NARROW THIS" in comment_above(text, "apiServerCIDRs")
+    assert "may then relay without AUTH" in comment_above(text, "peerCIDRs")

@@ -11,7 +11,16 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from helm.chart import CHART, CI_FILES, ROOT, VALUES_SETS, Rendered, helm, template_args
+from helm.chart import (
+    CHART,
+    CI_FILES,
+    ROOT,
+    VALUES_SETS,
+    Manifest,
+    Rendered,
+    helm,
+    template_args,
+)
 
 # The Kubernetes releases docs/install.md claims; the chart's kubeVersion is the first one.
 KUBERNETES_VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0"]
@@ -77,17 +86,45 @@ def test_the_chart_requires_the_oldest_validated_kubernetes_release() -> None:
     assert chart["kubeVersion"] == ">=" + KUBERNETES_VERSIONS[0].rsplit(".", 1)[0] + ".0-0"
 
 
+def selected_services(rendered: Rendered, monitor: Manifest) -> list[str]:
+    return [
+        s["metadata"]["name"]
+        for s in rendered.of_kind("Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    ]
+
+
 def test_servicemonitor_scrapes_metrics_from_the_headless_service(production: Rendered) -> None:
-    (monitor,) = production.of_kind("ServiceMonitor")
+    monitor = production.get("ServiceMonitor", "mailflow-relay")
     assert monitor["spec"]["endpoints"][0]["port"] == "http"
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    selected = [
-        s
-        for s in production.of_kind("Service")
-        if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+    assert selected_services(production, monitor) == ["mailflow-relay-headless"]
+
+
+def test_operator_servicemonitor_scrapes_the_operator_metrics_service(
+    production: Rendered,
+) -> None:
+    monitor = production.get("ServiceMonitor", "mailflow-operator")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["interval"], endpoint["scrapeTimeout"]) == (
+        "metrics",
+        "30s",
+        "10s",
+    )
+    assert selected_services(production, monitor) == ["mailflow-operator-metrics"]
+    service = production.get("Service", "mailflow-operator-metrics")["spec"]
+    assert service["ports"] == [
+        {"name": "metrics", "port": 9091, "targetPort": "metrics", "protocol": "TCP"}
     ]
-    assert [s["metadata"]["name"] for s in selected] == ["mailflow-relay-headless"]
+    # The Service reaches the operator pod, and only it.
+    pods = [
+        w["metadata"]["name"]
+        for w in production.of_kind("Deployment") + production.of_kind("StatefulSet")
+        if service["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert pods == ["mailflow-operator"]
 
 
 def test_chart_crds_are_identical_to_the_repository_crds() -> None:
@@ -170,20 +207,109 @@ def test_values_schema_rejects_a_bad_value_with_a_clear_error(setting: str, mess
 
 
 @pytest.mark.usefixtures("helm_binary")
-def test_a_loadbalancer_that_hides_client_addresses_is_refused() -> None:
+@pytest.mark.parametrize("service_type", ["LoadBalancer", "NodePort"])
+@pytest.mark.parametrize(
+    "trusted",
+    [
+        ["--set", "relay.acceptFrom={10.0.0.0/8}"],
+        # AUTH only, but the hand-off peers' pod network is trusted as well.
+        ["--set-json", "relay.acceptFrom=[]", "--set", "relay.handoff.peerCIDRs={10.244.0.0/16}"],
+    ],
+)
+def test_a_service_that_hides_client_addresses_is_refused(
+    service_type: str, trusted: list[str]
+) -> None:
     # With Cluster, every client arrives from a node address inside acceptFrom: an open relay.
+    settings = [
+        *("--set", f"relay.service.type={service_type}"),
+        *("--set", "relay.service.externalTrafficPolicy=Cluster"),
+    ]
+    result = helm(*template_args("default", *settings, *trusted))
+    assert result.returncode != 0
+    assert (
+        f"relay.service.externalTrafficPolicy must be Local for a {service_type} Service"
+        in result.stderr
+    )
+    assert "open relay" in result.stderr
+
+
+def test_cluster_traffic_policy_is_allowed_where_it_opens_nothing(
+    render: Callable[..., Rendered],
+) -> None:
+    # A ClusterIP Service sees the client's own address; AUTH-only relays trust no address.
+    rendered = render("default", "--set", "relay.service.externalTrafficPolicy=Cluster")
+    assert rendered.get("Service", "mailflow-relay")["spec"]["type"] == "ClusterIP"
+    rendered = render(
+        "default",
+        "--set",
+        "relay.service.type=NodePort",
+        "--set",
+        "relay.service.externalTrafficPolicy=Cluster",
+        "--set-json",
+        "relay.acceptFrom=[]",
+        "--set",
+        "relay.auth.existingSecret=relay-users",
+    )
+    assert rendered.get("Service", "mailflow-relay")["spec"]["externalTrafficPolicy"] == "Cluster"
+    node_port = render("default", "--set", "relay.service.type=NodePort")
+    assert node_port.get("Service", "mailflow-relay")["spec"]["externalTrafficPolicy"] == "Local"
+
+
+@pytest.mark.usefixtures("helm_binary")
+@pytest.mark.parametrize(
+    ("grace", "pre_stop", "reserve"),
+    [(30, 10, 60), (79, 10, 60), (60, 30, 30), (30, 0, 21)],
+)
+def test_a_grace_period_too_short_for_the_drain_is_refused(
+    grace: int, pre_stop: int, reserve: int
+) -> None:
     result = helm(
         *template_args(
-            "loadbalancer-values.yaml",
+            "default",
             "--set",
-            "relay.service.externalTrafficPolicy=Cluster",
+            f"relay.terminationGracePeriodSeconds={grace}",
             "--set",
-            "relay.acceptFrom={10.0.0.0/8}",
+            f"relay.preStopSleepSeconds={pre_stop}",
+            "--set",
+            f"relay.handoff.reserveSeconds={reserve}",
         )
     )
     assert result.returncode != 0
-    assert "externalTrafficPolicy must be Local" in result.stderr
-    assert "open relay" in result.stderr
+    # The message names the three values and what they add up to.
+    assert f"relay.terminationGracePeriodSeconds ({grace}) is too short" in result.stderr
+    assert f"relay.preStopSleepSeconds ({pre_stop})" in result.stderr
+    assert f"relay.handoff.reserveSeconds ({reserve})" in result.stderr
+    assert f"a drain of at least 10 s need {pre_stop + reserve + 10} s" in result.stderr
+
+
+@pytest.mark.usefixtures("helm_binary")
+def test_operator_metrics_must_not_share_the_liveness_port() -> None:
+    result = helm(*template_args("default", "--set", "operator.metrics.port=8080"))
+    assert result.returncode != 0
+    assert "operator.metrics.port and operator.livenessPort are both 8080" in result.stderr
+
+
+def test_notes_warn_about_trusted_peers_and_an_open_api_server_egress(
+    helm_binary: Path,
+) -> None:
+    def notes(*settings: str) -> str:
+        args = ["install", "mailflow", str(CHART), "--namespace", "mail", "--dry-run=client"]
+        result = helm(*args, *(arg for s in settings for arg in ("--set", s)))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split("NOTES:", 1)[1]
+
+    assert "WARNING" not in notes()
+    peers = notes("relay.handoff.peerCIDRs={10.244.0.0/16}")
+    assert "10.244.0.0/16" in peers.split("Relaying without authentication is allowed from:")[1]
+    assert "every pod in those ranges may relay mail" in peers
+    open_egress = notes("relay.networkPolicy.enabled=true")
+    assert 'apiServerCIDRs is "anywhere"' in open_egress
+    narrowed = notes(
+        "relay.networkPolicy.enabled=true",
+        "relay.networkPolicy.egress.apiServerCIDRs={10.0.0.1/32}",
+        "relay.handoff.peerCIDRs={10.244.0.0/16}",
+    )
+    assert "WARNING" not in narrowed
 
 
 def test_notes_tell_how_to_send_a_first_message(helm_binary: Path) -> None:

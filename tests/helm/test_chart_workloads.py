@@ -179,6 +179,9 @@ def test_operator_runs_with_the_contracted_flags(default: Rendered, production: 
         "app.kubernetes.io/name=mailflow,app.kubernetes.io/instance=mailflow,app.kubernetes.io/component=relay"
     ]
     assert option(args, "--liveness") == ["http://0.0.0.0:8080/healthz"]
+    assert option(args, "--metrics") == ["0.0.0.0:9091"]
+    ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
+    assert ports == {"liveness": 8080, "metrics": 9091}
     # The operator compiles the default route into the document: the same as the relays'.
     assert option(args, "--default-route") == ["RecipientMx"]
     assert operator["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
@@ -246,3 +249,27 @@ def test_helm_test_pod_sends_through_the_relay_service(default: Rendered) -> Non
     assert "send_message" in send["args"][0]
     assert pod["spec"]["restartPolicy"] == "Never"
     compile(send["args"][0], "helm-test", "exec")  # the inline script is valid Python
+
+
+def test_operator_metrics_can_be_turned_off_or_moved(render: Callable[..., Rendered]) -> None:
+    off = render("production-values.yaml", "--set", "operator.metrics.enabled=false")
+    operator = container(operator_of(off), "operator")
+    assert "--metrics" not in operator["args"]
+    assert [p["name"] for p in operator["ports"]] == ["liveness"]
+    assert [s["metadata"]["name"] for s in off.of_kind("ServiceMonitor")] == ["mailflow-relay"]
+    assert "mailflow-operator-metrics" not in {
+        s["metadata"]["name"] for s in off.of_kind("Service")
+    }
+    moved = render("default", "--set", "operator.metrics.port=9400")
+    assert option(container(operator_of(moved), "operator")["args"], "--metrics") == [
+        "0.0.0.0:9400"
+    ]
+    assert moved.get("Service", "mailflow-operator-metrics")["spec"]["ports"][0]["port"] == 9400
+
+
+def test_the_shortest_allowed_grace_period_still_drains_ten_seconds(
+    render: Callable[..., Rendered],
+) -> None:
+    # 80 = preStop 10 + hand-off reserve 60 + the 10 s minimum drain.
+    rendered = render("default", "--set", "relay.terminationGracePeriodSeconds=80")
+    assert option(container(relay_of(rendered), "relay")["args"], "--drain-grace") == ["10"]
