@@ -5,9 +5,10 @@ bytes ``mailflow relay --manifests`` would compile from the same objects. Two
 annotations say what it holds without decoding it: ``mailflow.dev/generation`` and
 ``mailflow.dev/checksum``.
 
-The generation only grows. It is read back from the Secret (not kept in memory), so a
-restarted or replaced operator continues the sequence; a new document (another
-checksum) gets the previous generation + 1, and the same document is not written again
+The generation only grows. It is read back from the Secret, and never goes below what
+the operator published before or what a relay pod says it serves (so a restarted
+operator, or a Secret that was deleted or emptied, continues the sequence); a new
+document (another checksum) gets the previous generation + 1, and the same document is not written again
 — GitOps tools and relays see no churn when nothing changed.
 """
 
@@ -45,7 +46,7 @@ class Published:
     written: bool
 
 
-def _previous(secret: dict[str, Any] | None) -> tuple[int, str | None]:
+def stored_routing(secret: dict[str, Any] | None) -> tuple[int, str | None]:
     """The generation and checksum the Secret holds (0, None when there is none)."""
     if secret is None:
         return 0, None
@@ -80,19 +81,28 @@ def _routing_text(secret: dict[str, Any]) -> str | None:
     return None if text is None else str(text)
 
 
-async def publish(client: KubeClient, target: ObjectRef, document: RoutingDocument) -> Published:
-    """Make the Secret hold ``document`` (its generation is decided here)."""
+async def publish(
+    client: KubeClient, target: ObjectRef, document: RoutingDocument, *, floor: int = 0
+) -> Published:
+    """Make the Secret hold ``document`` (its generation is decided here).
+
+    ``floor``: a generation already in use elsewhere (published before by this operator,
+    served by a relay). A Secret that was deleted or emptied would otherwise restart the
+    sequence at 1 and reuse numbers for other content.
+    """
     secret = await client.get("v1", "secrets", target.namespace, target.name)
-    generation, checksum = _previous(secret)
+    generation, checksum = stored_routing(secret)
     if checksum == document.checksum:
         return Published(dataclasses.replace(document, generation=generation), written=False)
-    document = dataclasses.replace(document, generation=generation + 1)
+    document = dataclasses.replace(document, generation=max(generation, floor) + 1)
     metadata: dict[str, Any] = {
         "annotations": {
             GENERATION_ANNOTATION: str(document.generation),
             CHECKSUM_ANNOTATION: document.checksum,
         },
-        "labels": {"app.kubernetes.io/managed-by": "mailflow-operator"},
+        # Not app.kubernetes.io/managed-by: the chart renders that label (Helm) and GitOps
+        # tools would see every publish as drift.
+        "labels": {"mailflow.dev/published-by": "mailflow-operator"},
     }
     if secret is None:
         metadata |= {"name": target.name, "namespace": target.namespace}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import logging
 import random
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ from mailflow_operator.kubeclient import KubeClient, KubeError
 from mailflow_operator.manifests import API_VERSION, RawConnector, RawProfile, RawSecret
 from mailflow_operator.metrics import OperatorMetrics
 from mailflow_operator.probes import ProbeResult, probe_server, summarize
-from mailflow_operator.publisher import publish
+from mailflow_operator.publisher import publish, stored_routing
 from mailflow_operator.selectors import LabelSelector
 from mailflow_operator.status import (
     ACCEPTED,
@@ -57,6 +58,7 @@ from mailflow_operator.status import (
     Condition,
     RelayCount,
     accepted,
+    kstatus,
     merge_conditions,
     now_rfc3339,
     programmed,
@@ -188,6 +190,7 @@ class Reconciler:
         self._probes: dict[tuple[str, ObjectRef], tuple[_Probe, asyncio.Task[None]]] = {}
         self._probe_results: dict[tuple[str, ObjectRef], ProbeResult] = {}
         self._task_group: asyncio.TaskGroup | None = None
+        self._failures = 0
 
     # --- input from the watches ------------------------------------------------------------
 
@@ -195,8 +198,8 @@ class Reconciler:
         """A watch event (kopf's ``type``: None for the initial listing, or ADDED/…/DELETED)."""
         ref = _ref(body)
         if kind == "Secret" and ref == self.settings.routing_secret:
-            if event_type == "DELETED":
-                self.poke()  # someone removed it: publish it again
+            if event_type == "DELETED" or self._routing_secret_differs(body):
+                self.poke()  # removed, emptied or edited by someone else: publish it again
             return
         table = self.store.table(kind)
         if event_type == "DELETED":
@@ -210,6 +213,12 @@ class Reconciler:
                 table[ref] = value
             self.store.deleted.discard((kind, ref))
         self.poke()
+
+    def _routing_secret_differs(self, body: Mapping[str, Any]) -> bool:
+        if self.document is None:
+            return False  # the first pass publishes anyway
+        generation, checksum = stored_routing(dict(body))
+        return (generation, checksum) != (self.document.generation, self.document.checksum)
 
     def _value(self, kind: str, body: Mapping[str, Any]) -> Any:
         if kind == "Secret":
@@ -244,12 +253,13 @@ class Reconciler:
                     self._dirty.clear()
                     try:
                         await self.reconcile_once()
+                        self._failures = 0
                     except KubeError as e:
                         self.metrics.failures.inc()
-                        logger.warning(
-                            "reconcile failed, retrying in %.0fs: %s", self.settings.retry_delay, e
-                        )
-                        group.create_task(self._poke_later(), name="mailflow reconcile retry")
+                        self._failures += 1
+                        delay = min(60.0, self.settings.retry_delay * 2 ** (self._failures - 1))
+                        logger.warning("reconcile failed, retrying in %.0fs: %s", delay, e)
+                        group.create_task(self._poke_later(delay), name="mailflow reconcile retry")
                 for _, task in self._probes.values():
                     task.cancel()
                 self._probes.clear()
@@ -257,8 +267,8 @@ class Reconciler:
             self._task_group = None
             await self.client.close()
 
-    async def _poke_later(self) -> None:
-        await asyncio.sleep(self.settings.retry_delay)
+    async def _poke_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
         self.poke()
 
     async def _seed(self) -> None:
@@ -328,7 +338,15 @@ class Reconciler:
             self.store.secrets,
             default_route=self.settings.default_route,
         )
-        published = await publish(self.client, self.settings.routing_secret, compiled.document)
+        # The generation only grows, also when the Secret was deleted or emptied: never
+        # below what this operator published or what a relay already serves.
+        floor = max(
+            [self.document.generation if self.document else 0]
+            + [p.generation for p in self.store.pods.values() if p.generation is not None]
+        )
+        published = await publish(
+            self.client, self.settings.routing_secret, compiled.document, floor=floor
+        )
         self.document = published.document
         self.compiled = compiled
         self.metrics.generation.set(published.document.generation)
@@ -336,14 +354,25 @@ class Reconciler:
             logger.info("routing generation %d published", published.document.generation)
 
         ready_pods = [p for p in self.store.pods.values() if p.ready]
+        failed: list[str] = []
         for kind, invalid in ((CONNECTOR_KIND, bad_connectors), (PROFILE_KIND, bad_profiles)):
             table = self.store.connectors if kind == CONNECTOR_KIND else self.store.profiles
             for ref, raw in list(table.items()):
                 if ref.namespace not in self.settings.namespaces:
                     continue
-                await self._update_status(kind, ref, raw, compiled, invalid.get(ref), ready_pods)
+                try:
+                    await self._update_status(
+                        kind, ref, raw, compiled, invalid.get(ref), ready_pods
+                    )
+                except KubeError as e:
+                    # One object's status refused (or a passing API error) must not leave
+                    # every other object without status: go on, and retry the pass.
+                    logger.warning("status of %s %s not written: %s", kind, ref, e)
+                    failed.append(f"{kind} {ref}")
         self._schedule_probes(compiled.document)
         self.passes += 1
+        if failed:
+            raise KubeError("PATCH", "status", 0, f"not written for {', '.join(failed)}")
 
     def _destination(self, kind: str, ref: ObjectRef, document: RoutingDocument) -> str:
         if kind == PROFILE_KIND:
@@ -362,6 +391,22 @@ class Reconciler:
         if isinstance(destination, ProfilePool):
             return f"profile {destination.profile.name}"
         return "recipient MX"
+
+    def _fingerprint(self, kind: str, ref: ObjectRef, document: RoutingDocument) -> str | None:
+        """A checksum of everything the relays get for this object (None: nothing)."""
+        if kind == CONNECTOR_KIND:
+            connector = document.connector(ref)
+            if connector is None:
+                return None
+            conflicts = tuple(c for c in document.conflicts if c.winner == ref or ref in c.losers)
+            # The document's own canonical checksum, over a document of just this entry.
+            return RoutingDocument(
+                generation=0, connectors=(connector,), conflicts=conflicts
+            ).checksum
+        pool = self._pool(ref)
+        if pool is None:
+            return None
+        return "sha256:" + hashlib.sha256(repr(pool).encode()).hexdigest()
 
     def _pool(self, ref: ObjectRef) -> ProfilePool | None:
         assert self.document is not None
@@ -407,10 +452,15 @@ class Reconciler:
         findings = compiled.findings_for(kind, ref)
 
         config_generation: int | None = None
-        if not schema_errors:
+        fingerprint = None if schema_errors else self._fingerprint(kind, ref, self.document)
+        if fingerprint is not None:
+            # The first generation that routes this object as it is now. Its routing can
+            # change without a spec change (a profile appears, a conflict's winner goes,
+            # a Secret rotates): the fingerprint of what the relays get sees all of it.
             kept = old.get("configGeneration")
             if (
                 old.get("observedGeneration") == generation
+                and old.get("routingChecksum") == fingerprint
                 and isinstance(kept, int)
                 and kept <= self.document.generation
             ):
@@ -437,6 +487,7 @@ class Reconciler:
             programmed(config_generation, relays, str(self.settings.relay_selector)),
         ]
         conditions.append(ready(conditions))
+        conditions += kstatus(conditions)
         conditions += self._probe_conditions(kind, ref)
 
         status: dict[str, Any] = {
@@ -449,6 +500,7 @@ class Reconciler:
         }
         if config_generation is not None:
             status["configGeneration"] = config_generation
+            status["routingChecksum"] = fingerprint
         result = self._probe_results.get((kind, ref))
         if result is not None and result.certificate is not None:
             certificate = result.certificate

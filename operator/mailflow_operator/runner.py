@@ -107,7 +107,16 @@ def build_registry(
         kopf.on.event(
             API_GROUP, VERSION, plural, registry=registry, when=in_watched, id=f"watch-{plural}"
         )(feeder(kind))
-    kopf.on.event("", "v1", "secrets", registry=registry, when=in_watched, id="watch-secrets")(
+    routing_secret = config.reconcile.routing_secret
+
+    def watched_secret(namespace: str | None, name: str | None, **_: Any) -> bool:
+        # Secrets that connectors reference, and the routing Secret itself: deleted,
+        # emptied or edited by someone else, it is published again.
+        return namespace in watched or (
+            namespace == routing_secret.namespace and name == routing_secret.name
+        )
+
+    kopf.on.event("", "v1", "secrets", registry=registry, when=watched_secret, id="watch-secrets")(
         feeder("Secret")
     )
     kopf.on.event(

@@ -25,10 +25,13 @@ __all__ = [
     "DESTINATION_REACHABLE",
     "PROGRAMMED",
     "READY",
+    "RECONCILING",
     "RESOLVED_REFS",
+    "STALLED",
     "TLS_VERIFIED",
     "Condition",
     "RelayCount",
+    "kstatus",
     "merge_conditions",
     "now_rfc3339",
 ]
@@ -39,7 +42,18 @@ PROGRAMMED = "Programmed"
 READY = "Ready"
 DESTINATION_REACHABLE = "DestinationReachable"
 TLS_VERIFIED = "TLSVerified"
-ORDER = (ACCEPTED, RESOLVED_REFS, PROGRAMMED, READY, DESTINATION_REACHABLE, TLS_VERIFIED)
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+ORDER = (
+    ACCEPTED,
+    RESOLVED_REFS,
+    PROGRAMMED,
+    READY,
+    RECONCILING,
+    STALLED,
+    DESTINATION_REACHABLE,
+    TLS_VERIFIED,
+)
 PROBE_CONDITIONS = (DESTINATION_REACHABLE, TLS_VERIFIED)
 
 
@@ -69,13 +83,28 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MAX_MESSAGE = 4096
+"""Well under the CRD's 32768: one connector with many findings must not make its whole
+status (and so every other object's, in the same pass) unwritable."""
+
+
+def _bounded(parts: Sequence[str]) -> str:
+    text = ""
+    for shown, part in enumerate(parts):
+        candidate = f"{text}; {part}" if text else part
+        if len(candidate) > MAX_MESSAGE:
+            return f"{text}; … and {len(parts) - shown} more"
+        text = candidate
+    return text
+
+
 def _findings_text(findings: Sequence[Finding]) -> str:
-    return "; ".join(f"{f.path}: {f.message}" for f in findings)
+    return _bounded([f"{f.path}: {f.message}" for f in findings])
 
 
 def accepted(findings: Sequence[Finding], schema_errors: Sequence[str]) -> Condition:
     if schema_errors:
-        return Condition(ACCEPTED, "False", "InvalidValue", "; ".join(schema_errors))
+        return Condition(ACCEPTED, "False", "InvalidValue", _bounded(schema_errors))
     mine = [f for f in findings if f.condition == ACCEPTED]
     if not mine:
         return Condition(
@@ -126,11 +155,36 @@ def ready(conditions: Sequence[Condition]) -> Condition:
     for condition in conditions:
         if not condition.ok:
             return Condition(
-                READY, "False", condition.reason, f"{condition.type}: {condition.message}"
+                READY,
+                "False",
+                condition.reason,
+                f"{condition.type}: {condition.message}"[:MAX_MESSAGE],
             )
     return Condition(
         READY, "True", "Ready", "Accepted, references resolved, served by every ready relay"
     )
+
+
+def kstatus(conditions: Sequence[Condition]) -> list[Condition]:
+    """``Reconciling`` and ``Stalled``, the abnormal-true pair that kstatus (Flux, kpt,
+    cli-utils) reads for custom resources, which does not look at ``Ready``.
+
+    Stalled: it will not get better without a change by a person (invalid, conflicted,
+    a reference that does not resolve). Reconciling: it is on its way (relays catching up).
+    """
+    by_type = {c.type: c for c in conditions}
+    blocking = [by_type[t] for t in (ACCEPTED, RESOLVED_REFS) if t in by_type and not by_type[t].ok]
+    if blocking:
+        stalled = Condition(STALLED, "True", blocking[0].reason, blocking[0].message[:MAX_MESSAGE])
+        reconciling = Condition(
+            RECONCILING, "False", "Stalled", "Waiting for a change of the spec or its references"
+        )
+        return [reconciling, stalled]
+    stalled = Condition(STALLED, "False", "Accepted", "Nothing blocks this object")
+    programmed_ = by_type.get(PROGRAMMED)
+    if programmed_ is not None and not programmed_.ok:
+        return [Condition(RECONCILING, "True", programmed_.reason, programmed_.message), stalled]
+    return [Condition(RECONCILING, "False", "Programmed", "Served by every ready relay"), stalled]
 
 
 def merge_conditions(

@@ -2,7 +2,7 @@
 
 The API server checks each object against the CRD schema (with its CEL rules) by itself;
 what it cannot see is the other objects. This webhook puts the incoming object into
-the reconciler's view of its namespace (replacing its older self) and asks the one
+the reconciler's view of every watched namespace (replacing its older self) and asks the one
 compiler: findings about *this* object are refused with the same field paths and
 messages that ``mailflow validate`` prints —
 
@@ -39,7 +39,7 @@ __all__ = ["admission_findings", "denial_message"]
 def admission_findings(
     store: Store, kind: str, body: Mapping[str, Any], *, strict: bool = False
 ) -> list[Finding]:
-    """What the compiler says about ``body`` among the objects of its namespace."""
+    """What the compiler says about ``body`` among all the objects the operator reconciles."""
     metadata = body.get("metadata") or {}
     ref = ObjectRef(str(metadata.get("namespace") or "default"), str(metadata.get("name") or ""))
     crds = {k.kind: k for k in load_crds().values()}
@@ -52,17 +52,19 @@ def admission_findings(
         return [
             schema.apply_defaults(value)
             for other, value in sorted(table.items())
-            if other.namespace == ref.namespace and not (other == ref and table_kind == kind)
+            if not (other == ref and table_kind == kind)
         ]
 
     connectors = others(store.connectors, CONNECTOR_KIND)
     profiles = others(store.profiles, PROFILE_KIND)
     (connectors if kind == CONNECTOR_KIND else profiles).append(incoming)
-    secrets = {r: v for r, v in store.secrets.items() if r.namespace == ref.namespace}
+    # Every watched namespace: they all compile into one routing document, so a conflict
+    # with a connector of another namespace is as real as one next door. References
+    # still resolve in the object's own namespace (the compiler sees to that).
     compiled = compile_routing(
         cast(list[RawConnector], connectors),
         cast(list[RawProfile], profiles),
-        secrets,
+        store.secrets,
         default_namespace=ref.namespace,
     )
     return [

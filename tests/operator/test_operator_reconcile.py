@@ -251,10 +251,13 @@ def test_missing_profile_turns_resolved_refs_false_until_it_exists_and_again_whe
 def test_relay_pods_serving_the_generation_make_connectors_programmed() -> None:
     async def scenario(api: Cluster) -> None:
         await api.apply(connector("all", ["*"]))
-        await api.apply(relay_pod("relay-0", 1))
+        await api.apply(relay_pod("relay-0", None))
         await api.apply(relay_pod("relay-1", None))
         await api.apply(relay_pod("relay-2", 0, ready=False))  # not ready: not counted
         async with OperatorThread(config_for(api)):
+            # Relays annotate their pods once they load a published document.
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
+            await api.apply(relay_pod("relay-0", 1))
             await eventually(lambda: status(api, "OutboundConnector", "all")["relays"] == "1/2")
             programmed = condition(api, "OutboundConnector", "all", "Programmed")
             assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
@@ -285,9 +288,13 @@ def test_relay_pods_serving_the_generation_make_connectors_programmed() -> None:
                 lambda: condition(api, "OutboundConnector", "all", "Programmed")["status"] == "True"
             )
 
-            # Deleting a connector removes its routes in the next generation.
+            # Deleting a connector removes its routes in the next generation. relay-1 says
+            # it serves 3 (ahead of the Secret): numbers in use are never reused, so 4.
             await api.delete("OutboundConnector", "mail", "all")
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "3")
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "4")
+            await api.delete("Secret", SECRET.namespace, SECRET.name)
+            # Deleted (or emptied) by someone: published again, and the sequence goes on.
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "5")
             assert RoutingDocument.from_json(routing(api)[0]).connectors == ()
 
     run(scenario)
@@ -297,8 +304,10 @@ def test_a_restarted_operator_publishes_the_same_document_and_changes_no_status(
     async def scenario(api: Cluster) -> None:
         await apply_examples(api)
         await api.apply(connector("duplicate-catch-all", ["*.*"]))
-        await api.apply(relay_pod("relay-0", 1))
+        await api.apply(relay_pod("relay-0", None))
         async with OperatorThread(config_for(api)) as operator:
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
+            await api.apply(relay_pod("relay-0", 1))
             await eventually(
                 lambda: status(api, "OutboundConnector", "tls-name-match").get("relays") == "1/1"
             )
@@ -341,5 +350,66 @@ def test_each_example_set_alone_is_published_byte_identical(example: str) -> Non
         async with OperatorThread(config_for(api)) as operator:
             await eventually(lambda: operator.passes >= 1)
             assert routing(api)[0] == compiled_from(manifests, generation=1)
+
+    run(scenario)
+
+
+def test_a_routing_change_without_a_spec_change_waits_for_the_relays_again() -> None:
+    """A profile that appears changes its connector's routing, not its spec."""
+
+    async def scenario(api: Cluster) -> None:
+        await api.apply(
+            connector("pooled", ["pool.example"], destination={"profileRef": {"name": "pool"}})
+        )
+        await api.apply(relay_pod("relay-0", None))
+        async with OperatorThread(config_for(api)):
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
+            await api.apply(relay_pod("relay-0", 1))
+            await eventually(
+                lambda: (
+                    condition(api, "OutboundConnector", "pooled", "Programmed")["status"] == "True"
+                )
+            )
+            await api.apply(
+                {
+                    "apiVersion": "mailflow.dev/v1alpha1",
+                    "kind": "MultiSmtpProfile",
+                    "metadata": {"name": "pool", "namespace": "mail"},
+                    "spec": {"servers": [{"host": "192.0.2.1"}]},
+                }
+            )
+            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "2")
+            await eventually(
+                lambda: status(api, "OutboundConnector", "pooled")["configGeneration"] == 2
+            )
+            programmed = condition(api, "OutboundConnector", "pooled", "Programmed")
+            assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
+            assert condition(api, "OutboundConnector", "pooled", "Reconciling")["status"] == "True"
+            await api.apply(relay_pod("relay-0", 2))
+            await eventually(
+                lambda: condition(api, "OutboundConnector", "pooled", "Ready")["status"] == "True"
+            )
+            assert condition(api, "OutboundConnector", "pooled", "Stalled")["status"] == "False"
+
+    run(scenario)
+
+
+def test_a_huge_list_of_findings_still_makes_a_writable_status() -> None:
+    domains = [f"d{i}.example" for i in range(256)]
+
+    async def scenario(api: Cluster) -> None:
+        await api.apply(connector("first", domains))
+        await api.apply(connector("second", domains))
+        async with OperatorThread(config_for(api)):
+            await eventually(
+                lambda: (
+                    condition(api, "OutboundConnector", "second", "Accepted")["reason"]
+                    == "Conflicted"
+                )
+            )
+            for name in ("first", "second"):
+                for item in status(api, "OutboundConnector", name)["conditions"]:
+                    assert len(item["message"]) <= 32768, (name, item["type"], len(item["message"]))
+            assert condition(api, "OutboundConnector", "second", "Stalled")["status"] == "True"
 
     run(scenario)

@@ -143,3 +143,29 @@ def test_webhook_refuses_conflicts_with_the_messages_of_mailflow_validate(pki: P
             await scenario(api)
 
     asyncio.run(main())
+
+
+def test_a_conflict_with_a_connector_of_another_namespace_is_refused_too() -> None:
+    from mailflow_operator.reconcile import Store
+    from mailflow_operator.webhook import admission_findings
+    from mailflow_relay.routing import ObjectRef
+
+    def body(namespace: str, name: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "mailflow.dev/v1alpha1",
+            "kind": "OutboundConnector",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "creationTimestamp": "2026-01-02T00:00:00Z",
+            },
+            "spec": {"recipientDomains": ["contoso.com"]},
+        }
+
+    store = Store()
+    older = body("team-a", "a")
+    older["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    store.connectors[ObjectRef("team-a", "a")] = older
+    findings = admission_findings(store, "OutboundConnector", body("team-b", "b"))
+    assert [f.reason for f in findings] == ["Conflicted"]
+    assert "team-a/a" in findings[0].message
