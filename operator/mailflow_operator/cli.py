@@ -268,6 +268,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="(default: %(default)s)",
     )
     relay.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=20,
+        metavar="N",
+        help="simultaneous SMTP sessions from one client address; more get 421 "
+        "(default: %(default)s)",
+    )
+    relay.add_argument(
         "--idle-connections",
         type=int,
         default=4,
@@ -513,6 +521,7 @@ def relay_setup(
             tls_key_file=Path(args.tls_key) if args.tls_key else None,
             max_message_size=args.max_message_size,
             max_recipients=args.max_recipients,
+            max_connections_per_client=args.max_connections_per_client,
         ),
         spool_dir=spool_path(args.spool),
         delivery=DeliverySettings(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -99,19 +100,43 @@ class DeliveryEvent:
 
 @dataclass
 class _Index:
-    """When each spooled message is next due (monotonic seconds); the spool has the truth."""
+    """When each spooled message is next due (monotonic seconds); the spool has the truth.
+
+    A heap with lazy deletion: workers take the earliest due message in O(log n), and a
+    message rescheduled or dropped leaves a stale heap entry that is skipped later. Its
+    size is bounded by the spool's (one live entry per message).
+    """
 
     due: dict[str, float] = field(default_factory=dict)
+    _heap: list[tuple[float, str]] = field(default_factory=list)
 
     def set(self, queue_id: str, when: float) -> None:
         self.due[queue_id] = when
+        heapq.heappush(self._heap, (when, queue_id))
+        if len(self._heap) > 4 * len(self.due) + 1024:
+            # Many reschedules: rebuild rather than let stale entries pile up.
+            self._heap = [(w, q) for q, w in self.due.items()]
+            heapq.heapify(self._heap)
 
     def drop(self, queue_id: str) -> None:
         self.due.pop(queue_id, None)
 
-    def take_due(self, now: float) -> list[str]:
-        ready = sorted((when, qid) for qid, when in self.due.items() if when <= now)
-        return [qid for _, qid in ready]
+    def _clean(self) -> None:
+        while self._heap and self.due.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+
+    def pop_due(self, now: float) -> str | None:
+        """The earliest message due at ``now`` (removed from the index), or None."""
+        self._clean()
+        if not self._heap or self._heap[0][0] > now:
+            return None
+        _, queue_id = heapq.heappop(self._heap)
+        del self.due[queue_id]
+        return queue_id
+
+    def next_due(self) -> float | None:
+        self._clean()
+        return self._heap[0][0] if self._heap else None
 
 
 class Relay:
@@ -143,7 +168,7 @@ class Relay:
         self._in_flight: set[str] = set()
         self._processing: set[asyncio.Task[None]] = set()
         self._stores: set[asyncio.Task[SpooledMessage]] = set()
-        self._work: asyncio.Queue[str] = asyncio.Queue(maxsize=max(64, settings.workers * 4))
+        self._work_available = asyncio.Event()
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -266,16 +291,9 @@ class Relay:
         self._schedule(message)
 
     def _enqueue(self, queue_id: str) -> None:
-        if queue_id in self._in_flight or self.stopping:
-            return
-        try:
-            self._work.put_nowait(queue_id)
-        except asyncio.QueueFull:
-            pass  # still in the index: the scheduler queues it when there is room
-        else:
-            self._in_flight.add(queue_id)
-            self._idle.clear()
-            self._index.drop(queue_id)
+        """Due now: a waiting worker takes it at once (it is already in the index)."""
+        self._index.set(queue_id, min(self._index.due.get(queue_id, self._clock()), self._clock()))
+        self._work_available.set()
 
     # --- running -----------------------------------------------------------------------------
 
@@ -321,12 +339,9 @@ class Relay:
         deadline = self._clock() + self.settings.drain_grace
         await self.listener.stop_accepting()
         await self.listener.wait_sessions_closed(max(0.0, deadline - self._clock()))
-        # Deliveries that are due go on until the grace period ends.
-        while self._clock() < deadline and (self._in_flight or self._index.take_due(self._clock())):
-            for queue_id in self._index.take_due(self._clock()):
-                if self._work.full():
-                    break
-                self._enqueue_draining(queue_id)
+        # Deliveries that are due go on until the grace period ends (the workers keep
+        # taking due messages meanwhile).
+        while self._clock() < deadline and (self._in_flight or self._due_now()):
             try:
                 async with asyncio.timeout(min(0.5, max(0.0, deadline - self._clock()))):
                     await self._idle.wait()
@@ -347,16 +362,9 @@ class Relay:
             )
             await asyncio.gather(*unfinished, return_exceptions=True)
 
-    def _enqueue_draining(self, queue_id: str) -> None:
-        if queue_id in self._in_flight:
-            return
-        try:
-            self._work.put_nowait(queue_id)
-        except asyncio.QueueFull:
-            return
-        self._in_flight.add(queue_id)
-        self._idle.clear()
-        self._index.drop(queue_id)
+    def _due_now(self) -> bool:
+        next_due = self._index.next_due()
+        return next_due is not None and next_due <= self._clock()
 
     def _schedule(self, message: SpooledMessage) -> None:
         if message.is_final:
@@ -367,6 +375,7 @@ class Relay:
             for r in message.pending
         ]
         self._index.set(message.queue_id, self._clock() + min(waits, default=0.0))
+        self._work_available.set()
 
     async def _scheduler(self) -> None:
         flush = self.settings.spool_dir / FLUSH_REQUEST
@@ -384,10 +393,6 @@ class Relay:
                     if not message.is_final and message.queue_id not in self._in_flight:
                         self._track(message)
                 logger.info("flush requested: %d message(s) rescheduled", len(self._index.due))
-            for queue_id in self._index.take_due(self._clock()):
-                if self._work.full():
-                    break
-                self._enqueue(queue_id)
             self._update_gauges()
             await asyncio.sleep(self.settings.scheduler_tick)
 
@@ -398,9 +403,26 @@ class Relay:
         self.metrics.queue_oldest_seconds.set(max(0.0, age))
         self.metrics.sessions.set(self.listener.active_sessions)
 
+    async def _next_due(self) -> str:
+        """Wait for the earliest due message that no other worker is on."""
+        while True:
+            self._work_available.clear()
+            queue_id = self._index.pop_due(self._clock())
+            if queue_id is not None:
+                if queue_id in self._in_flight:
+                    continue  # being delivered: it reschedules itself when done
+                return queue_id
+            next_due = self._index.next_due()
+            wait = 1.0 if next_due is None else min(1.0, max(0.0, next_due - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._work_available.wait()
+
     async def _worker(self) -> None:
         while True:
-            queue_id = await self._work.get()
+            queue_id = await self._next_due()
+            self._in_flight.add(queue_id)
+            self._idle.clear()
             # The processing task is tracked on its own: when a stopping relay cancels its
             # workers, a delivery in progress goes on (shielded) and the drain waits for it
             # before anything is handed to a peer.
@@ -489,6 +511,15 @@ class Relay:
                 updates.extend(outcome)
         updates = self._expire(message, updates, now)
         updates = await self._notify_sender(message, updates, now)
+        merged = {s.address: s for s in message.recipients} | {s.address: s for s in updates}
+        if updates and all(s.status.is_final for s in merged.values()):
+            # Every recipient is done: the record goes at once, without first writing (and
+            # fsyncing) a state file that would be deleted right after. A crash in between
+            # delivers again, as one between the next hop's 250 and any write would.
+            await asyncio.to_thread(self.spool.remove, queue_id, force=True)
+            self._queued.pop(queue_id, None)
+            logger.info("queue %s: done, removed from the spool", queue_id)
+            return
         if updates:
             states = await asyncio.to_thread(self.spool.update, queue_id, *updates)
         else:
