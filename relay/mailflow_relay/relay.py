@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosmtplib
 
@@ -56,6 +59,10 @@ from mailflow_relay.spool import (
 
 __all__ = ["DeliveryEvent", "Relay", "RelaySettings"]
 
+T = TypeVar("T")
+FRESH_CACHE_BYTES = 64 * 1024 * 1024
+"""Messages just accepted are kept in memory up to this many bytes for their first delivery."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,6 +81,8 @@ class RelaySettings:
     retry_max: float = 4000.0
     """The longest wait between retries (Postfix: 4000 s)."""
     scheduler_tick: float = 1.0
+    spool_threads: int = 64
+    """Threads for spool I/O (each mostly waits on fsync)."""
     queue_lifetime: float = 5 * 24 * 3600.0
     """A recipient still deferred this long after arrival fails, and the sender is told
     (Postfix ``maximal_queue_lifetime``, 5 days)."""
@@ -169,6 +178,14 @@ class Relay:
         self._processing: set[asyncio.Task[None]] = set()
         self._stores: set[asyncio.Task[SpooledMessage]] = set()
         self._work_available = asyncio.Event()
+        # Spool I/O waits on fsync, not on the CPU: enough threads let the file system
+        # commit many messages' fsyncs together (its own group commit), where asyncio's
+        # default pool (CPUs + 4) would make sessions queue behind each other.
+        self._spool_threads = ThreadPoolExecutor(
+            max_workers=settings.spool_threads, thread_name_prefix="mailflow-spool"
+        )
+        self._fresh: dict[str, SpooledMessage] = {}
+        self._fresh_bytes = 0
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -245,7 +262,7 @@ class Relay:
 
     async def _accept(self, message: AcceptedMessage) -> str:
         store = asyncio.create_task(
-            asyncio.to_thread(
+            self._io(
                 self.spool.store_with_header,
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
@@ -265,6 +282,12 @@ class Relay:
         self._queued_message(stored, message.client_address)
         return stored.queue_id
 
+    async def _io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._spool_threads, functools.partial(function, *args, **kwargs)
+        )
+
     def _stored_unacknowledged(self, store: asyncio.Task[SpooledMessage]) -> None:
         self._stores.discard(store)
         if store.cancelled() or store.exception() is not None:
@@ -274,6 +297,9 @@ class Relay:
         self._queued_message(stored, "(gone)")
 
     def _queued_message(self, stored: SpooledMessage, client: str) -> None:
+        if self._fresh_bytes + stored.size <= FRESH_CACHE_BYTES:
+            self._fresh[stored.queue_id] = stored
+            self._fresh_bytes += stored.size
         self.metrics.accepted.inc()
         logger.info(
             "queued %s from=<%s> recipients=%d size=%d client=%s",
@@ -299,10 +325,10 @@ class Relay:
 
     async def run(self) -> None:
         """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return."""
-        for message in await asyncio.to_thread(self.spool.scan):
+        for message in await self._io(self.spool.scan):
             if message.is_final:
                 # A crash came between recording the last outcome and removing the record.
-                await asyncio.to_thread(self.spool.remove, message.queue_id)
+                await self._io(self.spool.remove, message.queue_id)
                 continue
             self._track(message)
         logger.info("spool rescanned: %d message(s) waiting", len(self._queued))
@@ -321,8 +347,13 @@ class Relay:
         finally:
             await self.listener.stop(grace=0)
             await self.deliverer.close()
-        if self.settings.handoff is not None:
-            await self._hand_off(self.settings.handoff)
+        try:
+            if self.settings.handoff is not None:
+                await self._hand_off(self.settings.handoff)
+        finally:
+            self._fresh.clear()
+            # Writes still running (a store whose session went away) finish first.
+            await asyncio.to_thread(self._spool_threads.shutdown, True)
         logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))
 
     def stop(self) -> None:
@@ -385,7 +416,7 @@ class Relay:
                 with contextlib.suppress(FileNotFoundError):
                     flush.unlink()
                 try:
-                    rescanned = await asyncio.to_thread(self.spool.scan)
+                    rescanned = await self._io(self.spool.scan)
                 except OSError:
                     logger.exception("flush: cannot read the spool; the schedule stays as it was")
                     rescanned = []
@@ -452,14 +483,14 @@ class Relay:
     async def _defer_after_error(self, queue_id: str, error: Exception) -> None:
         """Record the failure as a deferral, so backoff, the lifetime and the bounce apply."""
         try:
-            message = await asyncio.to_thread(self.spool.load, queue_id)
+            message = await self._io(self.spool.load, queue_id)
             reason = f"4.3.0 internal error: {type(error).__name__}"
             updates = [self._deferred(state, 451, reason) for state in message.pending]
             updates = self._expire(message, updates, datetime.now(UTC))
             updates = await self._notify_sender(message, updates, datetime.now(UTC))
-            states = await asyncio.to_thread(self.spool.update, queue_id, *updates)
+            states = await self._io(self.spool.update, queue_id, *updates)
             if all(s.status.is_final for s in states):
-                await asyncio.to_thread(self.spool.remove, queue_id)
+                await self._io(self.spool.remove, queue_id)
                 self._queued.pop(queue_id, None)
             else:
                 self._schedule(_with_states(message, states))
@@ -470,7 +501,13 @@ class Relay:
     # --- delivering --------------------------------------------------------------------------
 
     async def _process(self, queue_id: str) -> None:
-        message = await asyncio.to_thread(self.spool.load, queue_id)
+        fresh = self._fresh.pop(queue_id, None)
+        if fresh is not None:
+            # Just stored and never attempted: the spool holds exactly this; no re-read.
+            self._fresh_bytes -= fresh.size
+            message = fresh
+        else:
+            message = await self._io(self.spool.load, queue_id)
         now = datetime.now(UTC)
         due = [r for r in message.pending if r.next_attempt is None or r.next_attempt <= now]
         router = self.router
@@ -516,16 +553,16 @@ class Relay:
             # Every recipient is done: the record goes at once, without first writing (and
             # fsyncing) a state file that would be deleted right after. A crash in between
             # delivers again, as one between the next hop's 250 and any write would.
-            await asyncio.to_thread(self.spool.remove, queue_id, force=True)
+            await self._io(self.spool.remove, queue_id, force=True)
             self._queued.pop(queue_id, None)
             logger.info("queue %s: done, removed from the spool", queue_id)
             return
         if updates:
-            states = await asyncio.to_thread(self.spool.update, queue_id, *updates)
+            states = await self._io(self.spool.update, queue_id, *updates)
         else:
             states = message.recipients
         if all(s.status.is_final for s in states):
-            await asyncio.to_thread(self.spool.remove, queue_id)
+            await self._io(self.spool.remove, queue_id)
             self._queued.pop(queue_id, None)
             logger.info("queue %s: done, removed from the spool", queue_id)
         else:
@@ -606,7 +643,7 @@ class Relay:
                 else None,
                 now=now,
             )
-            bounce = await asyncio.to_thread(self.spool.store, "", [message.sender], dsn)
+            bounce = await self._io(self.spool.store, "", [message.sender], dsn)
             self.metrics.bounces.labels(action).inc()
             logger.info(
                 "queue %s: %s notification to <%s> queued as %s",
@@ -707,7 +744,7 @@ class Relay:
 
     async def _hand_off(self, peer: tuple[str, int]) -> None:
         """Re-inject what is left into a peer relay; each record goes only after the peer's 250."""
-        remaining = [m for m in await asyncio.to_thread(self.spool.scan) if not m.is_final]
+        remaining = [m for m in await self._io(self.spool.scan) if not m.is_final]
         if not remaining:
             return
         logger.info("handing %d message(s) to %s:%d", len(remaining), *peer)
@@ -744,7 +781,7 @@ class Relay:
                     if r.address not in refused
                 ]
                 if taken:
-                    await asyncio.to_thread(self.spool.update, message.queue_id, *taken)
+                    await self._io(self.spool.update, message.queue_id, *taken)
                 self.metrics.handoffs.labels("failed").inc()
                 logger.warning(
                     "queue %s: the peer refused %s; kept in the spool for them",
@@ -752,7 +789,7 @@ class Relay:
                     sorted(refused),
                 )
                 continue
-            await asyncio.to_thread(self.spool.remove, message.queue_id, force=True)
+            await self._io(self.spool.remove, message.queue_id, force=True)
             self._queued.pop(message.queue_id, None)
             self.metrics.handoffs.labels("accepted").inc()
             logger.info("queue %s: handed off to %s:%d", message.queue_id, *peer)
