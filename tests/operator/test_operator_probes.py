@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from conftest import Pki
 from kube_emulator import Cluster, OperatorThread, cluster, eventually
 from mailflow_operator.probes import probe_server, summarize
 from mailflow_operator.reconcile import ReconcileSettings
@@ -13,6 +12,7 @@ from mailflow_operator.runner import OperatorConfig
 from mailflow_operator.selectors import LabelSelector
 from mailflow_relay.routing import ObjectRef, ServerAddress, TlsMode, TlsPolicy
 from mailflow_relay.sink import SmtpSink
+from pki import Pki
 
 
 def test_name_match_probe_verifies_the_chain_and_the_name(pki: Pki) -> None:

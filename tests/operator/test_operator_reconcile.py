@@ -169,7 +169,10 @@ def test_conflicting_connectors_are_both_not_accepted_and_name_each_other() -> N
             first = await eventually(
                 lambda: condition(api, "OutboundConnector", "first", "Accepted")
             )
-            second = condition(api, "OutboundConnector", "second", "Accepted")
+            # One pass writes one status after the other: wait for the second one too.
+            second = await eventually(
+                lambda: condition(api, "OutboundConnector", "second", "Accepted")
+            )
             assert (first["status"], first["reason"]) == ("False", "Conflicted")
             assert (second["status"], second["reason"]) == ("False", "Conflicted")
             assert "OutboundConnector mail/second" in first["message"]

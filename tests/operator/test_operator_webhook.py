@@ -9,7 +9,6 @@ import ssl
 import uuid
 from typing import Any
 
-from conftest import Pki
 from kube_emulator import Cluster, OperatorThread, cluster, eventually
 from mailflow_operator.checks import check_manifests
 from mailflow_operator.manifests import Manifest
@@ -17,6 +16,7 @@ from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig, WebhookConfig
 from mailflow_operator.selectors import LabelSelector
 from mailflow_relay.routing import ObjectRef
+from pki import Pki
 
 
 def free_port() -> int:

@@ -29,7 +29,7 @@ from mailflow_relay.routing import (
 from mailflow_relay.sink import SmtpSink
 
 if TYPE_CHECKING:
-    from conftest import Issued, Pki
+    from pki import Issued, Pki
 
 T = TypeVar("T")
 HOST = "mx.contoso.example"

@@ -35,7 +35,7 @@ from mailflow_relay.listener import (
 from mailflow_relay.passwords import hash_password, verify_password
 
 if TYPE_CHECKING:
-    from conftest import Issued, Pki
+    from pki import Issued, Pki
 
 T = TypeVar("T")
 

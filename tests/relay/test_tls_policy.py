@@ -25,7 +25,7 @@ from mailflow_relay.tls_policy import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Issued, Pki
+    from pki import Issued, Pki
 
 RECIPIENT_DOMAIN = "contoso.example"
 HOST = "mx.contoso.example"
