@@ -204,7 +204,7 @@ class OperatorThread:
 
 
 async def eventually(
-    check: Callable[[], Any], *, within: float = 10.0, what: str = "condition"
+    check: Callable[[], Any], *, within: float = 30.0, what: str = "condition"
 ) -> Any:
     """Poll ``check`` until it returns something truthy without raising AssertionError."""
     deadline = time.monotonic() + within

@@ -68,7 +68,7 @@ async def cluster() -> AsyncIterator[Cluster]:
             yield Cluster(emulator, str(server.url), session)
 
 
-async def eventually(check: Callable[[], bool], *, what: str, within: float = 10.0) -> None:
+async def eventually(check: Callable[[], bool], *, what: str, within: float = 30.0) -> None:
     async with asyncio.timeout(within):
         while not check():  # noqa: ASYNC110 - polling state that other components change
             await asyncio.sleep(0.05)

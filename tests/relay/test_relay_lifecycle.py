@@ -101,7 +101,7 @@ async def send(
         await smtp.sendmail(sender, recipients, body.encode())
 
 
-async def until(condition: Callable[[], bool], limit: float = 10.0) -> None:
+async def until(condition: Callable[[], bool], limit: float = 20.0) -> None:
     """Poll ``condition`` (state of real servers in this loop) for at most ``limit`` seconds."""
     async with asyncio.timeout(limit):
         while not condition():  # noqa: ASYNC110 - polling other components' state
@@ -146,9 +146,11 @@ def test_deferred_recipients_are_retried_with_exponential_backoff(tmp_path: Path
 
     times = run(scenario)
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # 0.2 s, 0.4 s, 0.8 s (plus the scheduler's tick and the delivery itself).
+    # 0.2 s, 0.4 s, 0.8 s, plus the delivery itself: never earlier than the backoff, and
+    # not much later (the bound is loose for a busy CI machine; doubling is what counts).
     for gap, expected in zip(gaps, [0.2, 0.4, 0.8], strict=True):
-        assert expected <= gap < expected + 0.35, gaps
+        assert expected <= gap < expected + 0.6, gaps
+    assert gaps[0] < gaps[1] < gaps[2], gaps
 
 
 def test_the_retry_state_survives_a_restart(tmp_path: Path) -> None:
