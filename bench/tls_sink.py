@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import signal
 import ssl
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from mailflow_relay.certificates import self_signed
 
 __all__ = ["make_certificate", "parse_counts"]
 
@@ -30,30 +27,11 @@ WRITE_INTERVAL = 0.02
 
 
 def make_certificate(folder: Path, name: str = "tls-sink.bench.test") -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for ``name``; returns (cert file, key file)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    """A self-signed certificate for ``name``; returns (cert file, key file)."""
+    certificate, key = self_signed([name], days=1)
     cert_file, key_file = folder / "tls-sink.crt", folder / "tls-sink.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert_file.write_bytes(certificate)
+    key_file.write_bytes(key)
     key_file.chmod(0o600)
     return cert_file, key_file
 
