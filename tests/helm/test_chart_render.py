@@ -26,7 +26,10 @@ from helm.chart import (
 KUBERNETES_VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0"]
 
 # Kinds from other projects' CRDs, which kubernetes-validate has no schema for.
-FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+FOREIGN_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
+}
 
 
 @pytest.mark.usefixtures("helm_binary")

@@ -98,3 +98,44 @@ Role lists their names (a StatefulSet's pods are <name>-0 .. <name>-N-1) as reso
 {{- .Values.relay.replicas }}
 {{- end }}
 {{- end }}
+
+{{/* The validating webhook: its Service, certificate Secret and cluster-scoped configuration. */}}
+{{- define "mailflow.webhook.service" -}}
+{{- printf "%s-webhook" (include "mailflow.operator.fullname" .) }}
+{{- end }}
+{{- define "mailflow.webhook.secret" -}}
+{{- default (printf "%s-webhook-tls" (include "mailflow.operator.fullname" .)) .Values.operator.webhook.certificateSecret }}
+{{- end }}
+{{/* Cluster-scoped, so the release namespace is part of the name (one per release). */}}
+{{- define "mailflow.webhook.configuration" -}}
+{{- printf "%s-%s-webhook" .Release.Namespace (include "mailflow.operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The certificate mode of the webhook, or a render error: "cert-manager" (the chart's Certificate,
+caBundle injected by cert-manager) or "secret" (an existing Secret and its CA in caBundle).
+Without either, the chart refuses: the operator's self-signed certificate changes at every
+start, so only kopf's managed mode (--webhook-managed) could publish its CA, and that mode
+needs `create` on every ValidatingWebhookConfiguration of the cluster (RBAC cannot narrow
+`create` by name) and registers a `url` with the Service's DNS name, which the API server does
+not resolve (it is not a cluster DNS client).
+*/}}
+{{- define "mailflow.webhook.mode" -}}
+{{- $wh := .Values.operator.webhook }}
+{{- if $wh.certManager.issuerRef }}
+{{- if not $wh.certManager.issuerRef.name }}
+{{- fail "operator.webhook.certManager.issuerRef needs a name (and kind: Issuer or ClusterIssuer)" }}
+{{- end }}
+{{- if $wh.caBundle }}
+{{- fail "operator.webhook.caBundle and operator.webhook.certManager.issuerRef exclude each other: cert-manager injects the CA" }}
+{{- end }}
+{{- print "cert-manager" }}
+{{- else if $wh.certificateSecret }}
+{{- if not $wh.caBundle }}
+{{- fail (printf "operator.webhook.certificateSecret (%s) needs operator.webhook.caBundle: the base64 PEM of the CA that signed it, for the ValidatingWebhookConfiguration (or give operator.webhook.certManager.issuerRef and let cert-manager inject it)" $wh.certificateSecret) }}
+{{- end }}
+{{- print "secret" }}
+{{- else }}
+{{- fail "operator.webhook.enabled needs a certificate the API server can trust: operator.webhook.certManager.issuerRef (cert-manager), or operator.webhook.certificateSecret with operator.webhook.caBundle. The operator's self-signed certificate is not supported by the chart: it changes at every start, and publishing it (--webhook-managed) needs cluster-wide create on ValidatingWebhookConfigurations and a URL the API server cannot resolve; see docs/install.md" }}
+{{- end }}
+{{- end }}
