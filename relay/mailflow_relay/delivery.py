@@ -433,9 +433,13 @@ class Deliverer:
         if idle is not None:
             try:
                 results = await self._send(idle.smtp, mail_from, recipients, data)
-            except (aiosmtplib.SMTPException, OSError):
-                # The server closed the idle connection meanwhile: a new one follows.
+            except (aiosmtplib.SMTPException, OSError, _TargetFailed):
+                # The server closed the idle connection meanwhile, or refuses more on it
+                # (421 at MAIL): a fresh connection follows, and the server is not blamed.
                 idle.smtp.close()
+            except BaseException:
+                idle.smtp.close()
+                raise
             else:
                 idle.uses += 1
                 await self._release(key, idle)
@@ -649,6 +653,7 @@ class Deliverer:
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as e:
                 results[recipient] = RecipientResult(recipient, _status(e.code), e.code, _reply(e))
+        finished = False
         if accepted:
             try:
                 response = await smtp.data(data, timeout=self.settings.data_timeout)
@@ -656,18 +661,20 @@ class Deliverer:
                     results[recipient] = RecipientResult(
                         recipient, DeliveryStatus.DELIVERED, response.code, response.message
                     )
+                finished = True  # a 2xx after the data ends the transaction
             except aiosmtplib.SMTPResponseException as e:
                 for recipient in accepted:
                     results[recipient] = RecipientResult(
                         recipient, _status(e.code), e.code, _reply(e)
                     )
-        else:
+        if not finished:
+            # A refused DATA (or no recipient) may leave the server's transaction open
+            # (RFC 5321 lets it; Postfix does): reset it, or the next message on this
+            # connection would get "503 nested MAIL command".
             try:
                 await smtp.rset()
             except aiosmtplib.SMTPResponseException:
-                # The transaction is over either way; a connection in an unknown state is
-                # not kept for reuse.
-                smtp.close()
+                smtp.close()  # unknown state: never reused
         return [results[r] for r in recipients]
 
 

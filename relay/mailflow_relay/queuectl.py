@@ -121,6 +121,8 @@ def retry(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
             count += spool.make_due(message.queue_id)
         except MessageNotFoundError:
             continue  # delivered or removed by the relay meanwhile: nothing to retry
+        except SpoolError as e:
+            out.write(f"{message.queue_id}: not retried: {e}\n")
     (spool_dir / FLUSH_REQUEST).touch()
     out.write(f"{count} deferred recipient(s) made due now\n")
     return 0

@@ -347,6 +347,10 @@ class Relay:
         finally:
             await self.listener.stop(grace=0)
             await self.deliverer.close()
+        if self._stores:
+            # Records still being written for sessions that went away: they belong in the
+            # spool (and in the hand-off) too.
+            await asyncio.gather(*self._stores, return_exceptions=True)
         try:
             if self.settings.handoff is not None:
                 await self._hand_off(self.settings.handoff)
@@ -372,19 +376,16 @@ class Relay:
         await self.listener.wait_sessions_closed(max(0.0, deadline - self._clock()))
         # Deliveries that are due go on until the grace period ends (the workers keep
         # taking due messages meanwhile).
-        while self._clock() < deadline and (self._in_flight or self._due_now()):
-            try:
-                async with asyncio.timeout(min(0.5, max(0.0, deadline - self._clock()))):
-                    await self._idle.wait()
-            except TimeoutError:
-                pass
+        while self._clock() < deadline and (self._in_flight or self._due_now()):  # noqa: ASYNC110
+            # A real yield each time: the workers must get the loop to take what is due.
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self._clock())))
         scheduler.cancel()
         for worker in workers:
             worker.cancel()
         # The grace period is over: deliveries still in progress are cut short. Their
         # messages stay in the spool (or go to the peer) with the outcome unrecorded, so
         # at worst a message the destination already took goes out once more — never zero.
-        unfinished = list(self._processing)
+        unfinished = [task for task in self._processing if not task.done()]
         for task in unfinished:
             task.cancel()
         if unfinished:
@@ -416,7 +417,8 @@ class Relay:
                 with contextlib.suppress(FileNotFoundError):
                     flush.unlink()
                 try:
-                    rescanned = await self._io(self.spool.scan)
+                    # Read only: `mailflow queue` may be writing its own temp files now.
+                    rescanned = await self._io(self.spool.scan, repair=False)
                 except OSError:
                     logger.exception("flush: cannot read the spool; the schedule stays as it was")
                     rescanned = []
@@ -502,6 +504,10 @@ class Relay:
 
     async def _process(self, queue_id: str) -> None:
         fresh = self._fresh.pop(queue_id, None)
+        if fresh is not None and not await self._io(self.spool.contains, queue_id):
+            # Deleted by an administrator before its first delivery.
+            self._fresh_bytes -= fresh.size
+            raise MessageNotFoundError(queue_id)
         if fresh is not None:
             # Just stored and never attempted: the spool holds exactly this; no re-read.
             self._fresh_bytes -= fresh.size

@@ -408,9 +408,14 @@ class Spool:
         lengths = f"{len(envelope)} {len(body)}".encode()
         digest = _digest(lengths, envelope, body)
         header = _RECORD_MAGIC + digest.encode() + b" " + lengths + b"\n"
-        with self._lock_for(message.queue_id):
-            self._write_durably(self._record_path(message.queue_id), header, envelope, body)
+        # No per-message lock: the id is brand new, nobody else can know it yet, and a
+        # stripe lock held by a slow update of another message must not stall DATA.
+        self._write_durably(self._record_path(message.queue_id), header, envelope, body)
         return message
+
+    def contains(self, queue_id: str) -> bool:
+        """Whether the message's record is still in the spool (cheap: no read)."""
+        return self._record_path(_checked_queue_id(queue_id)).exists()
 
     def load(self, queue_id: str) -> SpooledMessage:
         """The message with this id, its checksum verified, with its current states."""

@@ -482,3 +482,82 @@ def test_idle_connections_are_closed_after_their_idle_time() -> None:
             return sink.connections, len(sink.messages)
 
     assert run(scenario) == (2, 2)
+
+
+def strict_hop(
+    mode: str,
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A next hop that keeps the transaction open after refusing DATA (as RFC 5321 allows
+    and Postfix does), or closes with 421 at the second MAIL of a connection."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transaction, mails = False, 0
+        try:
+            writer.write(b"220 hop ESMTP\r\n")
+            while line := await reader.readline():
+                command = line.decode().strip().upper()
+                if command.startswith(("EHLO", "HELO")):
+                    writer.write(b"250 hop\r\n")
+                elif command.startswith("MAIL"):
+                    mails += 1
+                    if mode == "421" and mails > 1:
+                        writer.write(b"421 4.7.0 too many messages on this connection\r\n")
+                        return
+                    writer.write(
+                        b"503 5.5.1 nested MAIL command\r\n" if transaction else b"250 2.1.0 ok\r\n"
+                    )
+                    transaction = True
+                elif command.startswith("RCPT"):
+                    writer.write(b"250 2.1.5 ok\r\n")
+                elif command == "DATA" and mode == "data" and mails == 1:
+                    writer.write(
+                        b"451 4.3.0 try DATA again later\r\n"
+                    )  # the transaction stays open
+                elif command == "DATA":
+                    writer.write(b"354 go\r\n")
+                    while await reader.readline() not in (b".\r\n", b""):
+                        pass
+                    transaction = False
+                    writer.write(b"250 2.0.0 queued\r\n")
+                elif command == "RSET":
+                    transaction = False
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif command == "QUIT":
+                    writer.write(b"221 bye\r\n")
+                    return
+                await writer.drain()
+        finally:
+            writer.close()
+
+    return handle
+
+
+@pytest.mark.parametrize("mode", ["data", "421"])
+def test_a_reused_connection_never_spoils_the_next_message(mode: str) -> None:
+    async def scenario() -> list[DeliveryStatus]:
+        server = await asyncio.start_server(strict_hop(mode), "127.0.0.1", 0)
+        async with server:
+            engine = reusing()
+            port = server.sockets[0].getsockname()[1]
+            first = await send(engine, SmartHost("127.0.0.1", port), TlsPolicy())
+            second = await send(engine, SmartHost("127.0.0.1", port), TlsPolicy())
+            await engine.close()
+            return [first.results[0].status, second.results[0].status]
+
+    expected = DeliveryStatus.DEFERRED if mode == "data" else DeliveryStatus.DELIVERED
+    assert run(scenario) == [expected, DeliveryStatus.DELIVERED]
+
+
+def test_a_connection_whose_data_was_refused_is_reset_before_the_next_message() -> None:
+    async def scenario() -> tuple[list[DeliveryStatus], int]:
+        async with SmtpSink(data_reply="451 4.3.0 try DATA again later") as sink:
+            engine = reusing()
+            first = await send(engine, SmartHost("127.0.0.1", sink.port), TlsPolicy())
+            sink.data_reply = None
+            second = await send(engine, SmartHost("127.0.0.1", sink.port), TlsPolicy())
+            await engine.close()
+            return [first.results[0].status, second.results[0].status], len(sink.messages)
+
+    statuses, delivered = run(scenario)
+    assert statuses == [DeliveryStatus.DEFERRED, DeliveryStatus.DELIVERED]
+    assert delivered == 1
