@@ -128,7 +128,37 @@ def _check(result: subprocess.CompletedProcess[str], check: bool) -> None:
 # --------------------------------------------------------------------------------------- DNS
 
 
-class DnsServer:
+class _Process:
+    """A peer run as a child process with its files in a temporary folder."""
+
+    _process: subprocess.Popen[bytes] | None = None
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+            self._process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class DnsServer(_Process):
     """NSD serving `zones` on 127.0.0.1:<free port>, UDP and TCP.
 
     `zones` maps a zone name to zone-file records relative to it, e.g.
@@ -271,26 +301,6 @@ class DnsServer:
         self.stop()
         raise RuntimeError(f"nsd did not start answering on port {self.port}:\n{failure}")
 
-    def stop(self) -> None:
-        if self._process is not None:
-            _stop(self._process)
-            self._process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 class UnresponsiveDnsServer:
     """A DNS server address on 127.0.0.1 that reads queries and never answers (UDP and TCP).
@@ -387,7 +397,7 @@ def parse_sink_dump(raw: bytes) -> SinkMessage | None:
     return SinkMessage(helo, _address(mail_args), mail_args, recipients, data, raw)
 
 
-class SmtpSink:
+class SmtpSink(_Process):
     """Postfix's smtp-sink on 127.0.0.1:<free port>, dumping each accepted message to a file.
 
     smtp-sink has no TLS: it never offers STARTTLS (a plaintext-only destination). It offers
@@ -494,14 +504,6 @@ class SmtpSink:
         self.stop()
         raise RuntimeError(f"smtp-sink did not start on port {self.port}:\n{stderr}")
 
-    def stop(self) -> None:
-        if self._process is not None:
-            _stop(self._process)
-            self._process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
     def received(self) -> int:
         """How many messages smtp-sink has counted ("." received), from its -c counters."""
         assert self.folder is not None, "the sink is not running"
@@ -534,18 +536,6 @@ class SmtpSink:
                     f"not {count}, within {timeout}s"
                 )
             time.sleep(0.02)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def smtp_source(

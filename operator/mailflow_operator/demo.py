@@ -47,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from mailflow_operator.checks import check_manifests
 from mailflow_operator.manifests import load_manifests
+from mailflow_relay.certificates import self_signed
 from mailflow_relay.delivery import DeliverySettings, DeliveryStatus
 from mailflow_relay.listener import ListenerSettings
 from mailflow_relay.relay import DeliveryEvent, Relay, RelaySettings
@@ -126,20 +127,12 @@ class DemoCa:
         return _write(self.folder, dns_name, certificate, key)
 
     def self_signed(self, dns_name: str) -> Pem:
-        key = _key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - datetime.timedelta(days=1))
-            .not_valid_after(NOW + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        return _write(self.folder, f"self-signed-{dns_name}", certificate, key)
+        cert_pem, key_pem = self_signed([dns_name], days=30)
+        cert_file = self.folder / f"self-signed-{dns_name}.crt"
+        key_file = self.folder / f"self-signed-{dns_name}.key"
+        cert_file.write_bytes(cert_pem)
+        key_file.write_bytes(key_pem)
+        return Pem(cert_file, key_file, x509.load_pem_x509_certificate(cert_pem))
 
 
 # --- a DNS server for the demo's names ---------------------------------------------------
