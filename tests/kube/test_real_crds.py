@@ -1,0 +1,216 @@
+"""The CRDs on the real API server, and parity of ``mailflow validate`` with it.
+
+The corpus is every manifest of tests/fixtures/broken and every schema test case of
+tests/operator/test_crd_schema.py (the valid minimal objects too). Each object is sent to
+kube-apiserver as a server-side dry-run create with strict field validation (what
+``kubectl apply`` does by default) and checked offline by ``mailflow validate -o json``
+run as a user runs it. The API server refuses an object exactly when ``mailflow validate``
+refuses it on schema or CEL grounds, and names the same field paths. Findings that need
+other objects (a missing profile, a conflict) are not the schema's: the API server accepts
+those objects and the operator reports them in status.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from controlplane import ROOT
+from kube.cluster import (
+    GROUP,
+    PLURALS,
+    VERSION,
+    create_namespace,
+    load_yaml_documents,
+    status_causes,
+)
+
+pytestmark = pytest.mark.slow
+
+Body = dict[str, Any]
+NAMESPACE = "mail"
+# Offline findings that depend on other objects: the API server never sees those.
+CROSS_DOCUMENT = ("Not found:", "Conflicted:")
+
+
+def _schema_cases() -> list[tuple[str, Body]]:
+    path = ROOT / "tests" / "operator" / "test_crd_schema.py"
+    spec = importlib.util.spec_from_file_location("crd_schema_cases", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = [(str(c[0]), copy.deepcopy(c[1])) for c in module.CASES]
+    cases.append(("minimal valid connector", module.connector()))
+    cases.append(("minimal valid profile", module.profile()))
+    return cases
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object of the corpus: where it came from and its body."""
+
+    label: str
+    file: str
+    document: int
+    body: Body
+
+
+def _corpus(folder: Path) -> list[Entry]:
+    """Writes the corpus into ``folder`` as `mailflow validate` will read it."""
+    entries: list[Entry] = []
+    for path in sorted((ROOT / "tests" / "fixtures" / "broken").glob("*.yaml")):
+        try:
+            documents = load_yaml_documents(path)
+        except yaml.YAMLError:
+            continue  # unparsable.yaml: never reaches an API server
+        target = folder / f"broken-{path.name}"
+        target.write_text(path.read_text())
+        for index, body in enumerate(documents, start=1):
+            name = body.get("metadata", {}).get("name", "?")
+            entries.append(Entry(f"broken/{path.name}:{name}", str(target), index, body))
+    for index, (label, body) in enumerate(_schema_cases()):
+        # Offline, each case lives in a namespace of its own so that no two cases conflict
+        # with each other (they all claim contoso.com); the field paths do not change.
+        offline = copy.deepcopy(body)
+        if "namespace" in offline.get("metadata", {}):
+            offline["metadata"]["namespace"] = f"case-{index}"
+        target = folder / f"case-{index:03d}.yaml"
+        target.write_text(yaml.safe_dump(offline, sort_keys=False))
+        entries.append(Entry(f"case: {label}", str(target), 1, body))
+    return entries
+
+
+@dataclass(frozen=True)
+class Verdict:
+    refused: bool
+    paths: tuple[str, ...]
+    messages: tuple[str, ...]
+
+
+def _offline_verdicts(folder: Path) -> dict[tuple[str, int], Verdict]:
+    mailflow = Path(sys.executable).parent / "mailflow"
+    result = subprocess.run(
+        [str(mailflow), "validate", "--output", "json", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    found: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for problem in json.loads(result.stdout)["problems"]:
+        if str(problem["message"]).startswith(CROSS_DOCUMENT):
+            continue
+        key = (str(Path(problem["file"]).resolve()), int(problem["document"]))
+        found.setdefault(key, []).append((problem["path"], problem["message"]))
+    return {
+        key: Verdict(True, tuple(sorted({p for p, _ in items})), tuple(m for _, m in items))
+        for key, items in found.items()
+    }
+
+
+UNKNOWN_FIELD = re.compile(r'unknown field "([^"]+)"')
+
+
+def _server_verdict(client: kubernetes.client.ApiClient, body: Body) -> Verdict:
+    api = kubernetes.client.CustomObjectsApi(client)
+    group_version = str(body.get("apiVersion", ""))
+    group, _, version = group_version.partition("/")
+    plural = PLURALS.get(str(body.get("kind")), "unknown")
+    namespace = body.get("metadata", {}).get("namespace", NAMESPACE)
+    try:
+        api.create_namespaced_custom_object(
+            group, version, namespace, plural, body, dry_run="All", field_validation="Strict"
+        )
+    except ApiException as error:
+        if error.status == 404:
+            # No such group/version/kind: `kubectl apply` says "no matches for kind".
+            return Verdict(True, ("apiVersion",), (str(error.reason),))
+        causes = status_causes(error)
+        message = str(json.loads(error.body).get("message", "")) if error.body else ""
+        paths = {str(c.get("field", "")) for c in causes}
+        paths |= {m.lstrip(".") for m in UNKNOWN_FIELD.findall(message)}
+        if error.status == 400 and not paths:
+            paths = {"?"}
+        messages = tuple(str(c.get("message", "")) for c in causes) or (message,)
+        return Verdict(True, tuple(sorted(paths)), messages)
+    return Verdict(False, (), ())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Entry], dict[Any, Verdict]]:
+    folder = tmp_path_factory.mktemp("parity")
+    entries = _corpus(folder)
+    return entries, _offline_verdicts(folder)
+
+
+@pytest.fixture(scope="module")
+def mail_namespace(admin: kubernetes.client.ApiClient, crds: list[str]) -> str:
+    create_namespace(admin, NAMESPACE, exist_ok=True)
+    return NAMESPACE
+
+
+def test_the_api_server_accepts_both_crds(
+    admin: kubernetes.client.ApiClient, crds: list[str]
+) -> None:
+    assert sorted(crds) == [f"multismtpprofiles.{GROUP}", f"outboundconnectors.{GROUP}"]
+    api = kubernetes.client.ApiextensionsV1Api(admin)
+    for name in crds:
+        crd = api.read_custom_resource_definition(name)
+        assert crd.status is not None
+        conditions = {c.type: (c.status, c.reason) for c in crd.status.conditions or []}
+        assert conditions["Established"][0] == "True"
+        assert conditions["NamesAccepted"][0] == "True"
+        # A non-structural schema or a CEL rule over the cost budget shows up here.
+        assert "NonStructuralSchema" not in conditions, conditions
+        assert [v.name for v in crd.spec.versions if v.served] == [VERSION]
+
+
+def test_kubectl_explain_reads_the_schema(control_plane: Any, crds: list[str]) -> None:
+    kubectl = control_plane.binaries.path("kubectl")
+    result = subprocess.run(
+        [str(kubectl), "--kubeconfig", str(control_plane.kubeconfig), "explain",
+         "outboundconnector.spec.tls.mode"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "NameMatch" in result.stdout
+
+
+def test_api_server_and_mailflow_validate_refuse_the_same_manifests_at_the_same_fields(
+    admin: kubernetes.client.ApiClient,
+    mail_namespace: str,
+    corpus: tuple[list[Entry], dict[tuple[str, int], Verdict]],
+) -> None:
+    entries, offline = corpus
+    differences = []
+    for entry in entries:
+        server = _server_verdict(admin, entry.body)
+        local = offline.get(
+            (str(Path(entry.file).resolve()), entry.document), Verdict(False, (), ())
+        )
+        if (server.refused, server.paths) != (local.refused, local.paths):
+            differences.append(
+                f"{entry.label}\n"
+                f"    kube-apiserver:    refused={server.refused} paths={list(server.paths)}\n"
+                f"                       {list(server.messages)}\n"
+                f"    mailflow validate: refused={local.refused} paths={list(local.paths)}\n"
+                f"                       {list(local.messages)}"
+            )
+    assert len(entries) > 50
+    assert not differences, f"{len(differences)} of {len(entries)} differ:\n" + "\n".join(
+        differences
+    )
