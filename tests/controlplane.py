@@ -265,6 +265,20 @@ class ControlPlane:
         return self.folder / "admin.kubeconfig"
 
     @property
+    def audit_log(self) -> Path:
+        """Every request the API server served, at level Metadata (user, verb, resource)."""
+        return self.logs / "audit.jsonl"
+
+    def audit_events(self, user: str) -> list[dict[str, Any]]:
+        events = []
+        with self.audit_log.open() as lines:
+            for line in lines:
+                event = json.loads(line)
+                if event.get("user", {}).get("username") == user:
+                    events.append(event)
+        return events
+
+    @property
     def ca_file(self) -> Path:
         return self.pki / "kubernetes-ca.crt"
 
@@ -300,6 +314,8 @@ class ControlPlane:
         etcd.start()
         self._wait("etcd", lambda: self._http_ok(f"{etcd_url}/health"), timeout, [etcd])
         pki = self.pki
+        policy = self.folder / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
         apiserver = self._process(
             "kube-apiserver",
             [
@@ -322,6 +338,13 @@ class ControlPlane:
                 # No kubelet here: the API server never dials one; no cloud, no aggregation
                 # to remote API services.
                 "--endpoint-reconciler-type=none",
+                # Webhooks and aggregated APIs behind a Service are reached at the Service's
+                # endpoints (none here without pods), never at its ClusterIP.
+                "--enable-aggregator-routing=true",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
                 "--v=1",
             ],
         )
@@ -509,6 +532,20 @@ class ControlPlane:
             + "\n".join(f"--- {p.name}\n{p.tail()}" for p in watched)
         )
 
+
+# Metadata of every request, once (at ResponseComplete, or at the start of a watch), so the
+# RBAC tests can list what a ServiceAccount did; the system's own chatter is left out.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    users: [system:kube-controller-manager, system:apiserver]
+  - level: None
+    nonResourceURLs: ["/readyz*", "/healthz*", "/livez*"]
+  - level: Metadata
+"""
 
 CONTROLLERS = (
     "namespace-controller",

@@ -66,17 +66,22 @@ def install_crds(client: kubernetes.client.ApiClient) -> list[str]:
                 _content_type="application/apply-patch+yaml",
             )
 
+    wait_established(client, names)
+    return names
+
+
+def wait_established(client: kubernetes.client.ApiClient, names: list[str]) -> None:
+    api = kubernetes.client.ApiextensionsV1Api(client)
+
     def established() -> bool:
         for name in names:
-            crd = api.read_custom_resource_definition(name)
-            status = crd.status
+            status = api.read_custom_resource_definition(name).status
             conditions = {c.type: c.status for c in (status.conditions if status else None) or []}
             if conditions.get("Established") != "True":
                 return False
         return True
 
-    wait_for("the CRDs to be Established", established)
-    return names
+    wait_for(f"{', '.join(names)} to be Established", established)
 
 
 def new_namespace(client: kubernetes.client.ApiClient, prefix: str) -> str:
