@@ -8,8 +8,10 @@
 #   scripts/build-k8s.sh --check      exit 0 when every binary is present and fresh, 1 otherwise
 #
 # The pins live in tools/k8s/go.mod (k8s.io/kubernetes and its staging modules) and
-# tools/etcd/go.mod (go.etcd.io/etcd/server/v3). A binary is fresh when its stamp holds the
-# hash of the module's go.mod + go.sum, the Go version and the build flags.
+# tools/etcd/go.mod (go.etcd.io/etcd/server/v3); tools/kstatus is a small program on
+# sigs.k8s.io/cli-utils' kstatus, in a module of its own so it never moves Kubernetes' pins.
+# A binary is fresh when its stamp holds the hash of the module's go.mod + go.sum, the Go
+# version and the build flags.
 #
 # Environment: MAILFLOW_CACHE (default ~/.cache/mailflow), K8S_BINARIES (default all, in build
 # order), GO (default go). Builds run under `nice -n 10` with GOFLAGS=-p=2: the machines are shared.
@@ -72,6 +74,7 @@ stamp_of() { # module-dir ldflags
 }
 k8s_stamp=$(stamp_of tools/k8s "$k8s_ldflags")
 etcd_stamp=$(stamp_of tools/etcd "$etcd_ldflags")
+kstatus_stamp=$(stamp_of tools/kstatus "-s -w")
 
 # name module-dir package out-dir stamp ldflags
 targets=(
@@ -79,10 +82,11 @@ targets=(
 	"kube-apiserver tools/k8s k8s.io/kubernetes/cmd/kube-apiserver $k8s_bin $k8s_stamp k8s"
 	"kube-controller-manager tools/k8s k8s.io/kubernetes/cmd/kube-controller-manager $k8s_bin $k8s_stamp k8s"
 	"kubectl tools/k8s k8s.io/kubernetes/cmd/kubectl $k8s_bin $k8s_stamp k8s"
+	"kstatus tools/kstatus github.com/mailflow/mailflow/tools/kstatus $k8s_bin $kstatus_stamp kstatus"
 	"kube-scheduler tools/k8s k8s.io/kubernetes/cmd/kube-scheduler $k8s_bin $k8s_stamp k8s"
 	"kubelet tools/k8s k8s.io/kubernetes/cmd/kubelet $k8s_bin $k8s_stamp k8s"
 )
-wanted=${K8S_BINARIES:-etcd kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet}
+wanted=${K8S_BINARIES:-etcd kube-apiserver kube-controller-manager kubectl kstatus kube-scheduler kubelet}
 
 fresh() { # out stamp
 	[[ -x $1 && -f $1.stamp && $(cat "$1.stamp") == "$2" ]]
@@ -107,9 +111,13 @@ for target in "${targets[@]}"; do
 		stale=1
 		continue
 	fi
-	if [[ $flavour == k8s ]]; then ldflags=$k8s_ldflags; else ldflags=$etcd_ldflags; fi
+	case $flavour in
+	k8s) ldflags=$k8s_ldflags version=$k8s_version ;;
+	etcd) ldflags=$etcd_ldflags version=$etcd_version ;;
+	*) ldflags="-s -w" version="(sigs.k8s.io/cli-utils kstatus)" ;;
+	esac
 	mkdir -p "$out"
-	log "$name: building $pkg ($([[ $flavour == k8s ]] && echo "$k8s_version" || echo "$etcd_version")) ..."
+	log "$name: building $pkg $version ..."
 	start=$SECONDS
 	(
 		cd "$root/$dir"
