@@ -38,7 +38,7 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
         f"{b}/connectors.yaml:1: OutboundConnector/mail/name-match-without-name: "
         "spec.tls.certificateName: Required value: certificateName is required when mode is NameMatch",
         f"{b}/connectors.yaml:2: OutboundConnector/mail/two-destinations: "
-        'spec.destination: Invalid value: set at most one of smartHost and profileRef; '
+        "spec.destination: Invalid value: set at most one of smartHost and profileRef; "
         "omit both to deliver to the recipient's MX",
         f"{b}/connectors.yaml:2: OutboundConnector/mail/two-destinations: "
         "spec.destination.smartHost.port: Invalid value: 70000: should be less than or equal to 65535",
@@ -50,7 +50,7 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
         'spec.destination.profileRef.name: Not found: "no-such-pool": no MultiSmtpProfile named '
         '"no-such-pool" in namespace "mail"',
         f"{b}/connectors.yaml:5: OutboundConnector/mail/second-catch-all: "
-        'spec.tls.pinnedFingerprints: Invalid value: pinnedFingerprints are only used when '
+        "spec.tls.pinnedFingerprints: Invalid value: pinnedFingerprints are only used when "
         "mode is SelfSigned",
         f"{b}/profiles.yaml:1: MultiSmtpProfile/mail/empty-pool: spec.balancing: "
         'Unsupported value: "Random": supported values: "RoundRobin", "Failover"',

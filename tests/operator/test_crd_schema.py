@@ -177,7 +177,7 @@ CASES: list[tuple[str, Body, str, str]] = [
             destination={"smartHost": {"host": "mx.contoso.com"}, "profileRef": {"name": "p"}}
         ),
         "spec.destination",
-        'Invalid value: set at most one of smartHost and profileRef; '
+        "Invalid value: set at most one of smartHost and profileRef; "
         "omit both to deliver to the recipient's MX",
     ),
     (
@@ -214,13 +214,13 @@ CASES: list[tuple[str, Body, str, str]] = [
         "mx needs a host name, not an IPv4 address",
         connector(destination={"smartHost": {"host": "192.0.2.10", "mx": True}}),
         "spec.destination.smartHost.mx",
-        'Invalid value: mx: true resolves the MX records of a host name; an IP address has none',
+        "Invalid value: mx: true resolves the MX records of a host name; an IP address has none",
     ),
     (
         "mx needs a host name, not an IPv6 address",
         connector(destination={"smartHost": {"host": "2001:db8::25", "mx": True}}),
         "spec.destination.smartHost.mx",
-        'Invalid value: mx: true resolves the MX records of a host name; an IP address has none',
+        "Invalid value: mx: true resolves the MX records of a host name; an IP address has none",
     ),
     (
         "profileRef needs a name",
@@ -252,7 +252,7 @@ CASES: list[tuple[str, Body, str, str]] = [
         "certificateName is only for NameMatch",
         connector(tls={"mode": "TrustedCA", "certificateName": "mx.contoso.com"}),
         "spec.tls.certificateName",
-        'Invalid value: certificateName is only used when mode is NameMatch',
+        "Invalid value: certificateName is only used when mode is NameMatch",
     ),
     (
         "certificateName is a host name or a one-label wildcard",
@@ -264,7 +264,7 @@ CASES: list[tuple[str, Body, str, str]] = [
         "pins are only for SelfSigned",
         connector(tls={"mode": "TrustedCA", "pinnedFingerprints": ["sha256/" + "a" * 64]}),
         "spec.tls.pinnedFingerprints",
-        'Invalid value: pinnedFingerprints are only used when mode is SelfSigned',
+        "Invalid value: pinnedFingerprints are only used when mode is SelfSigned",
     ),
     (
         "pins are sha256 in base64 or hex",
@@ -282,7 +282,7 @@ CASES: list[tuple[str, Body, str, str]] = [
         "a CA bundle is only for modes that check the chain",
         connector(tls={"mode": "SelfSigned", "caBundle": {"secretRef": {"name": "ca"}}}),
         "spec.tls.caBundle",
-        'Invalid value: caBundle is only used when mode is TrustedCA, DomainMatch or NameMatch',
+        "Invalid value: caBundle is only used when mode is TrustedCA, DomainMatch or NameMatch",
     ),
     (
         "a CA bundle names its Secret",
