@@ -55,8 +55,9 @@ def control_plane(request: pytest.FixtureRequest, k8s_binaries: Binaries) -> Ite
     try:
         yield plane
     finally:
+        crashed = plane.failed_processes()
         plane.stop()
-        if request.session.testsfailed > failed_before or plane.failed_processes():
+        if request.session.testsfailed > failed_before or crashed:
             request.config.stash.setdefault(KEPT_LOGS, []).append(str(plane.logs))
         else:
             shutil.rmtree(folder, ignore_errors=True)

@@ -115,9 +115,20 @@ def _compiled_rule(rule: str) -> cel.Program:
     return cel.compile(rule)
 
 
+# Go RE2's code point escape, \x{10FFFF}; Python's re spells it \U0010ffff.
+_RE2_CODE_POINT = re.compile(r"(?<!\\)((?:\\\\)*)\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
 @cache
 def _compiled_pattern(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+    r"""A CRD pattern (Go RE2 syntax, as the API server compiles it) as a Python regex.
+
+    Patterns spell non-ASCII ranges as ``\x{80}-\x{FFFF}``: escapes the regex engine reads,
+    so the YAML holds no raw C1 control characters, which YAML parsers refuse when a CRD
+    is re-serialised (``kubectl apply --server-side``, Helm 4's server-side apply)."""
+    return re.compile(
+        _RE2_CODE_POINT.sub(lambda m: f"{m.group(1)}\\U{int(m.group(2), 16):08x}", pattern)
+    )
 
 
 class StructuralSchema:

@@ -44,8 +44,8 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
         "spec.destination.smartHost.port: Invalid value: 70000: should be less than or equal to 65535",
         f"{b}/connectors.yaml:2: OutboundConnector/mail/two-destinations: "
         'spec.recipientDomains[0]: Invalid value: "Contoso.com": should match \'^(\\*|\\*\\.\\*|(\\*\\.)?'
-        "[a-z0-9\\u0080-\\uffff]([-a-z0-9\\u0080-\\uffff]{0,61}[a-z0-9\\u0080-\\uffff])?(\\.[a-z0-9\\u0080-\\uffff]"
-        "([-a-z0-9\\u0080-\\uffff]{0,61}[a-z0-9\\u0080-\\uffff])?)*)$'",
+        "[a-z0-9\\x{80}-\\x{FFFF}]([-a-z0-9\\x{80}-\\x{FFFF}]{0,61}[a-z0-9\\x{80}-\\x{FFFF}])?(\\.[a-z0-9\\x{80}-\\x{FFFF}]"
+        "([-a-z0-9\\x{80}-\\x{FFFF}]{0,61}[a-z0-9\\x{80}-\\x{FFFF}])?)*)$'",
         f"{b}/connectors.yaml:3: OutboundConnector/mail/missing-profile: "
         'spec.destination.profileRef.name: Not found: "no-such-pool": no MultiSmtpProfile named '
         '"no-such-pool" in namespace "mail"',
