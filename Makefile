@@ -11,12 +11,14 @@ STAMP := $(VENV)/.installed
 .PHONY: help venv lint test demo bench soak clean k8s
 
 help:
-	@echo "make demo   - validate the examples and explain their routes"
-	@echo "make test   - install everything, lint (ruff, mypy --strict, import contracts), run all tests"
-	@echo "make lint   - ruff, mypy --strict and the import contract"
-	@echo "make bench  - relay vs Postfix end to end, and the control plane at scale (BENCH_ARGS=...)"
-	@echo "make soak   - long-running suites (not yet)"
-	@echo "make k8s    - build (or reuse) kube-apiserver, etcd & co. from tools/ into ~/.cache/mailflow"
+	@echo "make demo    - validate the examples, explain their routes, deliver through every example connector"
+	@echo "make test    - install everything, lint (ruff, mypy --strict, import contracts), run all tests"
+	@echo "make lint    - ruff, mypy --strict and the import contracts"
+	@echo "make bench   - relay vs Postfix end to end, and the control plane at scale (BENCH_ARGS=...)"
+	@echo "make soak    - long-running suites: SIGKILL the relay under traffic, again and again"
+	@echo "make images  - build the operator and relay images"
+	@echo "make k8s     - build (or reuse) kube-apiserver, etcd & co. from tools/ into ~/.cache/mailflow"
+	@echo "make clean   - remove the venv and the tool caches"
 
 venv: $(STAMP)
 
@@ -34,8 +36,8 @@ $(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm
 
 lint: venv
 	@echo "==> ruff"
-	$(BIN)/ruff check operator relay tests bench
-	$(BIN)/ruff format --check operator relay tests bench
+	$(BIN)/ruff check operator relay tests bench examples
+	$(BIN)/ruff format --check operator relay tests bench examples
 	@echo "==> mypy --strict"
 	$(BIN)/mypy
 	@echo "==> import contracts"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -12,6 +13,14 @@ import pytest
 
 from controlplane import Binaries, ControlPlane, ControlPlaneUnavailable, build_binaries
 from pki import Pki
+from support import checked_run
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``asyncio.run`` in a test fails if its main coroutine leaves tasks running."""
+    monkeypatch.setattr(asyncio, "run", checked_run)
+
 
 KEPT_LOGS = pytest.StashKey[list[str]]()
 

@@ -1,7 +1,7 @@
 """The CRDs on the real API server, and parity of ``mailflow validate`` with it.
 
 The corpus is every manifest of tests/fixtures/broken and every schema test case of
-tests/operator/test_crd_schema.py (the valid minimal objects too). Each object is sent to
+tests/compiler/test_crd_schema.py (the valid minimal objects too). Each object is sent to
 kube-apiserver as a server-side dry-run create with strict field validation (what
 ``kubectl apply`` does by default) and checked offline by ``mailflow validate -o json``
 run as a user runs it. The API server refuses an object exactly when ``mailflow validate``
@@ -48,7 +48,7 @@ CROSS_DOCUMENT = ("Not found:", "Conflicted:")
 
 
 def _schema_cases() -> list[tuple[str, Body]]:
-    path = ROOT / "tests" / "operator" / "test_crd_schema.py"
+    path = ROOT / "tests" / "compiler" / "test_crd_schema.py"
     spec = importlib.util.spec_from_file_location("crd_schema_cases", path)
     assert spec is not None
     assert spec.loader is not None

@@ -77,37 +77,39 @@ class WebhookOperator:
             self.process.wait(timeout=30)
 
 
-def configuration(port: int, ca_bundle: str, failure_policy: str) -> dict[str, Any]:
-    hooks = []
-    for plural in ("outboundconnectors", "multismtpprofiles"):
-        hooks.append(
+def hook(port: int, ca_bundle: str, failure_policy: str, plural: str) -> dict[str, Any]:
+    return {
+        "name": f"{plural}.validate.mailflow.dev",
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "failurePolicy": failure_policy,
+        "timeoutSeconds": 5,
+        "clientConfig": {
+            "url": f"https://{LOOPBACK}:{port}/validate-{plural}",
+            "caBundle": ca_bundle,
+        },
+        "rules": [
             {
-                "name": f"{plural}.validate.mailflow.dev",
-                "admissionReviewVersions": ["v1"],
-                "sideEffects": "None",
-                "failurePolicy": failure_policy,
-                "timeoutSeconds": 5,
-                "clientConfig": {
-                    "url": f"https://{LOOPBACK}:{port}/validate-{plural}",
-                    "caBundle": ca_bundle,
-                },
-                "rules": [
-                    {
-                        "apiGroups": [GROUP],
-                        "apiVersions": [VERSION],
-                        "resources": [plural],
-                        "operations": ["CREATE", "UPDATE"],
-                        "scope": "Namespaced",
-                    }
-                ],
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+                "apiGroups": [GROUP],
+                "apiVersions": [VERSION],
+                "resources": [plural],
+                "operations": ["CREATE", "UPDATE"],
+                "scope": "Namespaced",
             }
-        )
+        ],
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+    }
+
+
+def configuration(port: int, ca_bundle: str, failure_policy: str) -> dict[str, Any]:
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": WEBHOOK},
-        "webhooks": hooks,
+        "webhooks": [
+            hook(port, ca_bundle, failure_policy, plural)
+            for plural in ("outboundconnectors", "multismtpprofiles")
+        ],
     }
 
 
