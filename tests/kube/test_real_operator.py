@@ -389,6 +389,85 @@ def test_a_restart_changes_nothing(admin: kubernetes.client.ApiClient, operator:
     assert statuses_after == statuses_before
 
 
+def kstatus(plane: ControlPlane) -> dict[str, str]:
+    """What Flux and kstatus-based tooling see: tools/kstatus (sigs.k8s.io/cli-utils)."""
+    listed = subprocess.run(
+        [str(plane.binaries.path("kubectl")), "--kubeconfig", str(plane.kubeconfig), "get",
+         CONNECTORS, "-n", NAMESPACE, "-o", "json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    result = subprocess.run(
+        [str(plane.binaries.path("kstatus"))],
+        input=listed.stdout,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    verdicts = [json.loads(line) for line in result.stdout.splitlines()]
+    return {v["name"]: v["status"] for v in verdicts}
+
+
+def test_kstatus_sees_in_progress_failed_and_current(
+    control_plane: ControlPlane, admin: kubernetes.client.ApiClient, operator: Operator
+) -> None:
+    if not control_plane.binaries.path("kstatus").exists():
+        pytest.skip("tools/kstatus is not built: run scripts/build-k8s.sh")
+    # No relay pod: every accepted connector waits for relays (Reconciling → InProgress).
+    wait_settled(admin, CONNECTORS, "older-claim")
+    assert kstatus(control_plane)["older-claim"] == "InProgress"
+    # A conflict will not resolve by itself (Stalled → Failed).
+    apply(control_plane, connector("stalled-twin", recipientDomains=["conflict.example"]))
+    wait_for(
+        "the twin to be Conflicted",
+        lambda: accepted(admin, "stalled-twin") == ("False", "Conflicted"),
+    )
+    wait_for("kstatus to say Failed", lambda: kstatus(control_plane)["stalled-twin"] == "Failed")
+    custom(admin).delete_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, CONNECTORS, "stalled-twin"
+    )
+    # A ready relay pod that serves the current generation: Programmed, Ready → Current.
+    core = kubernetes.client.CoreV1Api(admin)
+    wait_for(
+        "the default ServiceAccount",
+        lambda: core.read_namespaced_service_account("default", NAMESPACE),
+    )
+    labels = {
+        "app.kubernetes.io/name": "mailflow",
+        "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "relay",
+    }
+    core.create_namespaced_pod(
+        NAMESPACE,
+        kubernetes.client.V1Pod(
+            metadata=kubernetes.client.V1ObjectMeta(name="mailflow-relay-0", labels=labels),
+            spec=kubernetes.client.V1PodSpec(
+                automount_service_account_token=False,
+                containers=[kubernetes.client.V1Container(name="relay", image="mailflow-relay")],
+            ),
+        ),
+    )
+    core.patch_namespaced_pod_status(
+        "mailflow-relay-0",
+        NAMESPACE,
+        {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
+    )
+
+    def served() -> bool:
+        generation = routing(admin)[1]["mailflow.dev/generation"]
+        core.patch_namespaced_pod(
+            "mailflow-relay-0",
+            NAMESPACE,
+            {"metadata": {"annotations": {"mailflow.dev/config-generation": generation}}},
+        )
+        return kstatus(control_plane).get("older-claim") == "Current"
+
+    wait_for("kstatus to say Current", served, timeout=90)
+    body = get(admin, CONNECTORS, "older-claim")
+    assert conditions(body)["Ready"] == ("True", "Ready")
+    core.delete_namespaced_pod("mailflow-relay-0", NAMESPACE, grace_period_seconds=0)
+
+
 def test_the_chart_grants_only_what_the_operator_uses(
     control_plane: ControlPlane, release: list[dict[str, Any]], operator: Operator
 ) -> None:
