@@ -10,8 +10,8 @@
 # The pins live in tools/k8s/go.mod (k8s.io/kubernetes and its staging modules) and
 # tools/etcd/go.mod (go.etcd.io/etcd/server/v3); tools/kstatus is a small program on
 # sigs.k8s.io/cli-utils' kstatus, in a module of its own so it never moves Kubernetes' pins.
-# A binary is fresh when its stamp holds the hash of the module's go.mod + go.sum, the Go
-# version and the build flags.
+# A binary is fresh when its stamp holds the hash of the module's go.mod, go.sum and own
+# sources, the Go version and the build flags.
 #
 # Environment: MAILFLOW_CACHE (default ~/.cache/mailflow), K8S_BINARIES (default all, in build
 # order), GO (default go). Builds run under `nice -n 10` with GOFLAGS=-p=2: the machines are shared.
@@ -68,7 +68,9 @@ go_version=$("$GO" env GOVERSION)
 
 stamp_of() { # module-dir ldflags
 	{
+		# go.mod, go.sum and the module's own sources (tools/kstatus has some)
 		cat "$root/$1/go.mod" "$root/$1/go.sum"
+		find "$root/$1" -maxdepth 1 -name '*.go' | sort | xargs -r cat
 		echo "$go_version CGO_ENABLED=0 -trimpath -tags=$tags -ldflags=$2"
 	} | sha256sum | cut -d' ' -f1
 }

@@ -39,13 +39,13 @@ def test_relay_role_reads_only_its_secrets_and_patches_only_relay_pods(default: 
             "apiGroups": [""],
             "resources": ["secrets"],
             "resourceNames": ["mailflow-routing"],
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["get"],
         },
         {
             "apiGroups": [""],
             "resources": ["pods"],
             "resourceNames": ["mailflow-relay-0", "mailflow-relay-1"],
-            "verbs": ["get", "patch"],
+            "verbs": ["patch"],
         },
     ]
     assert bound_roles(default, "mailflow-relay") == {("Role", "mail", "mailflow-relay")}

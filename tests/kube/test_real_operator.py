@@ -401,9 +401,10 @@ def kstatus(plane: ControlPlane) -> dict[str, str]:
         input=listed.stdout,
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=60,
     )
+    assert result.returncode == 0, result.stderr
     verdicts = [json.loads(line) for line in result.stdout.splitlines()]
     return {v["name"]: v["status"] for v in verdicts}
 

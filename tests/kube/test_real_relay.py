@@ -181,16 +181,17 @@ def cluster_relay(
         if k.startswith("app.kubernetes.io/") and k != "app.kubernetes.io/version"
     )
     mailflow = Path(sys.executable).parent / "mailflow"
-    operator = subprocess.Popen(
-        [
-            str(mailflow), "operator", "--namespace", NAMESPACE,
-            "--routing-secret", f"{NAMESPACE}/{ROUTING_SECRET}",
-            "--relay-selector", selector, "--probe-interval", "0",
-        ],
-        env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
-        stdout=(control_plane.logs / "relay-suite-operator.log").open("ab"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (control_plane.logs / "relay-suite-operator.log").open("ab") as log:
+        operator = subprocess.Popen(
+            [
+                str(mailflow), "operator", "--namespace", NAMESPACE,
+                "--routing-secret", f"{NAMESPACE}/{ROUTING_SECRET}",
+                "--relay-selector", selector, "--probe-interval", "0",
+            ],
+            env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
     kubeconfig = control_plane.kubeconfig_for_token(
         folder / "relay.kubeconfig", token(admin, RELAY_ACCOUNT), NAMESPACE
     )

@@ -31,22 +31,23 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	var object map[string]interface{}
-	if err := json.Unmarshal(raw, &object); err != nil {
+	// The unstructured JSON scheme keeps integers int64 (metadata.generation), as clients do.
+	decoded, _, err := unstructured.UnstructuredJSONScheme.Decode(raw, nil, nil)
+	if err != nil {
 		fail(err)
 	}
-	objects := []map[string]interface{}{object}
-	if items, ok := object["items"].([]interface{}); ok {
-		objects = objects[:0]
-		for _, item := range items {
-			if m, ok := item.(map[string]interface{}); ok {
-				objects = append(objects, m)
-			}
-		}
+	var objects []unstructured.Unstructured
+	switch o := decoded.(type) {
+	case *unstructured.UnstructuredList:
+		objects = o.Items
+	case *unstructured.Unstructured:
+		objects = []unstructured.Unstructured{*o}
+	default:
+		fail(fmt.Errorf("unexpected input %T", decoded))
 	}
 	out := json.NewEncoder(os.Stdout)
-	for _, o := range objects {
-		u := &unstructured.Unstructured{Object: o}
+	for i := range objects {
+		u := &objects[i]
 		result, err := status.Compute(u)
 		if err != nil {
 			fail(fmt.Errorf("%s/%s: %w", u.GetKind(), u.GetName(), err))
