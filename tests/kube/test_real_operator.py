@@ -375,6 +375,33 @@ def test_a_deleted_routing_secret_is_written_again(
     wait_for("the routing Secret to be recreated", rewritten, timeout=120)
 
 
+def test_rapid_concurrent_edits_settle_on_the_last_generation(
+    admin: kubernetes.client.ApiClient, operator: Operator
+) -> None:
+    """Edits race the operator's status writes: its merge patches carry no resourceVersion,
+    so none is refused with a conflict, and it ends on the newest generation."""
+    api = custom(admin)
+    for i in range(8):
+        api.patch_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, CONNECTORS, "tls-opportunistic",
+            {"spec": {"description": f"edit {i}"}},
+        )  # fmt: skip
+    final = get(admin, CONNECTORS, "tls-opportunistic")["metadata"]["generation"]
+    body = wait_settled(admin, CONNECTORS, "tls-opportunistic")
+    assert body["metadata"]["generation"] == final
+    assert body["status"]["observedGeneration"] == final
+    assert accepted(admin, "tls-opportunistic") == ("True", "Accepted")
+    assert not re.search(r"\b409\b", operator.log())
+    # A stale write from a user is the API server's to refuse, as it should.
+    stale = dict(body)
+    stale["metadata"] = {**body["metadata"], "resourceVersion": "1"}
+    with pytest.raises(ApiException) as refused:
+        api.replace_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, CONNECTORS, "tls-opportunistic", stale
+        )
+    assert refused.value.status == 409
+
+
 def test_a_restart_changes_nothing(admin: kubernetes.client.ApiClient, operator: Operator) -> None:
     secret_before = secret_version(admin)
     statuses_before = {i["metadata"]["name"]: i["status"] for i in items(admin, CONNECTORS)}
