@@ -26,7 +26,9 @@ PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus)
 
 present() {
     local package=$1 probe=$2
-    dpkg -s "$package" 2>/dev/null | grep -q '^Status: install ok installed' || return 1
+    # dpkg-query, not `dpkg -s | grep -q`: grep -q stops reading early, and under pipefail the
+    # SIGPIPE that dpkg then gets (a package with a long description) reads as "missing".
+    [[ $(dpkg-query -W -f='${Status}' "$package" 2>/dev/null) == "install ok installed" ]] || return 1
     if [[ $probe == /* ]]; then [[ -x $probe ]]; else command -v "$probe" >/dev/null; fi
 }
 
