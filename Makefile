@@ -36,8 +36,8 @@ $(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm
 
 lint: venv
 	@echo "==> ruff"
-	$(BIN)/ruff check operator relay tests bench examples
-	$(BIN)/ruff format --check operator relay tests bench examples
+	$(BIN)/ruff check operator relay tests bench examples deploy
+	$(BIN)/ruff format --check operator relay tests bench examples deploy
 	@echo "==> mypy --strict"
 	$(BIN)/mypy
 	@echo "==> import contracts"
