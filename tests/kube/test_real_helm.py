@@ -35,7 +35,15 @@ FOREIGN = {
     ("cert-manager.io/v1", "Certificate"): "certificates",
     ("cert-manager.io/v1", "Issuer"): "issuers",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitors",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrules",
 }
+# Beside the ci/ files: what no ci/ file turns on.
+EXTRA_SETS = {
+    "monitoring": [
+        "--set", "monitoring.prometheusRule.enabled=true",
+        "--set", "monitoring.grafanaDashboard.enabled=true",
+    ],
+}  # fmt: skip
 
 
 class Helm:
@@ -56,6 +64,8 @@ class Helm:
 
 
 def values_args(values: str) -> list[str]:
+    if values in EXTRA_SETS:
+        return EXTRA_SETS[values]
     return [] if values == "default" else ["--values", str(CHART / "ci" / values)]
 
 
@@ -132,7 +142,7 @@ def leftovers(client: kubernetes.client.ApiClient, objects: list[dict[str, Any]]
     return [f"{o['kind']}/{o['metadata']['name']}" for o in objects if fetch(client, o) is not None]
 
 
-@pytest.mark.parametrize("values", VALUES_SETS)
+@pytest.mark.parametrize("values", [*VALUES_SETS, *EXTRA_SETS])
 def test_helm_install_is_accepted_by_the_api_server_and_uninstall_cleans_up(
     helm_cli: Helm, admin: kubernetes.client.ApiClient, values: str
 ) -> None:
