@@ -403,8 +403,18 @@ def test_rapid_concurrent_edits_settle_on_the_last_generation(
 
 
 def test_a_restart_changes_nothing(admin: kubernetes.client.ApiClient, operator: Operator) -> None:
-    secret_before = secret_version(admin)
-    statuses_before = {i["metadata"]["name"]: i["status"] for i in items(admin, CONNECTORS)}
+    # First let the earlier edits finish publishing: nothing changes for a few seconds.
+    def snapshot() -> tuple[str, dict[str, Any]]:
+        return secret_version(admin), {
+            i["metadata"]["name"]: i["status"] for i in items(admin, CONNECTORS)
+        }
+
+    def quiet() -> tuple[str, dict[str, Any]] | None:
+        first = snapshot()
+        time.sleep(3)
+        return first if snapshot() == first else None
+
+    secret_before, statuses_before = wait_for("the operator to be idle", quiet, timeout=90)
     operator.stop()
     operator.start()
     # Give the restarted operator time to list, compile and (not) write.
