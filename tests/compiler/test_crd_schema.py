@@ -64,6 +64,13 @@ CERT_NAME_PATTERN = pattern_of("OutboundConnector", "spec", "tls", "certificateN
 PROFILE_HOST_PATTERN = pattern_of("MultiSmtpProfile", "spec", "servers", "[]", "host")
 
 
+CREDS = {"secretRef": {"name": "relay-creds"}}
+AUTH_MESSAGE = (
+    'Invalid value: "object": auth sends credentials only over a verified TLS session: set '
+    "tls.mode to TrustedCA, DomainMatch or NameMatch, or SelfSigned with pinnedFingerprints"
+)
+
+
 def without(key: str) -> Callable[[Body], Body]:
     def edit(body: Body) -> Body:
         del body["spec"][key]
@@ -292,9 +299,27 @@ CASES: list[tuple[str, Body, str, str]] = [
     ),
     (
         "auth names its Secret",
-        connector(auth={}),
+        connector(auth={}, tls={"mode": "TrustedCA"}),
         "spec.auth.secretRef",
         "Required value",
+    ),
+    (
+        "auth needs a verifying TLS mode: not the default Opportunistic",
+        connector(auth=CREDS),
+        "spec.auth",
+        AUTH_MESSAGE,
+    ),
+    (
+        "auth needs a verifying TLS mode: not Opportunistic",
+        connector(auth=CREDS, tls={"mode": "Opportunistic"}),
+        "spec.auth",
+        AUTH_MESSAGE,
+    ),
+    (
+        "auth needs a verifying TLS mode: not SelfSigned without pins",
+        connector(auth=CREDS, tls={"mode": "SelfSigned"}),
+        "spec.auth",
+        AUTH_MESSAGE,
     ),
     # --- metadata and kind ----------------------------------------------------------------
     (
@@ -398,6 +423,20 @@ def test_cel_rules_still_run_next_to_ordinary_schema_errors() -> None:
 
 def test_minimal_valid_objects_have_no_problems() -> None:
     assert problems_of(connector(), profile()) == []
+
+
+@pytest.mark.parametrize(
+    "tls",
+    [
+        {"mode": "TrustedCA"},
+        {"mode": "DomainMatch"},
+        {"mode": "NameMatch", "certificateName": "smtp.contoso.com"},
+        {"mode": "SelfSigned", "pinnedFingerprints": ["sha256/" + "a" * 64]},
+    ],
+    ids=lambda tls: str(tls["mode"]),
+)
+def test_auth_is_accepted_with_every_verifying_tls_mode(tls: Body) -> None:
+    assert problems_of(connector(auth=CREDS, tls=tls)) == []
 
 
 def test_defaults_are_applied_before_rules() -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from mailflow_compiler.checks import check_manifests
-from mailflow_compiler.manifests import load_manifests
+from mailflow_compiler.compiler import compile_routing
+from mailflow_compiler.manifests import RawConnector, load_manifests
 from mailflow_relay.routing.document import ObjectRef, ProfilePool
 
+TRUSTED = "  tls: {mode: TrustedCA}"
 CA_PEM = (Path(__file__).parents[2] / "examples" / "00-secrets.yaml").read_text()
 
 
@@ -190,8 +193,12 @@ def test_secret_references_are_checked_when_secrets_are_given(tmp_path: Path) ->
     secrets = SECRETS % base64.b64encode(b"hello").decode()
     text = (
         secrets
-        + oc("a", spec="  auth: {secretRef: {name: creds}}")
-        + oc("b", recipients='["b.example"]', spec="  auth: {secretRef: {name: nothere}}")
+        + oc("a", spec=f"  auth: {{secretRef: {{name: creds}}}}\n{TRUSTED}")
+        + oc(
+            "b",
+            recipients='["b.example"]',
+            spec=f"  auth: {{secretRef: {{name: nothere}}}}\n{TRUSTED}",
+        )
         + oc(
             "c",
             recipients='["c.example"]',
@@ -218,7 +225,37 @@ def test_secret_references_are_checked_when_secrets_are_given(tmp_path: Path) ->
 
 
 def test_secret_references_are_not_checked_without_secret_manifests(tmp_path: Path) -> None:
-    assert run(tmp_path, oc("a", spec="  auth: {secretRef: {name: creds}}")) == []
+    assert run(tmp_path, oc("a", spec=f"  auth: {{secretRef: {{name: creds}}}}\n{TRUSTED}")) == []
+
+
+def test_auth_with_an_unverified_tls_mode_is_refused_even_without_the_crd_rule() -> None:
+    # What the operator compiles for an object stored before the CEL rule existed (Helm
+    # never upgrades CRDs): the compiler refuses it too, and its mail waits rather than
+    # leaving without the login or with it over a session that proves nothing.
+    body: dict[str, Any] = {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "OutboundConnector",
+        "metadata": {"name": "legacy", "namespace": "mail"},
+        "spec": {
+            "recipientDomains": ["*"],
+            "destination": {"smartHost": {"host": "smtp.contoso.com"}},
+            "tls": {"mode": "SelfSigned"},
+            "auth": {"secretRef": {"name": "creds"}},
+        },
+    }
+    secrets = {ObjectRef("mail", "creds"): {"username": "relay", "password": "s3cret"}}
+    compiled = compile_routing([cast(RawConnector, body)], [], secrets)
+    (finding,) = compiled.findings
+    assert (finding.path, finding.condition, finding.reason) == (
+        "spec.auth",
+        "Accepted",
+        "InvalidValue",
+    )
+    assert finding.message.startswith("Invalid value: SelfSigned: auth sends credentials only")
+    (connector,) = compiled.document.connectors
+    assert connector.auth is None
+    assert connector.unresolved
+    assert "verified TLS" in connector.unresolved[0]
 
 
 def test_a_secret_with_data_that_is_not_base64_is_reported(tmp_path: Path) -> None:

@@ -170,3 +170,26 @@ def test_a_conflict_with_a_connector_of_another_namespace_is_refused_too() -> No
     findings = admission_findings(store, "OutboundConnector", body("team-b", "b"))
     assert [f.reason for f in findings] == ["Conflicted"]
     assert "team-a/a" in findings[0].message
+
+
+def test_auth_with_an_unverified_tls_mode_is_refused_even_where_the_crd_lacks_the_rule() -> None:
+    # Helm never upgrades CRDs: a cluster may still run one without the auth CEL rule, and
+    # then only the webhook stands between the password and an unverified server.
+    from mailflow_operator.store import Store
+    from mailflow_operator.webhook import admission_findings, denial_message
+
+    leaky = connector("leaky", ["*"], auth={"secretRef": {"name": "creds"}})
+    findings = admission_findings(Store(), "OutboundConnector", leaky)
+    assert [(f.path, f.condition) for f in findings] == [("spec.auth", "Accepted")]
+    assert denial_message(findings) == (
+        "spec.auth: Invalid value: Opportunistic: auth sends credentials only over a verified "
+        "TLS session: set tls.mode to TrustedCA, DomainMatch or NameMatch, or SelfSigned with "
+        "pinnedFingerprints"
+    )
+    pinned = connector(
+        "pinned",
+        ["*"],
+        auth={"secretRef": {"name": "creds"}},
+        tls={"mode": "SelfSigned", "pinnedFingerprints": ["sha256/" + "a" * 64]},
+    )
+    assert admission_findings(Store(), "OutboundConnector", pinned) == []
