@@ -66,7 +66,9 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
         "10.0.0.0/8",
         "172.16.0.0/12",
         "192.168.0.0/16",
+        "::1/128",
     ]
+    assert "--allow-open-relay" not in args
     assert option(args, "--hostname") == [
         "$(POD_NAME).mailflow-relay-headless.mail.svc.cluster.local"
     ]
@@ -80,8 +82,15 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
 def test_relay_tls_auth_allow_list_and_default_route_come_from_values(production: Rendered) -> None:
     relay = relay_of(production)
     args = container(relay, "relay")["args"]
-    # The allow-list, plus the pod network so that peers accept the hand-off on drain.
-    assert option(args, "--accept-from") == ["10.20.0.0/16", "10.30.4.0/24", "10.244.0.0/16"]
+    # The allow-list, loopback (kubectl port-forward), and the pod network so that peers
+    # accept the hand-off on drain.
+    assert option(args, "--accept-from") == [
+        "10.20.0.0/16",
+        "10.30.4.0/24",
+        "127.0.0.0/8",
+        "::1/128",
+        "10.244.0.0/16",
+    ]
     assert option(args, "--default-route") == ["Reject"]
     assert option(args, "--hostname") == ["relay.mail.contoso.com"]
     assert option(args, "--tls-cert") == ["/etc/mailflow/tls/tls.crt"]
