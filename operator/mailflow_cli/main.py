@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -483,11 +485,47 @@ def _command(name: str) -> Callable[[argparse.Namespace, TextIO, TextIO], int]:
     return run
 
 
+def _address_in_use(error: BaseException) -> OSError | None:
+    """The "address already in use" among an error and the errors it groups, if any."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _address_in_use(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return error
+    return None
+
+
+def _in_use_message(error: OSError, args: argparse.Namespace | None) -> str:
+    """Which option asked for the address, and what to do: one line instead of a traceback."""
+    # asyncio words it "error while attempting to bind on address ('127.0.0.1', 2525): ...".
+    match = re.search(r"\('([^']*)', (\d+)", str(error))
+    if match is None:
+        return f"cannot listen: {error.strerror or error}"
+    host, port = match.groups()
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    option = next(
+        (
+            f"--{name} {value}"
+            for name in ("listen", "http", "metrics")
+            if (value := getattr(args, name, None)) and str(value).endswith(f":{port}")
+        ),
+        f"listening on {address}",
+    )
+    return (
+        f"{option}: address already in use: another process (another relay?) listens on "
+        f"{address}; stop it or choose another port"
+    )
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         return _command(args.command)(args, out, err)
@@ -496,6 +534,12 @@ def main(
         return EXIT_USAGE
     except CrdError as e:
         err.write(f"mailflow: broken installation: {e}\n")
+        return EXIT_USAGE
+    except (OSError, BaseExceptionGroup) as e:
+        in_use = _address_in_use(e)
+        if in_use is None:
+            raise
+        err.write(f"mailflow: error: {_in_use_message(in_use, args)}\n")
         return EXIT_USAGE
 
 

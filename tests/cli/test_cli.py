@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -289,3 +291,66 @@ def test_mailflow_relay_never_imports_kopf_or_the_kubernetes_client() -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     assert "mailflow_relay.engine.relay" in imported
     assert not {m for m in imported if m.split(".")[0] in ("kopf", "kubernetes", "aiohttp")}
+
+
+# --- one line, not a traceback ----------------------------------------------------------------
+
+
+def command() -> list[str]:
+    script = Path(sys.executable).parent / "mailflow"
+    return [str(script)] if script.exists() else [shutil.which("mailflow") or "mailflow"]
+
+
+@pytest.mark.parametrize("option", ["--listen", "--http"])
+def test_a_port_already_in_use_is_one_line_naming_the_option(tmp_path: Path, option: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        ports = {"--listen": "127.0.0.1:0", "--http": "127.0.0.1:0", option: address}
+        result = mailflow(
+            "relay", "--manifests", "examples", "--spool", str(tmp_path / "spool"),
+            "--listen", ports["--listen"], "--http", ports["--http"],
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"mailflow: error: {option} {address}: address already in use: another process (another "
+        f"relay?) listens on {address}; stop it or choose another port"
+    )
+
+
+def test_the_operator_without_a_cluster_to_talk_to_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+    }
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config
+    result = subprocess.run(
+        [*command(), "operator", "-n", "mail", "--routing-secret", "mail/routing",
+         "--relay-selector", "app=relay"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "mailflow: error: no Kubernetes credentials: not running in a pod (no service account) "
+        "and no usable kubeconfig (Invalid kube-config file. No configuration found.); set "
+        "KUBECONFIG to a kubeconfig file, or run the operator in the cluster (helm/mailflow)"
+    ]
+
+
+def test_queue_list_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `mailflow queue list | head`: the reader is gone before the output is.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*command(), "queue", "list", "--spool", str(tmp_path)],
+            cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 0
