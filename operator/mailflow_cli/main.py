@@ -26,6 +26,9 @@ from mailflow_relay.routing.document import DefaultAction
 
 __all__ = ["build_parser", "main"]
 
+# The log formats of every long-running command: one set, so a deployment says one word.
+LOG_FORMATS = ("text", "json")
+
 # command -> "module:function"; the module is imported when that command runs.
 COMMANDS = {
     "validate": "mailflow_cli.check_command:run_validate",
@@ -215,9 +218,10 @@ def _operator_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument(
         "--log-format",
-        choices=["json", "plain", "full"],
-        default="json",
-        help="(default: %(default)s)",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text: one line per event for a terminal; json: one object per line for a log "
+        "pipeline (the chart's choice); the same choices as `mailflow relay` (default: %(default)s)",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
@@ -291,7 +295,9 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="a folder with one file per username holding its password hash (a mounted Secret); "
         "enables AUTH PLAIN/LOGIN after STARTTLS",
     )
-    relay.add_argument("--http", metavar="HOST:PORT", help="serve /healthz and /readyz here")
+    relay.add_argument(
+        "--http", metavar="HOST:PORT", help="serve /healthz, /readyz and /metrics here"
+    )
     relay.add_argument(
         "--hostname",
         default=_default(ListenerSettings, "hostname"),
@@ -387,8 +393,10 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     relay.add_argument(
         "--log-format",
         default="text",
-        choices=["text", "json"],
-        help="json: one object per line with a queue_id field (default: %(default)s)",
+        choices=LOG_FORMATS,
+        help="text: one line per event for a terminal; json: one object per line with a "
+        "queue_id field, for a log pipeline (the chart's choice); the same choices as "
+        "`mailflow operator` (default: %(default)s)",
     )
     relay.add_argument(
         "--reload-interval",

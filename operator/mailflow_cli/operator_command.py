@@ -90,11 +90,8 @@ def run_operator_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> 
     require_credentials()
     kopf.configure(
         verbose=args.verbose,
-        log_format={
-            "json": kopf.LogFormat.JSON,
-            "plain": kopf.LogFormat.PLAIN,
-            "full": kopf.LogFormat.FULL,
-        }[args.log_format],
+        # The relay's two formats: "text" is kopf's full line (time, logger, level, message).
+        log_format={"json": kopf.LogFormat.JSON, "text": kopf.LogFormat.FULL}[args.log_format],
     )
     logging.getLogger("mailflow_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     asyncio.run(run_operator(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -354,3 +355,22 @@ def test_queue_list_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == 0
+
+
+def test_relay_help_says_that_http_serves_metrics_too() -> None:
+    result = mailflow("relay", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--http HOST:PORT serve /healthz, /readyz and /metrics here" in text
+
+
+def test_the_operator_and_the_relay_take_the_same_log_formats() -> None:
+    from mailflow_cli.main import build_parser
+
+    def choices(command: str) -> list[str]:
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (action,) = [a for a in subparsers.choices[command]._actions if a.dest == "log_format"]
+        return list(action.choices or [])
+
+    assert choices("operator") == choices("relay") == ["text", "json"]

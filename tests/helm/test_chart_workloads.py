@@ -69,6 +69,8 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
         "::1/128",
     ]
     assert "--allow-open-relay" not in args
+    # The NOTES promise JSON logs with a queue id: the chart asks for them.
+    assert option(args, "--log-format") == ["json"]
     assert option(args, "--hostname") == [
         "$(POD_NAME).mailflow-relay-headless.mail.svc.cluster.local"
     ]
@@ -189,6 +191,7 @@ def test_operator_runs_with_the_contracted_flags(default: Rendered, production: 
     ]
     assert option(args, "--liveness") == ["http://0.0.0.0:8080/healthz"]
     assert option(args, "--metrics") == ["0.0.0.0:9091"]
+    assert option(args, "--log-format") == ["json"]  # the same value as the relays'
     ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
     assert ports == {"liveness": 8080, "metrics": 9091}
     # The operator compiles the default route into the document: the same as the relays'.
