@@ -81,6 +81,8 @@ class FieldError:
     message: str
     blocking: bool = field(default=False, compare=False)
     """A type error or unsupported value: CEL rules cannot meaningfully run after it."""
+    meant: str | None = field(default=None, compare=False)
+    """For a mistyped field: the path of the field it most likely meant."""
 
 
 def _show(value: object) -> str:
@@ -272,7 +274,12 @@ class StructuralSchema:
             child = properties.get(name)
             if child is None:
                 if not node.get("x-kubernetes-preserve-unknown-fields", False):
-                    yield FieldError(_join(path, name), _unknown_field(name, properties))
+                    near = did_you_mean(str(name), properties) if properties else None
+                    yield FieldError(
+                        _join(path, name),
+                        _unknown_field(name, near, properties),
+                        meant=_join(path, near) if near else None,
+                    )
                 continue
             yield from self._validate(child, child_value, _join(path, name))
 
@@ -322,8 +329,7 @@ class StructuralSchema:
                 yield FieldError(target, f"{prefix}: {message}")
 
 
-def _unknown_field(name: object, properties: Mapping[str, Any]) -> str:
-    near = did_you_mean(str(name), properties) if properties else None
+def _unknown_field(name: object, near: str | None, properties: Mapping[str, Any]) -> str:
     if near:
         return f"Unknown field: did you mean {_show(near)}?"
     known = ", ".join(sorted(properties)) or "none"

@@ -61,6 +61,14 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
         "Invalid value: 0: should have at least 1 items",
         f"{b}/profiles.yaml:8:3: MultiSmtpProfile/mail/empty-pool: spec.balancing: "
         'Unsupported value: "Random": supported values: "RoundRobin", "Failover"',
+        f"{b}/typos.yaml:8:22: OutboundConnector/mail/all-via-compliance-typos: "
+        'spec.recipientDomains[0]: Invalid value: "Payroll.example": must be lower case: '
+        '"payroll.example"',
+        f"{b}/typos.yaml:10:17: OutboundConnector/mail/all-via-compliance-typos: "
+        'spec.destination.smartHost.host: Invalid value: "compliance.contoso.com:2525": put the '
+        'port in `port:` (2525) and only the host in `host:` ("compliance.contoso.com")',
+        f"{b}/typos.yaml:13:5: OutboundConnector/mail/all-via-compliance-typos: "
+        'spec.tls.certificatename: Unknown field: did you mean "certificateName"?',
         f"{b}/unparsable.yaml:5:2: YAML: expected <block end>, but found '<block mapping start>'",
     ]
     # The rules that did not run are one note in the summary, not a cascaded "-:" line.

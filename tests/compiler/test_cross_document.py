@@ -356,16 +356,21 @@ spec:
 """
     (tmp_path / "m.yaml").write_text(text)
     result = check_manifests(load_manifests([str(tmp_path)]))
+    # One mistake, one line: no "certificateName: Required value" after the typo.
     assert [(p.path, p.line, p.column) for p in result.problems] == [
         ("spec.destination.smartHost.port", 10, 7),
-        # A field that is missing is reported where its object is written.
-        ("spec.tls.certificateName", 11, 3),
         ("spec.tls.certificatename", 13, 5),
     ]
-    assert result.problems[2].format() == (
+    assert result.problems[1].format() == (
         f"{tmp_path}/m.yaml:13:5: OutboundConnector/mail/all-via-compliance: "
         'spec.tls.certificatename: Unknown field: did you mean "certificateName"?'
     )
+    # A field that is missing is reported where its object is written.
+    (tmp_path / "m.yaml").write_text(text.replace('    certificatename: "*.contoso.com"\n', ""))
+    problems = check_manifests(load_manifests([str(tmp_path)])).problems
+    assert [(p.path, p.line, p.column) for p in problems if "tls" in p.path] == [
+        ("spec.tls.certificateName", 11, 3)
+    ]
 
 
 @pytest.mark.parametrize("name", ["a.YML", "b.Yaml", "c.yml", "d.JSON"])
