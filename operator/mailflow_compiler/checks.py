@@ -120,6 +120,8 @@ class _Checker:
                 continue
             for kind in kinds:
                 key = (kind.api_version, kind.kind)
+                if key in given and crds[key].schema.raw == kind.schema.raw:
+                    continue  # the same CRD twice (crds/ and the chart's copy): nothing to choose
                 if key in given:
                     self.problem(
                         manifest,

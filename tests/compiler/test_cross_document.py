@@ -423,6 +423,23 @@ def test_a_mailflow_crd_given_as_input_is_used_instead_of_the_built_in_one(tmp_p
     assert alone.problems == []
 
 
+def test_two_different_crds_for_one_kind_are_a_problem_and_two_copies_are_not(
+    tmp_path: Path,
+) -> None:
+    crd = (CRDS / "outboundconnectors.mailflow.dev.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(crd)
+    (tmp_path / "b.yaml").write_text(crd)
+    (tmp_path / "m.yaml").write_text(oc("a"))
+    assert check_manifests(load_manifests([str(tmp_path)])).problems == []
+    (tmp_path / "b.yaml").write_text(crd.replace("maxLength: 1024", "maxLength: 10", 1))
+    (problem,) = check_manifests(load_manifests([str(tmp_path)])).problems
+    assert (problem.file, problem.path) == (f"{tmp_path}/b.yaml", "spec.names.kind")
+    assert problem.message == (
+        "Duplicate value: mailflow.dev/v1alpha1 OutboundConnector is also defined at "
+        f"{tmp_path}/a.yaml:4:1; give one CRD per kind"
+    )
+
+
 def test_a_mailflow_crd_that_cannot_be_used_is_a_problem(tmp_path: Path) -> None:
     crd = (CRDS / "outboundconnectors.mailflow.dev.yaml").read_text()
     (tmp_path / "crd.yaml").write_text(crd.replace("maxLength: 1024", "maxProperties: 3", 1))
