@@ -126,6 +126,16 @@ def test_webhook_refuses_conflicts_with_the_messages_of_mailflow_validate(pki: P
             assert message == expected_problems([existing, clash], "second")
             assert "OutboundConnector mail/first" in message
 
+            # Credentials with a TLS mode that verifies nothing: refused over the real
+            # AdmissionReview path too (a cluster's older CRD may lack the CEL rule).
+            leaky = connector("leaky", ["leaky.example"], auth={"secretRef": {"name": "creds"}})
+            refused = (await post(port, path, review(leaky), ca_file))["response"]
+            assert refused["allowed"] is False
+            assert refused["status"]["message"].startswith(
+                "spec.auth: Invalid value: Opportunistic: auth sends credentials only over a "
+                "verified TLS session"
+            )
+
             # A profile that does not exist (yet) is fine unless strict mode is on.
             pooled = connector(
                 "pooled", ["fabrikam.example"], destination={"profileRef": {"name": "nope"}}
