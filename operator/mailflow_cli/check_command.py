@@ -18,12 +18,28 @@ from mailflow_relay.routing.router import domain_of
 __all__ = ["run_explain", "run_validate"]
 
 
+NOTHING_FOUND = (
+    "no OutboundConnector or MultiSmtpProfile found in {paths}: nothing was checked "
+    "(give the files or folders that hold them; folders are searched for .yaml, .yml and .json)"
+)
+
+
+def _notes(result: CheckResult) -> list[str]:
+    notes = list(result.notes)
+    if result.incomplete:
+        notes.append(
+            f"the CEL rules of {result.incomplete} object(s) did not run because of the errors "
+            "above; fix those and run again, more may follow"
+        )
+    return notes
+
+
 def _report_problems(result: CheckResult, out: TextIO, err: TextIO, output: str) -> None:
     if output == "json":
         json.dump(
             {
                 "problems": [p.to_json() for p in result.problems],
-                "notes": result.notes,
+                "notes": _notes(result),
                 "checked": result.checked,
             },
             out,
@@ -34,7 +50,7 @@ def _report_problems(result: CheckResult, out: TextIO, err: TextIO, output: str)
         return
     for problem in result.problems:
         out.write(problem.format() + "\n")
-    for note in result.notes:
+    for note in _notes(result):
         err.write(f"note: {note}\n")
     secrets = (
         ""
@@ -47,6 +63,10 @@ def _report_problems(result: CheckResult, out: TextIO, err: TextIO, output: str)
 def run_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     result = check_manifests(load_manifests(args.paths), default_namespace=args.namespace)
     _report_problems(result, out, err, args.output)
+    if result.checked == 0 and not result.problems:
+        # An empty folder or a wrong path in a pipeline must not pass as "0 problems".
+        err.write(f"mailflow: error: {NOTHING_FOUND.format(paths=', '.join(args.paths))}\n")
+        return EXIT_PROBLEMS
     return EXIT_PROBLEMS if result.problems else EXIT_OK
 
 

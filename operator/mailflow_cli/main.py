@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -23,6 +25,9 @@ from mailflow_compiler.errors import CrdError, UsageError
 from mailflow_relay.routing.document import DefaultAction
 
 __all__ = ["build_parser", "main"]
+
+# The log formats of every long-running command: one set, so a deployment says one word.
+LOG_FORMATS = ("text", "json")
 
 # command -> "module:function"; the module is imported when that command runs.
 COMMANDS = {
@@ -213,9 +218,10 @@ def _operator_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     parser.add_argument(
         "--log-format",
-        choices=["json", "plain", "full"],
-        default="json",
-        help="(default: %(default)s)",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text: one line per event for a terminal; json: one object per line for a log "
+        "pipeline (the chart's choice); the same choices as `mailflow relay` (default: %(default)s)",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
@@ -289,7 +295,9 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="a folder with one file per username holding its password hash (a mounted Secret); "
         "enables AUTH PLAIN/LOGIN after STARTTLS",
     )
-    relay.add_argument("--http", metavar="HOST:PORT", help="serve /healthz and /readyz here")
+    relay.add_argument(
+        "--http", metavar="HOST:PORT", help="serve /healthz, /readyz and /metrics here"
+    )
     relay.add_argument(
         "--hostname",
         default=_default(ListenerSettings, "hostname"),
@@ -385,8 +393,10 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     relay.add_argument(
         "--log-format",
         default="text",
-        choices=["text", "json"],
-        help="json: one object per line with a queue_id field (default: %(default)s)",
+        choices=LOG_FORMATS,
+        help="text: one line per event for a terminal; json: one object per line with a "
+        "queue_id field, for a log pipeline (the chart's choice); the same choices as "
+        "`mailflow operator` (default: %(default)s)",
     )
     relay.add_argument(
         "--reload-interval",
@@ -483,11 +493,47 @@ def _command(name: str) -> Callable[[argparse.Namespace, TextIO, TextIO], int]:
     return run
 
 
+def _address_in_use(error: BaseException) -> OSError | None:
+    """The "address already in use" among an error and the errors it groups, if any."""
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _address_in_use(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return error
+    return None
+
+
+def _in_use_message(error: OSError, args: argparse.Namespace | None) -> str:
+    """Which option asked for the address, and what to do: one line instead of a traceback."""
+    # asyncio words it "error while attempting to bind on address ('127.0.0.1', 2525): ...".
+    match = re.search(r"\('([^']*)', (\d+)", str(error))
+    if match is None:
+        return f"cannot listen: {error.strerror or error}"
+    host, port = match.groups()
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    option = next(
+        (
+            f"--{name} {value}"
+            for name in ("listen", "http", "metrics")
+            if (value := getattr(args, name, None)) and str(value).endswith(f":{port}")
+        ),
+        f"listening on {address}",
+    )
+    return (
+        f"{option}: address already in use: another process (another relay?) listens on "
+        f"{address}; stop it or choose another port"
+    )
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         return _command(args.command)(args, out, err)
@@ -496,6 +542,12 @@ def main(
         return EXIT_USAGE
     except CrdError as e:
         err.write(f"mailflow: broken installation: {e}\n")
+        return EXIT_USAGE
+    except (OSError, BaseExceptionGroup) as e:
+        in_use = _address_in_use(e)
+        if in_use is None:
+            raise
+        err.write(f"mailflow: error: {_in_use_message(in_use, args)}\n")
         return EXIT_USAGE
 
 

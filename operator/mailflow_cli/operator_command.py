@@ -59,15 +59,39 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     )
 
 
+def require_credentials() -> None:
+    """Refuse to start, in one line, where kopf would find no way to reach a cluster.
+
+    kopf looks for an in-cluster service account, then a kubeconfig; with neither, it fails
+    deep inside its login with a traceback several screens long. The same two checks, here,
+    with the kubernetes client's own loaders (what kopf itself uses).
+    """
+    import yaml
+    from kubernetes import config as kube_config
+
+    try:
+        kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return
+    except kube_config.ConfigException:
+        pass
+    try:
+        kube_config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (kube_config.ConfigException, OSError, yaml.YAMLError, ValueError) as e:
+        reason = " ".join(str(e).split())  # a YAML error spans lines: one line here
+        raise UsageError(
+            f"no Kubernetes credentials: not running in a pod (no service account) and no usable "
+            f"kubeconfig ({reason}); set KUBECONFIG to a kubeconfig file, or run the operator in the "
+            "cluster (helm/mailflow)"
+        ) from e
+
+
 def run_operator_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config = config_from_args(args)
+    require_credentials()
     kopf.configure(
         verbose=args.verbose,
-        log_format={
-            "json": kopf.LogFormat.JSON,
-            "plain": kopf.LogFormat.PLAIN,
-            "full": kopf.LogFormat.FULL,
-        }[args.log_format],
+        # The relay's two formats: "text" is kopf's full line (time, logger, level, message).
+        log_format={"json": kopf.LogFormat.JSON, "text": kopf.LogFormat.FULL}[args.log_format],
     )
     logging.getLogger("mailflow_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     asyncio.run(run_operator(config))

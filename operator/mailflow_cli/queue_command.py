@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import TextIO
 
+from mailflow_cli.exits import EXIT_OK
 from mailflow_compiler.errors import UsageError
 from mailflow_relay.queue import admin as queuectl
 from mailflow_relay.queue.spool import SpoolError
@@ -17,6 +20,19 @@ def run_queue(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     spool_dir = Path(args.spool)
     if not spool_dir.is_dir():
         raise UsageError(f"--spool {args.spool!r}: no such folder")
+    try:
+        status = _act(args, spool_dir, out)
+        out.flush()  # here, where a closed pipe can still be handled, not at interpreter exit
+    except BrokenPipeError:
+        # `mailflow queue list | head`: the reader has what it wanted. Quiet, as Unix tools
+        # are; stdout goes to /dev/null so that Python's own flush at exit stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    return status
+
+
+def _act(args: argparse.Namespace, spool_dir: Path, out: TextIO) -> int:
     try:
         if args.action == "list":
             return queuectl.list_queue(spool_dir, out, as_json=args.output == "json")

@@ -60,6 +60,10 @@ CONNECTOR_KIND = "OutboundConnector"
 PROFILE_KIND = "MultiSmtpProfile"
 AUTH_USERNAME_KEY = "username"
 AUTH_PASSWORD_KEY = "password"  # noqa: S105 - the name of a Secret key, not a password
+AUTH_NEEDS_VERIFIED_TLS = (
+    "auth sends credentials only over a verified TLS session: set tls.mode to TrustedCA, "
+    "DomainMatch or NameMatch, or SelfSigned with pinnedFingerprints"
+)
 
 SecretStore = Mapping[ObjectRef, Mapping[str, str]]
 """Decoded Secret data by namespace/name. ``None`` where Secrets are unknown (not checked)."""
@@ -236,9 +240,17 @@ class _ConnectorCompiler:
             pinned_fingerprints=tuple(_canonical_pin(p) for p in raw.get("pinnedFingerprints", [])),
         )
 
-    def auth(self) -> SmtpCredentials | None:
+    def auth(self, tls: TlsPolicy) -> SmtpCredentials | None:
         raw = self.body["spec"].get("auth")
         if not raw:
+            return None
+        if not _verifies(tls):
+            # The CRD's CEL rule says the same; this catches objects stored before that rule
+            # (Helm never upgrades CRDs) and documents not made by the API server. The
+            # connector's mail waits (unresolved) rather than going out without the login.
+            message = f"Invalid value: {tls.mode.value}: {AUTH_NEEDS_VERIFIED_TLS}"
+            self.invalid("spec.auth", message)
+            self.unresolved.append(f"spec.auth: {AUTH_NEEDS_VERIFIED_TLS}")
             return None
         values = self.secret(
             "spec.auth.secretRef.name",
@@ -256,7 +268,7 @@ class _ConnectorCompiler:
         sender_patterns = self.patterns("senderDomains")
         destination = self.destination()
         tls = self.tls()
-        auth = self.auth()
+        auth = self.auth(tls)
         return Connector(
             ref=self.ref,
             generation=int(metadata.get("generation", 0)),
@@ -270,6 +282,13 @@ class _ConnectorCompiler:
             auth=auth,
             unresolved=tuple(self.unresolved),
         )
+
+
+def _verifies(tls: TlsPolicy) -> bool:
+    """Whether the mode authenticates the server: the condition for sending it credentials."""
+    if tls.mode is TlsMode.SELF_SIGNED:
+        return bool(tls.pinned_fingerprints)
+    return tls.mode is not TlsMode.OPPORTUNISTIC
 
 
 def _canonical_pin(pin: str) -> str:

@@ -17,7 +17,7 @@ import yaml
 from mailflow_compiler.errors import CrdError
 from mailflow_compiler.schema import StructuralSchema
 
-__all__ = ["CrdKind", "crd_directory", "load_crds"]
+__all__ = ["CrdKind", "crd_directory", "kinds_of", "load_crds"]
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,15 @@ def load_crds(directory: Path | None = None) -> Mapping[tuple[str, str], CrdKind
         for crd in yaml.safe_load_all(file.read_text(encoding="utf-8")):
             if not isinstance(crd, dict) or crd.get("kind") != "CustomResourceDefinition":
                 continue
-            for kind in _kinds_of(crd, str(file)):
+            for kind in kinds_of(crd, str(file)):
                 kinds[(kind.api_version, kind.kind)] = kind
     if not kinds:
         raise CrdError(str(folder), "no CustomResourceDefinition found")
     return kinds
 
 
-def _kinds_of(crd: Mapping[str, Any], file: str) -> list[CrdKind]:
+def kinds_of(crd: Mapping[str, Any], file: str) -> list[CrdKind]:
+    """The served versions of one CRD, each with its structural schema (``CrdError`` if not)."""
     try:
         spec = crd["spec"]
         result = []

@@ -118,7 +118,7 @@ def explain_text(document: RoutingDocument, sender: str, recipients: Sequence[st
             lines.append(f"  tls          {decision.tls.describe()}")
         if connector is not None and connector.auth is not None:
             lines.append(
-                "  auth         SMTP AUTH with the connector's credentials (over TLS only)"
+                "  auth         SMTP AUTH with the connector's credentials (only over verified TLS)"
             )
         if connector is not None and connector.unresolved:
             lines.extend(

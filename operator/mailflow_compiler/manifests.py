@@ -1,7 +1,9 @@
 """Reading Kubernetes manifests from YAML files and folders, keeping where each came from.
 
-Every document keeps its file, its position in that file and its first line, so that a
-problem found later can be reported as ``FILE:DOC: Kind/namespace/name: path: message``.
+Every document keeps its file, its position in that file, its first line and the line and
+column of every field (kubectl's path notation: ``spec.servers[1].port``), so that a problem
+found later can be reported where editors and CI problem matchers look:
+``FILE:LINE:COL: Kind/namespace/name: path: message``.
 YAML that does not parse is not an exception here: it becomes a :class:`Manifest` with
 a ``parse_error`` and the line of the error, and the other documents are still read.
 """
@@ -9,8 +11,8 @@ a ``parse_error`` and the line of the error, and the other documents are still r
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -32,6 +34,7 @@ __all__ = [
 API_GROUP = "mailflow.dev"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
+"""Compared case-insensitively: ``CONNECTORS.YML`` is read too."""
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
@@ -123,6 +126,20 @@ class Manifest:
     """1-based line where the document (or the parse error) starts."""
     body: dict[str, Any] | None
     parse_error: str | None = None
+    column: int = 1
+    """1-based column of the document start (or of the parse error)."""
+    positions: Mapping[str, tuple[int, int]] = field(
+        default_factory=dict, compare=False, hash=False
+    )
+    """(line, column), 1-based, of every field by its path: where a key or an item starts."""
+
+    def position(self, path: str) -> tuple[int, int]:
+        """Where ``path`` is written, else its nearest written parent, else the document."""
+        while path:
+            if path in self.positions:
+                return self.positions[path]
+            path = _parent(path)
+        return (self.line, self.column)
 
     @property
     def kind(self) -> str:
@@ -145,7 +162,7 @@ class Manifest:
 
     @property
     def location(self) -> str:
-        return f"{self.file}:{self.document}"
+        return f"{self.file}:{self.line}:{self.column}"
 
 
 def load_manifests(paths: Sequence[str]) -> list[Manifest]:
@@ -163,7 +180,7 @@ def _expand(paths: Sequence[str]) -> Iterator[Path]:
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix in YAML_SUFFIXES and not _hidden(p, path)
+                if p.is_file() and p.suffix.lower() in YAML_SUFFIXES and not _hidden(p, path)
             )
             yield from found
         elif path.is_file():
@@ -225,14 +242,20 @@ def _parse_documents(file: str, text: str) -> Iterator[Manifest]:
                 if node is None:
                     continue
                 line = node.start_mark.line + 1
+                column = node.start_mark.column + 1
+                positions = _positions(node)
                 data = loader.construct_document(node)
             except yaml.MarkedYAMLError as e:
                 mark = e.problem_mark or e.context_mark
                 line = mark.line + 1 if mark else 0
                 problem = e.problem or e.context or "invalid YAML"
-                column = f", column {mark.column + 1}" if mark else ""
                 yield Manifest(
-                    file, max(number, 1), line, None, f"line {line}{column}: YAML: {problem}"
+                    file,
+                    max(number, 1),
+                    line,
+                    None,
+                    f"YAML: {problem}",
+                    column=mark.column + 1 if mark else 0,
                 )
                 return  # the parser cannot resynchronise after a syntax error
             except yaml.YAMLError as e:
@@ -246,15 +269,53 @@ def _parse_documents(file: str, text: str) -> Iterator[Manifest]:
                     number,
                     line,
                     None,
-                    f"line {line}: expected a Kubernetes object (a mapping), "
-                    f"got {type(data).__name__}",
+                    f"expected a Kubernetes object (a mapping), got {type(data).__name__}",
+                    column,
                 )
                 continue
             if data.get("kind") == "List" and isinstance(data.get("items"), list):
-                for item in data["items"]:
+                for i, item in enumerate(data["items"]):
                     if isinstance(item, dict):
-                        yield Manifest(file, number, line, item)
+                        start = positions.get(f"items[{i}]", (line, column))
+                        yield Manifest(
+                            file, number, start[0], item, None, start[1], _within(positions, i)
+                        )
                 continue
-            yield Manifest(file, number, line, data)
+            yield Manifest(file, number, line, data, None, column, positions)
     finally:
         loader.dispose()
+
+
+def _positions(node: yaml.Node) -> dict[str, tuple[int, int]]:
+    """(line, column) of every key and item under ``node``, by kubectl path."""
+    found: dict[str, tuple[int, int]] = {}
+    stack: list[tuple[str, yaml.Node]] = [("", node)]
+    while stack:
+        path, current = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            for key_node, value_node in current.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                child = f"{path}.{key_node.value}" if path else str(key_node.value)
+                found.setdefault(
+                    child, (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                )
+                stack.append((child, value_node))
+        elif isinstance(current, yaml.SequenceNode):
+            for i, item in enumerate(current.value):
+                child = f"{path}[{i}]"
+                found[child] = (item.start_mark.line + 1, item.start_mark.column + 1)
+                stack.append((child, item))
+    return found
+
+
+def _within(positions: Mapping[str, tuple[int, int]], item: int) -> dict[str, tuple[int, int]]:
+    """The positions of ``items[item]`` of a List, as paths of that item."""
+    prefix = f"items[{item}]."
+    return {k[len(prefix) :]: v for k, v in positions.items() if k.startswith(prefix)}
+
+
+def _parent(path: str) -> str:
+    """``spec.servers[1].port`` → ``spec.servers[1]`` → ``spec.servers`` → ``spec`` → ``""``."""
+    cut = max(path.rfind("."), path.rfind("["))
+    return path[:cut] if cut > 0 else ""

@@ -9,10 +9,11 @@ __all__ = ["Problem"]
 
 @dataclass(frozen=True, order=True)
 class Problem:
-    """One precise finding: which file and document, which object, which field, and what."""
+    """One precise finding: which file, line and column, which object, which field, and what."""
 
     file: str
     document: int
+    """1-based position of the document in its file."""
     kind: str
     namespace: str
     name: str
@@ -20,19 +21,22 @@ class Problem:
     """Field path in kubectl's notation: ``spec.tls.certificateName``, ``spec.servers[1].port``."""
     message: str
     line: int = 0
+    """1-based line of the field (of its nearest written parent when the field is missing)."""
+    column: int = 0
 
     def format(self) -> str:
-        location = f"{self.file}:{self.document}"
-        if self.kind:
-            ident = (
-                f"{self.kind}/{self.namespace}/{self.name}"
-                if self.namespace
-                else f"{self.kind}/{self.name}"
-            )
-        else:
-            ident = "-"
-        path = self.path or "-"
-        return f"{location}: {ident}: {path}: {self.message}"
+        """``FILE:LINE:COL: Kind/namespace/name: path: message``, as editors and CI read it."""
+        location = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
+        if not self.kind:
+            return f"{location}: {self.message}"
+        ident = (
+            f"{self.kind}/{self.namespace}/{self.name}"
+            if self.namespace
+            else f"{self.kind}/{self.name}"
+        )
+        if not self.path:
+            return f"{location}: {ident}: {self.message}"
+        return f"{location}: {ident}: {self.path}: {self.message}"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)

@@ -11,9 +11,12 @@ The CRDs in ``crds/`` are the one source of truth. This module reads their
 4. the CEL rules of ``x-kubernetes-validations`` run against each value that is present
    (``self`` bound to it), reported at their ``fieldPath`` with their ``message``.
 
-Messages follow the API server's ``field.Error`` wording, so what ``mailflow validate``
-prints is what ``kubectl apply`` would print. Only the subset of OpenAPI that our CRDs
-use is implemented; an unknown keyword in a CRD is an error, not silently ignored.
+Messages follow the API server's ``field.Error`` wording (``Required value``, ``Invalid
+value: …``), so what ``mailflow validate`` prints reads like what ``kubectl apply`` prints,
+with two deliberate differences: a value that does not match a pattern is told what to
+change in words instead of the regex, and a mistyped field or enum value gets a "did you
+mean" (:mod:`.wording`). Only the subset of OpenAPI that our CRDs use is implemented; an
+unknown keyword in a CRD is an error, not silently ignored.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from typing import Any
 import cel
 
 from mailflow_compiler.errors import CrdError
+from mailflow_compiler.wording import did_you_mean, pattern_hint
 
-__all__ = ["FieldError", "StructuralSchema"]
+__all__ = ["CEL_SKIPPED", "FieldError", "StructuralSchema"]
 
 _KNOWN_KEYWORDS = frozenset(
     {
@@ -60,7 +64,7 @@ _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 )
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_CEL_SKIPPED = (
+CEL_SKIPPED = (
     "some validation rules were not checked because the object was invalid; "
     "correct the existing errors to complete validation"
 )
@@ -78,6 +82,8 @@ class FieldError:
     blocking: bool = field(default=False, compare=False)
     """A wrong type, an unsupported value, a missing required field, a too long string or
     list: CEL rules do not run after it (kube-apiserver's blocking errors)."""
+    meant: str | None = field(default=None, compare=False)
+    """For a mistyped field: the path of the field it most likely meant."""
 
 
 def _show(value: object) -> str:
@@ -192,7 +198,7 @@ class StructuralSchema:
         # came first; then none runs, and the user is told that more may follow.
         if any(e.blocking for e in errors):
             if self.has_cel:
-                errors.append(FieldError("", _CEL_SKIPPED))
+                errors.append(FieldError("", CEL_SKIPPED))
         else:
             errors += self._cel_walk(self.raw, value, "")
         return errors
@@ -232,8 +238,12 @@ class StructuralSchema:
     def _keywords(self, node: Mapping[str, Any], value: Any, path: str) -> Iterator[FieldError]:
         if "enum" in node and value not in node["enum"]:
             supported = ", ".join(_show(v) for v in node["enum"])
+            near = did_you_mean(value, node["enum"]) if isinstance(value, str) else None
+            hint = f"did you mean {_show(near)}? " if near else ""
             yield FieldError(
-                path, f"Unsupported value: {_show(value)}: supported values: {supported}", True
+                path,
+                f"Unsupported value: {_show(value)}: {hint}supported values: {supported}",
+                True,
             )
         if isinstance(value, str):
             if "maxLength" in node and len(value) > node["maxLength"]:
@@ -247,10 +257,11 @@ class StructuralSchema:
                     f"Invalid value: {_show(value)}: should be at least {node['minLength']} chars long",
                 )
             if "pattern" in node and not _compiled_pattern(node["pattern"]).search(value):
-                yield FieldError(
-                    path,
-                    f"Invalid value: {_show(value)}: should match '{_escaped(node['pattern'])}'",
+                accepts = _compiled_pattern(node["pattern"]).search
+                hint = pattern_hint(path, value, lambda v: accepts(v) is not None) or (
+                    f"should match '{_escaped(node['pattern'])}'"
                 )
+                yield FieldError(path, f"Invalid value: {_show(value)}: {hint}")
         if isinstance(value, int | float) and not isinstance(value, bool):
             if "minimum" in node and value < node["minimum"]:
                 yield FieldError(
@@ -286,7 +297,12 @@ class StructuralSchema:
             child = properties.get(name)
             if child is None:
                 if not node.get("x-kubernetes-preserve-unknown-fields", False):
-                    yield FieldError(_join(path, name), "Unknown field: not declared in the schema")
+                    near = did_you_mean(str(name), properties) if properties else None
+                    yield FieldError(
+                        _join(path, name),
+                        _unknown_field(name, near, properties),
+                        meant=_join(path, near) if near else None,
+                    )
                 continue
             yield from self._validate(child, child_value, _join(path, name))
 
@@ -336,6 +352,13 @@ class StructuralSchema:
                 yield FieldError(target, f"Invalid value: {message}")
             else:
                 yield FieldError(target, f"{prefix}: {message}")
+
+
+def _unknown_field(name: object, near: str | None, properties: Mapping[str, Any]) -> str:
+    if near:
+        return f"Unknown field: did you mean {_show(near)}?"
+    known = ", ".join(sorted(properties)) or "none"
+    return f"Unknown field: not declared in the schema (fields here: {known})"
 
 
 def _has_type(value: object, expected: str) -> bool:

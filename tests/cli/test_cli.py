@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +30,11 @@ def test_the_crds_and_every_example_validate_cleanly() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
     assert result.stderr.splitlines()[-1] == "checked 9 object(s): 0 problem(s)"
-    assert "note: crds/outboundconnectors.mailflow.dev.yaml:1: skipped" in result.stderr
+    # The CRDs given are used, and the user is told so (they used to be skipped silently).
+    assert (
+        "note: crds/outboundconnectors.mailflow.dev.yaml:4:1: checking mailflow.dev/v1alpha1 "
+        "OutboundConnector against this CRD (given on the command line) instead of the built-in one"
+    ) in result.stderr.splitlines()
 
 
 def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
@@ -35,48 +42,91 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
     assert result.returncode == 1
     b = "tests/fixtures/broken"
     assert result.stdout.splitlines() == [
-        f"{b}/connectors.yaml:1: OutboundConnector/mail/name-match-without-name: "
+        f"{b}/connectors.yaml:9:3: OutboundConnector/mail/name-match-without-name: "
         "spec.tls.certificateName: Required value: certificateName is required when mode is NameMatch",
-        f"{b}/connectors.yaml:2: OutboundConnector/mail/two-destinations: "
-        "spec.destination: Invalid value: set at most one of smartHost and profileRef; "
+        f"{b}/connectors.yaml:18:22: OutboundConnector/mail/two-destinations: "
+        'spec.recipientDomains[0]: Invalid value: "Contoso.com": must be lower case: "contoso.com"',
+        f"{b}/connectors.yaml:19:3: OutboundConnector/mail/two-destinations: "
+        'spec.destination: Invalid value: set at most one of smartHost and profileRef; '
         "omit both to deliver to the recipient's MX",
-        f"{b}/connectors.yaml:2: OutboundConnector/mail/two-destinations: "
+        f"{b}/connectors.yaml:20:39: OutboundConnector/mail/two-destinations: "
         "spec.destination.smartHost.port: Invalid value: 70000: should be less than or equal to 65535",
-        f"{b}/connectors.yaml:2: OutboundConnector/mail/two-destinations: "
-        'spec.recipientDomains[0]: Invalid value: "Contoso.com": should match \'^(\\*|\\*\\.\\*|(\\*\\.)?'
-        "[a-z0-9\\x{80}-\\x{FFFF}]([-a-z0-9\\x{80}-\\x{FFFF}]{0,61}[a-z0-9\\x{80}-\\x{FFFF}])?(\\.[a-z0-9\\x{80}-\\x{FFFF}]"
-        "([-a-z0-9\\x{80}-\\x{FFFF}]{0,61}[a-z0-9\\x{80}-\\x{FFFF}])?)*)$'",
-        f"{b}/connectors.yaml:3: OutboundConnector/mail/missing-profile: "
+        f"{b}/connectors.yaml:31:18: OutboundConnector/mail/missing-profile: "
         'spec.destination.profileRef.name: Not found: "no-such-pool": no MultiSmtpProfile named '
         '"no-such-pool" in namespace "mail"',
-        f"{b}/connectors.yaml:5: OutboundConnector/mail/second-catch-all: "
-        "spec.tls.pinnedFingerprints: Invalid value: pinnedFingerprints are only used when "
+        f"{b}/connectors.yaml:50:5: OutboundConnector/mail/second-catch-all: "
+        'spec.tls.pinnedFingerprints: Invalid value: pinnedFingerprints are only used when '
         "mode is SelfSigned",
-        f"{b}/profiles.yaml:1: MultiSmtpProfile/mail/empty-pool: spec.balancing: "
-        'Unsupported value: "Random": supported values: "RoundRobin", "Failover"',
-        f"{b}/profiles.yaml:1: MultiSmtpProfile/mail/empty-pool: spec.servers: "
+        f"{b}/profiles.yaml:7:3: MultiSmtpProfile/mail/empty-pool: spec.servers: "
         "Invalid value: 0: should have at least 1 items",
-        # MultiSmtpProfile has no CEL rules: nothing was skipped, as kube-apiserver says nothing.
-        f"{b}/unparsable.yaml:1: -: -: line 5, column 2: YAML: expected <block end>, but found "
-        "'<block mapping start>'",
+        f"{b}/profiles.yaml:8:3: MultiSmtpProfile/mail/empty-pool: spec.balancing: "
+        'Unsupported value: "Random": supported values: "RoundRobin", "Failover"',
+        f"{b}/typos.yaml:8:22: OutboundConnector/mail/all-via-compliance-typos: "
+        'spec.recipientDomains[0]: Invalid value: "Payroll.example": must be lower case: '
+        '"payroll.example"',
+        f"{b}/typos.yaml:10:17: OutboundConnector/mail/all-via-compliance-typos: "
+        'spec.destination.smartHost.host: Invalid value: "compliance.contoso.com:2525": put the '
+        'port in `port:` (2525) and only the host in `host:` ("compliance.contoso.com")',
+        f"{b}/typos.yaml:13:5: OutboundConnector/mail/all-via-compliance-typos: "
+        'spec.tls.certificatename: Unknown field: did you mean "certificateName"?',
+        f"{b}/unparsable.yaml:5:2: YAML: expected <block end>, but found '<block mapping start>'",
     ]
+    # No cascaded "-:" line; and no CEL note here: the one blocking error is on a
+    # MultiSmtpProfile, which has no CEL rules (kube-apiserver says nothing either).
+    assert " -: " not in result.stdout
+    assert "CEL rules" not in result.stderr
 
 
-def test_validate_json_output_carries_every_field_of_a_problem() -> None:
+def test_cel_rules_that_did_not_run_are_one_note_in_the_summary(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "apiVersion: mailflow.dev/v1alpha1\nkind: OutboundConnector\n"
+        "metadata: {name: c, namespace: mail}\n"
+        "spec: {recipientDomains: [contoso.com], tls: {mode: namematch}}\n"
+    )
+    result = mailflow("validate", str(tmp_path))
+    assert result.returncode == 1
+    assert 'did you mean "NameMatch"?' in result.stdout
+    assert (
+        "note: the CEL rules of 1 object(s) did not run because of the errors above; fix those "
+        "and run again, more may follow"
+    ) in result.stderr.splitlines()
+
+
+def test_validate_json_output_gives_the_line_and_column_of_the_field() -> None:
     result = mailflow("validate", "--output", "json", "tests/fixtures/broken/profiles.yaml")
     assert result.returncode == 1
     body = json.loads(result.stdout)
     assert body["checked"] == 1
-    assert body["problems"][0] == {
+    assert body["problems"][1] == {
         "file": "tests/fixtures/broken/profiles.yaml",
         "document": 1,
-        "line": 1,
+        "line": 8,
+        "column": 3,
         "kind": "MultiSmtpProfile",
         "namespace": "mail",
         "name": "empty-pool",
         "path": "spec.balancing",
         "message": 'Unsupported value: "Random": supported values: "RoundRobin", "Failover"',
     }
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"README.md": "# not a manifest"}, {"deploy.yaml": "apiVersion: v1\nkind: ConfigMap\n"}],
+    ids=["empty-folder", "no-yaml-file", "no-mailflow-object"],
+)
+def test_validate_with_nothing_to_check_exits_1_and_says_why(
+    tmp_path: Path, layout: dict[str, str]
+) -> None:
+    for name, text in layout.items():
+        (tmp_path / name).write_text(text)
+    result = mailflow("validate", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"mailflow: error: no OutboundConnector or MultiSmtpProfile found in {tmp_path}: nothing "
+        "was checked (give the files or folders that hold them; folders are searched for .yaml, "
+        ".yml and .json)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -263,3 +313,85 @@ def test_mailflow_relay_never_imports_kopf_or_the_kubernetes_client() -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     assert "mailflow_relay.engine.relay" in imported
     assert not {m for m in imported if m.split(".")[0] in ("kopf", "kubernetes", "aiohttp")}
+
+
+# --- one line, not a traceback ----------------------------------------------------------------
+
+
+def command() -> list[str]:
+    script = Path(sys.executable).parent / "mailflow"
+    return [str(script)] if script.exists() else [shutil.which("mailflow") or "mailflow"]
+
+
+@pytest.mark.parametrize("option", ["--listen", "--http"])
+def test_a_port_already_in_use_is_one_line_naming_the_option(tmp_path: Path, option: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        ports = {"--listen": "127.0.0.1:0", "--http": "127.0.0.1:0", option: address}
+        result = mailflow(
+            "relay", "--manifests", "examples", "--spool", str(tmp_path / "spool"),
+            "--listen", ports["--listen"], "--http", ports["--http"],
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"mailflow: error: {option} {address}: address already in use: another process (another "
+        f"relay?) listens on {address}; stop it or choose another port"
+    )
+
+
+def test_the_operator_without_a_cluster_to_talk_to_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")
+    }
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config
+    result = subprocess.run(
+        [*command(), "operator", "-n", "mail", "--routing-secret", "mail/routing",
+         "--relay-selector", "app=relay"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "mailflow: error: no Kubernetes credentials: not running in a pod (no service account) "
+        "and no usable kubeconfig (Invalid kube-config file. No configuration found.); set "
+        "KUBECONFIG to a kubeconfig file, or run the operator in the cluster (helm/mailflow)"
+    ]
+
+
+def test_queue_list_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `mailflow queue list | head`: the reader is gone before the output is.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*command(), "queue", "list", "--spool", str(tmp_path)],
+            cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 0
+
+
+def test_relay_help_says_that_http_serves_metrics_too() -> None:
+    result = mailflow("relay", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "--http HOST:PORT serve /healthz, /readyz and /metrics here" in text
+
+
+def test_the_operator_and_the_relay_take_the_same_log_formats() -> None:
+    from mailflow_cli.main import build_parser
+
+    def choices(command: str) -> list[str]:
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (action,) = [a for a in subparsers.choices[command]._actions if a.dest == "log_format"]
+        return list(action.choices or [])
+
+    assert choices("operator") == choices("relay") == ["text", "json"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from mailflow_compiler.checks import check_manifests
-from mailflow_compiler.manifests import load_manifests
+from mailflow_compiler.compiler import compile_routing
+from mailflow_compiler.manifests import RawConnector, load_manifests
 from mailflow_relay.routing.document import ObjectRef, ProfilePool
 
+TRUSTED = "  tls: {mode: TrustedCA}"
 CA_PEM = (Path(__file__).parents[2] / "examples" / "00-secrets.yaml").read_text()
 
 
@@ -44,7 +47,7 @@ def oc(
 def test_profile_ref_to_a_missing_profile_is_reported_on_the_field(tmp_path: Path) -> None:
     text = oc("a", spec="  destination: {profileRef: {name: pool}}")
     assert run(tmp_path, text) == [
-        f"{tmp_path}/m.yaml:1: OutboundConnector/mail/a: spec.destination.profileRef.name: "
+        f"{tmp_path}/m.yaml:7:30: OutboundConnector/mail/a: spec.destination.profileRef.name: "
         'Not found: "pool": no MultiSmtpProfile named "pool" in namespace "mail"'
     ]
 
@@ -93,10 +96,10 @@ def test_two_connectors_with_the_same_pattern_and_scope_conflict_and_both_are_to
     text = oc("zeta") + oc("alpha")
     problems = run(tmp_path, text)
     assert problems == [
-        f"{tmp_path}/m.yaml:1: OutboundConnector/mail/zeta: spec.recipientDomains[0]: "
+        f"{tmp_path}/m.yaml:6:22: OutboundConnector/mail/zeta: spec.recipientDomains[0]: "
         'Conflicted: "contoso.com" for every sender is also claimed by OutboundConnector mail/alpha; '
         "mail/alpha is older (or first by name) and routes it",
-        f"{tmp_path}/m.yaml:2: OutboundConnector/mail/alpha: spec.recipientDomains[0]: "
+        f"{tmp_path}/m.yaml:13:22: OutboundConnector/mail/alpha: spec.recipientDomains[0]: "
         'Conflicted: "contoso.com" for every sender is also claimed by OutboundConnector mail/zeta; '
         "this connector is older (or first by name) and keeps routing it",
     ]
@@ -153,7 +156,7 @@ def test_connectors_in_different_namespaces_share_one_fleet_and_conflict(tmp_pat
 def test_u_label_and_punycode_in_one_list_are_duplicates(tmp_path: Path) -> None:
     problems = run(tmp_path, oc("a", recipients='["bücher.example", "xn--bcher-kva.example"]'))
     assert problems == [
-        f"{tmp_path}/m.yaml:1: OutboundConnector/mail/a: spec.recipientDomains[1]: "
+        f"{tmp_path}/m.yaml:6:40: OutboundConnector/mail/a: spec.recipientDomains[1]: "
         'Duplicate value: "xn--bcher-kva.example" is the same domain pattern as '
         "spec.recipientDomains[0] (xn--bcher-kva.example)"
     ]
@@ -168,7 +171,7 @@ def test_a_domain_that_idna_refuses_is_reported(tmp_path: Path) -> None:
 def test_a_numeric_host_that_is_not_an_ipv4_address_is_reported(tmp_path: Path) -> None:
     problems = run(tmp_path, oc("a", spec="  destination: {smartHost: {host: 999.1.1.1}}"))
     assert problems == [
-        f"{tmp_path}/m.yaml:1: OutboundConnector/mail/a: spec.destination.smartHost.host: "
+        f"{tmp_path}/m.yaml:7:29: OutboundConnector/mail/a: spec.destination.smartHost.host: "
         'Invalid value: "999.1.1.1": looks like an IPv4 address but is not a valid one'
     ]
 
@@ -190,8 +193,12 @@ def test_secret_references_are_checked_when_secrets_are_given(tmp_path: Path) ->
     secrets = SECRETS % base64.b64encode(b"hello").decode()
     text = (
         secrets
-        + oc("a", spec="  auth: {secretRef: {name: creds}}")
-        + oc("b", recipients='["b.example"]', spec="  auth: {secretRef: {name: nothere}}")
+        + oc("a", spec=f"  auth: {{secretRef: {{name: creds}}}}\n{TRUSTED}")
+        + oc(
+            "b",
+            recipients='["b.example"]',
+            spec=f"  auth: {{secretRef: {{name: nothere}}}}\n{TRUSTED}",
+        )
         + oc(
             "c",
             recipients='["c.example"]',
@@ -218,7 +225,37 @@ def test_secret_references_are_checked_when_secrets_are_given(tmp_path: Path) ->
 
 
 def test_secret_references_are_not_checked_without_secret_manifests(tmp_path: Path) -> None:
-    assert run(tmp_path, oc("a", spec="  auth: {secretRef: {name: creds}}")) == []
+    assert run(tmp_path, oc("a", spec=f"  auth: {{secretRef: {{name: creds}}}}\n{TRUSTED}")) == []
+
+
+def test_auth_with_an_unverified_tls_mode_is_refused_even_without_the_crd_rule() -> None:
+    # What the operator compiles for an object stored before the CEL rule existed (Helm
+    # never upgrades CRDs): the compiler refuses it too, and its mail waits rather than
+    # leaving without the login or with it over a session that proves nothing.
+    body: dict[str, Any] = {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "OutboundConnector",
+        "metadata": {"name": "legacy", "namespace": "mail"},
+        "spec": {
+            "recipientDomains": ["*"],
+            "destination": {"smartHost": {"host": "smtp.contoso.com"}},
+            "tls": {"mode": "SelfSigned"},
+            "auth": {"secretRef": {"name": "creds"}},
+        },
+    }
+    secrets = {ObjectRef("mail", "creds"): {"username": "relay", "password": "s3cret"}}
+    compiled = compile_routing([cast(RawConnector, body)], [], secrets)
+    (finding,) = compiled.findings
+    assert (finding.path, finding.condition, finding.reason) == (
+        "spec.auth",
+        "Accepted",
+        "InvalidValue",
+    )
+    assert finding.message.startswith("Invalid value: SelfSigned: auth sends credentials only")
+    (connector,) = compiled.document.connectors
+    assert connector.auth is None
+    assert connector.unresolved
+    assert "verified TLS" in connector.unresolved[0]
 
 
 def test_a_secret_with_data_that_is_not_base64_is_reported(tmp_path: Path) -> None:
@@ -226,7 +263,7 @@ def test_a_secret_with_data_that_is_not_base64_is_reported(tmp_path: Path) -> No
         "apiVersion: v1\nkind: Secret\nmetadata: {name: s, namespace: mail}\ndata: {key: '%%%'}\n"
     )
     assert run(tmp_path, text) == [
-        f"{tmp_path}/m.yaml:1: Secret/mail/s: data.key: Invalid value: not base64-encoded UTF-8 text"
+        f"{tmp_path}/m.yaml:4:8: Secret/mail/s: data.key: Invalid value: not base64-encoded UTF-8 text"
     ]
 
 
@@ -235,8 +272,8 @@ def test_the_same_object_twice_is_reported_with_both_places(tmp_path: Path) -> N
     (tmp_path / "b.yaml").write_text(oc("a"))
     problems = [p.format() for p in check_manifests(load_manifests([str(tmp_path)])).problems]
     assert problems == [
-        f"{tmp_path}/b.yaml:1: OutboundConnector/mail/a: metadata.name: Duplicate value: "
-        f"OutboundConnector mail/a is also defined at {tmp_path}/a.yaml:1"
+        f"{tmp_path}/b.yaml:4:12: OutboundConnector/mail/a: metadata.name: Duplicate value: "
+        f"OutboundConnector mail/a is also defined at {tmp_path}/a.yaml:2:1"
     ]
 
 
@@ -245,7 +282,7 @@ def test_a_missing_namespace_means_the_default_namespace(tmp_path: Path) -> None
     (tmp_path / "m.yaml").write_text(text)
     (problem,) = check_manifests(load_manifests([str(tmp_path)]), default_namespace="ops").problems
     assert problem.format().startswith(
-        f"{tmp_path}/m.yaml:1: OutboundConnector/ops/a: spec.recipientDomains[0]:"
+        f"{tmp_path}/m.yaml:4:27: OutboundConnector/ops/a: spec.recipientDomains[0]:"
     )
 
 
@@ -259,10 +296,10 @@ def test_unparsable_yaml_is_a_problem_with_its_line_and_other_files_are_still_ch
     problems = run(tmp_path, "", name="empty.yaml")
     assert (
         problems[0]
-        == f"{tmp_path}/bad.yaml:2: -: -: line 12, column 2: YAML: expected <block end>, but found '<block mapping start>'"
+        == f"{tmp_path}/bad.yaml:12:2: YAML: expected <block end>, but found '<block mapping start>'"
     )
     assert problems[1].startswith(
-        f"{tmp_path}/good.yaml:1: OutboundConnector/mail/b: spec.recipientDomains[0]: Invalid value"
+        f"{tmp_path}/good.yaml:6:22: OutboundConnector/mail/b: spec.recipientDomains[0]: Invalid value"
     )
     assert len(problems) == 2
 
@@ -270,7 +307,7 @@ def test_unparsable_yaml_is_a_problem_with_its_line_and_other_files_are_still_ch
 def test_a_key_written_twice_is_a_problem(tmp_path: Path) -> None:
     text = "apiVersion: mailflow.dev/v1alpha1\nkind: OutboundConnector\nmetadata: {name: a}\nspec:\n  recipientDomains: [a.example]\n  recipientDomains: [b.example]\n"
     assert run(tmp_path, text) == [
-        f"{tmp_path}/m.yaml:1: -: -: line 6, column 3: YAML: duplicate key 'recipientDomains' (first at line 5)"
+        f"{tmp_path}/m.yaml:6:3: YAML: duplicate key 'recipientDomains' (first at line 5)"
     ]
 
 
@@ -280,12 +317,12 @@ def test_unknown_kinds_are_skipped_with_a_note(tmp_path: Path) -> None:
     )
     result = check_manifests(load_manifests([str(tmp_path)]))
     assert result.problems == []
-    assert result.notes == [f"{tmp_path}/m.yaml:1: skipped apps/v1/Deployment web"]
+    assert result.notes == [f"{tmp_path}/m.yaml:1:1: skipped apps/v1/Deployment web"]
 
 
 def test_a_document_that_is_not_a_mapping_is_a_problem(tmp_path: Path) -> None:
     assert run(tmp_path, "- just\n- a list\n") == [
-        f"{tmp_path}/m.yaml:1: -: -: line 1: expected a Kubernetes object (a mapping), got list"
+        f"{tmp_path}/m.yaml:1:1: expected a Kubernetes object (a mapping), got list"
     ]
 
 
@@ -299,7 +336,135 @@ items:
     (tmp_path / "m.yaml").write_text(text)
     result = check_manifests(load_manifests([str(tmp_path)]))
     assert result.checked == 2
-    assert [p.name for p in result.problems] == ["b"]
+    assert [(p.name, p.line, p.column) for p in result.problems] == [("b", 5, 113)]
+
+
+def test_a_problem_points_at_the_line_and_column_of_its_field(tmp_path: Path) -> None:
+    text = """# the compliance connector, with a typo
+apiVersion: mailflow.dev/v1alpha1
+kind: OutboundConnector
+metadata: {name: all-via-compliance, namespace: mail}
+spec:
+  recipientDomains: ["*"]
+  destination:
+    smartHost:
+      host: compliance.contoso.com
+      port: 0
+  tls:
+    mode: NameMatch
+    certificatename: "*.contoso.com"
+"""
+    (tmp_path / "m.yaml").write_text(text)
+    result = check_manifests(load_manifests([str(tmp_path)]))
+    # One mistake, one line: no "certificateName: Required value" after the typo.
+    assert [(p.path, p.line, p.column) for p in result.problems] == [
+        ("spec.destination.smartHost.port", 10, 7),
+        ("spec.tls.certificatename", 13, 5),
+    ]
+    assert result.problems[1].format() == (
+        f"{tmp_path}/m.yaml:13:5: OutboundConnector/mail/all-via-compliance: "
+        'spec.tls.certificatename: Unknown field: did you mean "certificateName"?'
+    )
+    # A field that is missing is reported where its object is written.
+    (tmp_path / "m.yaml").write_text(text.replace('    certificatename: "*.contoso.com"\n', ""))
+    problems = check_manifests(load_manifests([str(tmp_path)])).problems
+    assert [(p.path, p.line, p.column) for p in problems if "tls" in p.path] == [
+        ("spec.tls.certificateName", 11, 3)
+    ]
+
+
+@pytest.mark.parametrize("name", ["a.YML", "b.Yaml", "c.yml", "d.JSON"])
+def test_folder_scans_take_yaml_suffixes_in_any_case(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_text(oc("a").removeprefix("---"))
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    assert check_manifests(load_manifests([str(tmp_path)])).checked == 1
+
+
+def test_a_mailflow_kind_under_another_api_version_is_a_problem_not_a_note(tmp_path: Path) -> None:
+    # Skipped, the connector would route nothing, and its mail would go elsewhere.
+    text = oc("a").replace("mailflow.dev/v1alpha1", "mailflow.io/v1alpha1")
+    assert run(tmp_path, text) == [
+        f"{tmp_path}/m.yaml:2:1: OutboundConnector/mail/a: apiVersion: Invalid value: "
+        '"mailflow.io/v1alpha1": OutboundConnector is served as mailflow.dev/v1alpha1; did you '
+        "mean apiVersion: mailflow.dev/v1alpha1?"
+    ]
+
+
+def test_a_mistyped_mailflow_kind_is_offered_its_spelling(tmp_path: Path) -> None:
+    text = oc("a").replace("kind: OutboundConnector", "kind: outboundconnector")
+    (problem,) = run(tmp_path, text)
+    assert 'kind: no matches for kind "outboundconnector" in version "mailflow.dev/v1alpha1": ' in (
+        problem
+    )
+    assert "did you mean kind: OutboundConnector?" in problem
+
+
+CRDS = Path(__file__).parents[2] / "crds"
+
+
+def test_a_mailflow_crd_given_as_input_is_used_instead_of_the_built_in_one(tmp_path: Path) -> None:
+    # The CRD a cluster runs may be older than this checkout (Helm never upgrades CRDs):
+    # given on the command line, it is the one the objects are checked against.
+    crd = (CRDS / "outboundconnectors.mailflow.dev.yaml").read_text()
+    stricter = crd.replace("maxLength: 1024", "maxLength: 10", 1)
+    assert stricter != crd
+    (tmp_path / "crd.yaml").write_text(stricter)
+    (tmp_path / "m.yaml").write_text(oc("a", spec='  description: "longer than ten"'))
+    result = check_manifests(load_manifests([str(tmp_path)]))
+    assert [(p.path, p.message) for p in result.problems] == [
+        ("spec.description", "Too long: may not be more than 10 bytes")
+    ]
+    assert result.notes == [
+        f"{tmp_path}/crd.yaml:4:1: checking mailflow.dev/v1alpha1 OutboundConnector against this "
+        "CRD (given on the command line) instead of the built-in one"
+    ]
+    # Without it, the built-in CRD says nothing about that description.
+    alone = check_manifests(load_manifests([str(tmp_path / "m.yaml")]))
+    assert alone.problems == []
+
+
+def test_two_different_crds_for_one_kind_are_a_problem_and_two_copies_are_not(
+    tmp_path: Path,
+) -> None:
+    crd = (CRDS / "outboundconnectors.mailflow.dev.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(crd)
+    (tmp_path / "b.yaml").write_text(crd)
+    (tmp_path / "m.yaml").write_text(oc("a"))
+    assert check_manifests(load_manifests([str(tmp_path)])).problems == []
+    (tmp_path / "b.yaml").write_text(crd.replace("maxLength: 1024", "maxLength: 10", 1))
+    (problem,) = check_manifests(load_manifests([str(tmp_path)])).problems
+    assert (problem.file, problem.path) == (f"{tmp_path}/b.yaml", "spec.names.kind")
+    assert problem.message == (
+        "Duplicate value: mailflow.dev/v1alpha1 OutboundConnector is also defined at "
+        f"{tmp_path}/a.yaml:4:1; give one CRD per kind"
+    )
+
+
+def test_a_mailflow_crd_that_cannot_be_used_is_a_problem(tmp_path: Path) -> None:
+    crd = (CRDS / "outboundconnectors.mailflow.dev.yaml").read_text()
+    (tmp_path / "crd.yaml").write_text(crd.replace("maxLength: 1024", "maxProperties: 3", 1))
+    (problem,) = run(tmp_path, oc("a"), name="m.yaml")
+    assert problem.startswith(f"{tmp_path}/crd.yaml:")
+    assert (
+        "CustomResourceDefinition/outboundconnectors.mailflow.dev: spec: cannot use this CRD: "
+        in (problem)
+    )
+    assert "unsupported schema keywords ['maxProperties']" in problem
+
+
+def test_a_crd_of_another_api_group_is_skipped_with_a_note(tmp_path: Path) -> None:
+    other = """apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec: {group: example.com}
+"""
+    (tmp_path / "crd.yaml").write_text(other)
+    result = check_manifests(load_manifests([str(tmp_path)]))
+    assert result.problems == []
+    assert result.notes == [
+        f"{tmp_path}/crd.yaml:1:1: skipped CustomResourceDefinition widgets.example.com: not of "
+        "the mailflow.dev API group"
+    ]
 
 
 def test_the_examples_ca_bundle_is_a_real_certificate() -> None:

@@ -1,12 +1,14 @@
 """Fixtures of the chart tests: Helm's binary, and the chart rendered per set of values.
 
 Helm comes from `scripts/install-helm.sh` (run by `make test`) into `.tools/bin/helm`; without
-it the tests that need it are skipped with that reason. Rendering is cached per set of values,
-so the whole suite runs `helm template` a handful of times.
+it the tests that need it are skipped with that reason, and with CI=true they fail instead.
+Rendering is cached per set of values, so the whole suite runs `helm template` a handful of
+times.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,10 @@ _cache: dict[tuple[str, ...], Rendered] = {}
 @pytest.fixture(scope="session")
 def helm_binary() -> Path:
     if not HELM.exists():
-        pytest.skip(f"{HELM.relative_to(ROOT)} is missing: run `bash scripts/install-helm.sh`")
+        reason = f"{HELM.relative_to(ROOT)} is missing: run `bash scripts/install-helm.sh`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)  # in CI a missing tool is a broken pipeline, not a pass
+        pytest.skip(reason)
     return HELM
 
 

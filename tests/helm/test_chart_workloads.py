@@ -66,7 +66,11 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
         "10.0.0.0/8",
         "172.16.0.0/12",
         "192.168.0.0/16",
+        "::1/128",
     ]
+    assert "--allow-open-relay" not in args
+    # The NOTES promise JSON logs with a queue id: the chart asks for them.
+    assert option(args, "--log-format") == ["json"]
     assert option(args, "--hostname") == [
         "$(POD_NAME).mailflow-relay-headless.mail.svc.cluster.local"
     ]
@@ -80,8 +84,15 @@ def test_relay_runs_in_cluster_mode_with_the_contracted_flags(default: Rendered)
 def test_relay_tls_auth_allow_list_and_default_route_come_from_values(production: Rendered) -> None:
     relay = relay_of(production)
     args = container(relay, "relay")["args"]
-    # The allow-list, plus the pod network so that peers accept the hand-off on drain.
-    assert option(args, "--accept-from") == ["10.20.0.0/16", "10.30.4.0/24", "10.244.0.0/16"]
+    # The allow-list, loopback (kubectl port-forward), and the pod network so that peers
+    # accept the hand-off on drain.
+    assert option(args, "--accept-from") == [
+        "10.20.0.0/16",
+        "10.30.4.0/24",
+        "127.0.0.0/8",
+        "::1/128",
+        "10.244.0.0/16",
+    ]
     assert option(args, "--default-route") == ["Reject"]
     assert option(args, "--hostname") == ["relay.mail.contoso.com"]
     assert option(args, "--tls-cert") == ["/etc/mailflow/tls/tls.crt"]
@@ -180,6 +191,7 @@ def test_operator_runs_with_the_contracted_flags(default: Rendered, production: 
     ]
     assert option(args, "--liveness") == ["http://0.0.0.0:8080/healthz"]
     assert option(args, "--metrics") == ["0.0.0.0:9091"]
+    assert option(args, "--log-format") == ["json"]  # the same value as the relays'
     ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
     assert ports == {"liveness": 8080, "metrics": 9091}
     # The operator compiles the default route into the document: the same as the relays'.

@@ -126,6 +126,16 @@ def test_webhook_refuses_conflicts_with_the_messages_of_mailflow_validate(pki: P
             assert message == expected_problems([existing, clash], "second")
             assert "OutboundConnector mail/first" in message
 
+            # Credentials with a TLS mode that verifies nothing: refused over the real
+            # AdmissionReview path too (a cluster's older CRD may lack the CEL rule).
+            leaky = connector("leaky", ["leaky.example"], auth={"secretRef": {"name": "creds"}})
+            refused = (await post(port, path, review(leaky), ca_file))["response"]
+            assert refused["allowed"] is False
+            assert refused["status"]["message"].startswith(
+                "spec.auth: Invalid value: Opportunistic: auth sends credentials only over a "
+                "verified TLS session"
+            )
+
             # A profile that does not exist (yet) is fine unless strict mode is on.
             pooled = connector(
                 "pooled", ["fabrikam.example"], destination={"profileRef": {"name": "nope"}}
@@ -170,3 +180,26 @@ def test_a_conflict_with_a_connector_of_another_namespace_is_refused_too() -> No
     findings = admission_findings(store, "OutboundConnector", body("team-b", "b"))
     assert [f.reason for f in findings] == ["Conflicted"]
     assert "team-a/a" in findings[0].message
+
+
+def test_auth_with_an_unverified_tls_mode_is_refused_even_where_the_crd_lacks_the_rule() -> None:
+    # Helm never upgrades CRDs: a cluster may still run one without the auth CEL rule, and
+    # then only the webhook stands between the password and an unverified server.
+    from mailflow_operator.store import Store
+    from mailflow_operator.webhook import admission_findings, denial_message
+
+    leaky = connector("leaky", ["*"], auth={"secretRef": {"name": "creds"}})
+    findings = admission_findings(Store(), "OutboundConnector", leaky)
+    assert [(f.path, f.condition) for f in findings] == [("spec.auth", "Accepted")]
+    assert denial_message(findings) == (
+        "spec.auth: Invalid value: Opportunistic: auth sends credentials only over a verified "
+        "TLS session: set tls.mode to TrustedCA, DomainMatch or NameMatch, or SelfSigned with "
+        "pinnedFingerprints"
+    )
+    pinned = connector(
+        "pinned",
+        ["*"],
+        auth={"secretRef": {"name": "creds"}},
+        tls={"mode": "SelfSigned", "pinnedFingerprints": ["sha256/" + "a" * 64]},
+    )
+    assert admission_findings(Store(), "OutboundConnector", pinned) == []

@@ -139,3 +139,60 @@ not resolve (it is not a cluster DNS client).
 {{- fail "operator.webhook.enabled needs a certificate the API server can trust: operator.webhook.certManager.issuerRef (cert-manager), or operator.webhook.certificateSecret with operator.webhook.caBundle. The operator's self-signed certificate is not supported by the chart: it changes at every start, and publishing it (--webhook-managed) needs cluster-wide create on ValidatingWebhookConfigurations and a URL the API server cannot resolve; see docs/install.md" }}
 {{- end }}
 {{- end }}
+
+{{/*
+Every network the relay trusts without AUTH (its --accept-from), as JSON: relay.acceptFrom;
+loopback unless relay.trustLoopback is false (only the pod's own network namespace reaches it:
+the relay itself and `kubectl port-forward`, which needs the pods/portforward permission);
+relay.handoff.peerCIDRs, the pod network, when hand-off or `helm test` needs it (with
+relay.networkPolicy, only the relay pods and the test pod are admitted from it).
+*/}}
+{{- define "mailflow.relay.acceptFrom" -}}
+{{- $relay := .Values.relay }}
+{{- $list := $relay.acceptFrom }}
+{{- if $relay.trustLoopback }}
+{{- $list = concat $list (list "127.0.0.0/8" "::1/128") }}
+{{- end }}
+{{- if or $relay.handoff.enabled .Values.tests.enabled }}
+{{- $list = concat $list $relay.handoff.peerCIDRs }}
+{{- end }}
+{{- toJson (uniq $list) }}
+{{- end }}
+
+{{/*
+The relay's fail-closed guards, or a render error that says what to change:
+- a network of prefix length 0 (0.0.0.0/0, ::/0) in what the relay trusts is an open relay:
+  refused unless relay.allowOpenRelay says so (then --allow-open-relay is passed);
+- an acceptFrom without the private ranges may not cover the pod network, and then a peer
+  refuses the hand-off (550: the rest of a draining pod's queue waits on its retained volume)
+  and so does the relay for the `helm test` pod. The chart cannot know the pod network:
+  relay.handoff.peerCIDRs says it, or the two are turned off.
+*/}}
+{{- define "mailflow.relay.guards" -}}
+{{- $relay := .Values.relay }}
+{{- $trusted := include "mailflow.relay.acceptFrom" . | fromJsonArray }}
+{{- range $trusted }}
+{{- if and (regexMatch "/0+$" .) (not $relay.allowOpenRelay) }}
+{{- fail (printf "relay.acceptFrom (or relay.handoff.peerCIDRs) contains %s: every client anywhere could relay mail through Mailflow, an open relay. Narrow it to your mail hosts' networks (clients elsewhere can use AUTH: relay.auth.existingSecret), or, if an open relay is really what you want, set relay.allowOpenRelay=true" .) }}
+{{- end }}
+{{- end }}
+{{- $private := list "10.0.0.0/8" "172.16.0.0/12" "192.168.0.0/16" "fc00::/7" "fd00::/8" }}
+{{- $coversPods := false }}
+{{- range $relay.acceptFrom }}
+{{- if or (has . $private) (regexMatch "/0+$" .) }}
+{{- $coversPods = true }}
+{{- end }}
+{{- end }}
+{{- if and (not $coversPods) (not $relay.handoff.peerCIDRs) }}
+{{- $needs := list }}
+{{- if $relay.handoff.enabled }}
+{{- $needs = append $needs "the hand-off between relay pods (relay.handoff.enabled)" }}
+{{- end }}
+{{- if .Values.tests.enabled }}
+{{- $needs = append $needs "`helm test` (tests.enabled)" }}
+{{- end }}
+{{- if $needs }}
+{{- fail (printf "relay.acceptFrom (%s) has none of the private ranges, so the chart cannot tell that it covers the pod network, which %s sends from: the relays would refuse it (550). Set relay.handoff.peerCIDRs to your cluster's pod network (with relay.networkPolicy.enabled=true, so that only the relay pods and the test pod are admitted from it), or turn off what needs it (relay.handoff.enabled=false, tests.enabled=false)" (join ", " $relay.acceptFrom | default "empty") (join " and " $needs)) }}
+{{- end }}
+{{- end }}
+{{- end }}

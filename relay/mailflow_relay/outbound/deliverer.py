@@ -449,10 +449,7 @@ class Deliverer:
                 elif tls.mode.requires_tls:  # pragma: no cover - fallback is Opportunistic only
                     raise _TargetFailed("4.7.5 TLS required", tls_failure=TlsFailure.HANDSHAKE)
                 if auth is not None:
-                    if session.tls_version is None:
-                        raise _TargetFailed(
-                            "4.7.0 credentials are only sent over TLS, and TLS was not established"
-                        )
+                    _refuse_unverified_auth(session, tls.mode)
                     try:
                         await smtp.login(auth.username, auth.password)
                     except aiosmtplib.SMTPException as e:
@@ -618,6 +615,24 @@ class Deliverer:
             except aiosmtplib.SMTPResponseException:
                 smtp.close()  # unknown state: never reused
         return [results[r] for r in recipients]
+
+
+def _refuse_unverified_auth(session: _Session, mode: TlsMode) -> None:
+    """Credentials go only over a session whose server was verified, whatever the document says.
+
+    The compiler, the CRD and the webhook already refuse ``auth`` with a mode that does not
+    verify (Opportunistic, SelfSigned without pins); this is the last line, local to the
+    one place that sends them: a document from an older operator or a hand-written one
+    must not leak the password to whoever answers on the port.
+    """
+    if session.tls_version is None:
+        raise _TargetFailed("4.7.0 credentials are only sent over TLS, and TLS was not established")
+    if not session.verified:
+        raise _TargetFailed(
+            f"4.7.0 credentials are only sent over verified TLS, and TLS mode {mode.value} "
+            "did not verify the server (use TrustedCA, DomainMatch, NameMatch or SelfSigned "
+            "with pinnedFingerprints): AUTH not sent"
+        )
 
 
 async def _goodbye(smtp: aiosmtplib.SMTP) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -367,6 +367,53 @@ def test_credentials_are_never_sent_without_tls() -> None:
     assert report.results[0].status is DeliveryStatus.DEFERRED
     assert "only sent over TLS" in report.results[0].message
     assert sink.messages == []
+
+
+class _AuthRecordingSink(SmtpSink):
+    """A sink that remembers every AUTH attempt, accepted or not: "never sent" is read here."""
+
+    attempts: list[str]
+
+    def _authenticate(self, *args: Any) -> Any:
+        self.attempts.append(str(args[3]))
+        return super()._authenticate(*args)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [TlsPolicy(TlsMode.OPPORTUNISTIC), TlsPolicy(TlsMode.SELF_SIGNED)],
+    ids=["Opportunistic", "SelfSigned-without-pins"],
+)
+def test_credentials_are_never_sent_over_unverified_tls(pki: Pki, policy: TlsPolicy) -> None:
+    # What a document from an older operator (or written by hand) may still say: auth with
+    # a mode that accepts any certificate. The server's certificate is from a CA nobody
+    # trusts, for another name: whoever answers must not get the password.
+    certificate = pki.ca("Somebody Else's CA").issue("mail.fabrikam.example")
+
+    async def scenario() -> tuple[DeliveryReport, _AuthRecordingSink]:
+        sink = _AuthRecordingSink(
+            cert_file=certificate.cert_file,
+            key_file=certificate.key_file,
+            users={"relay": "s3cret"},
+        )
+        sink.attempts = []
+        async with sink:
+            report = await send(
+                deliverer(),
+                SmartHost("127.0.0.1", sink.port),
+                policy,
+                auth=SmtpCredentials("relay", "s3cret"),
+            )
+            return report, sink
+
+    report, sink = run(scenario)
+    assert sink.attempts == []
+    assert sink.messages == []
+    result = report.results[0]
+    assert result.status is DeliveryStatus.DEFERRED
+    assert result.message.startswith("4.7.0 credentials are only sent over verified TLS")
+    assert f"TLS mode {policy.mode.value} did not verify the server" in result.message
+    assert "s3cret" not in result.message
 
 
 def test_refused_credentials_defer_and_never_bounce(pki: Pki) -> None:
