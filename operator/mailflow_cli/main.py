@@ -245,6 +245,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="standalone: YAML files or folders with connectors, profiles and their Secrets",
     )
     relay.add_argument(
+        "--skip-invalid-objects",
+        dest="skip_invalid",
+        action="store_true",
+        help="with --manifests: start (and reload) without the objects that fail validation or "
+        "conflict, naming each in the log and in /readyz, instead of refusing to start; their "
+        "mail takes another route",
+    )
+    relay.add_argument(
         "--routing-secret",
         metavar="NAMESPACE/NAME",
         help="in a cluster: read the routing document from this Secret (key routing.json) and "

@@ -66,8 +66,11 @@ def relay_setup(
     users: dict[str, str] = {}
     secrets: dict[str, dict[str, str]] = {}
     document = None
+    left_out: tuple[str, ...] = ()
     if args.manifests:
-        document, secrets = compile_manifests(args.manifests, args.namespace, default_route, err)
+        document, secrets, left_out = compile_manifests(
+            args.manifests, args.namespace, default_route, err, skip_invalid=args.skip_invalid
+        )
     if args.auth_secret:
         if args.auth_secret not in secrets:
             raise UsageError(
@@ -93,12 +96,19 @@ def relay_setup(
 
     def watcher(relay: Relay) -> ManifestWatcher:
         return ManifestWatcher(
-            relay, args.manifests, args.namespace, default_route, args.reload_interval
+            relay,
+            args.manifests,
+            args.namespace,
+            default_route,
+            args.reload_interval,
+            skip_invalid=args.skip_invalid,
         )
 
     source: DocumentSource
     if document is not None:
-        source = ManifestSource(document, watcher if args.reload_interval > 0 else None)
+        source = ManifestSource(
+            document, watcher if args.reload_interval > 0 else None, left_out=left_out
+        )
     else:
         namespace, _, name = args.routing_secret.partition("/")
         if not namespace or not name:

@@ -391,12 +391,15 @@ def _resolve_conflicts(
         winner, losers = ordered[0], ordered[1:]
         conflicts.append(Conflict(recipient, sender, winner.ref, tuple(c.ref for c in losers)))
         scope = "every sender" if sender is None else f"senders {sender}"
+        # Say what decided: "older" only when creation times did (offline, the name does).
+        by_age = all(c.created for c in ordered) and len({c.created for c in ordered}) > 1
+        why = "is older" if by_age else "comes first by name"
         for connector in ordered:
             others = ", ".join(str(c.ref) for c in ordered if c is not connector)
             if connector is winner:
-                outcome = "this connector is older (or first by name) and keeps routing it"
+                outcome = f"this connector {why} and keeps routing it"
             else:
-                outcome = f"{winner.ref} is older (or first by name) and routes it"
+                outcome = f"{winner.ref} {why} and routes it"
             index = written_at.get(connector.ref, {}).get(recipient, 0)
             findings.append(
                 Finding(

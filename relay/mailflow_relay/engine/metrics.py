@@ -86,6 +86,18 @@ class RelayMetrics:
             ["result"],
             registry=self.registry,
         )
+        self.config_refusals = Counter(
+            "mailflow_config_refusals",
+            "Routing documents refused, by cause (invalid, conflict, unreadable).",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.config_left_out = Gauge(
+            "mailflow_config_objects_left_out",
+            "Problems of objects the document in force was compiled without "
+            "(--skip-invalid-objects); 0 without the opt-in.",
+            registry=self.registry,
+        )
         self.sessions = Gauge(
             "mailflow_smtp_sessions",
             "Open SMTP sessions from clients.",

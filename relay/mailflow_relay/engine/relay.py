@@ -146,6 +146,8 @@ class Relay:
         self.router = Router(document)
         self.document = document
         self.metrics.config_generation.set(document.generation)
+        self.left_out: tuple[str, ...] = ()
+        """Objects the document in force was compiled without (``--skip-invalid-objects``)."""
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
@@ -191,14 +193,16 @@ class Relay:
 
     # --- configuration -----------------------------------------------------------------------
 
-    def load_document(self, document: RoutingDocument) -> None:
+    def load_document(self, document: RoutingDocument, *, left_out: Sequence[str] = ()) -> None:
         """Route new deliveries with ``document``; deliveries in progress keep their route.
 
         The swap is one assignment: a delivery reads ``self.router`` once, so it sees the
-        old document or the new one, never a mix. Sessions are not touched.
+        old document or the new one, never a mix. Sessions are not touched. ``left_out``
+        names the objects the document was compiled without, for ``/readyz``.
         """
         self.router = Router(document)
         self.document = document
+        self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
         logger.info(
@@ -223,10 +227,20 @@ class Relay:
         self.load_document(document)
         return True
 
-    def refuse_document(self, reason: str) -> None:
+    def leave_out(self, lines: Sequence[str]) -> None:
+        """Say that the document in force was compiled without these objects (the user
+        opted in): in ``/readyz`` detail and ``mailflow_config_objects_left_out``."""
+        self.left_out = tuple(lines)
+        self.metrics.config_left_out.set(len(self.left_out))
+
+    def refuse_document(self, reason: str, *, cause: str = "invalid") -> None:
+        """Keep the document in force; ``cause`` (invalid, conflict, unreadable) labels
+        ``mailflow_config_refusals_total``."""
         self.metrics.config_reloads.labels("refused").inc()
+        self.metrics.config_refusals.labels(cause).inc()
         logger.error(
-            "routing document refused: %s; generation %d stays in force",
+            "routing document refused (%s): %s; generation %d stays in force",
+            cause,
             reason,
             self.document.generation,
         )
