@@ -286,6 +286,12 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="networks allowed to relay without authentication (repeat); nobody else may relay",
     )
     relay.add_argument(
+        "--allow-open-relay",
+        action="store_true",
+        help="accept --accept-from 0.0.0.0/0 or ::/0 (anyone may relay); refused without "
+        "this, and warned about with it",
+    )
+    relay.add_argument(
         "--auth-secret",
         metavar="NAME",
         help="a Secret among the manifests whose stringData maps usernames to password hashes "

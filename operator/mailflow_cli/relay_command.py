@@ -151,6 +151,7 @@ def _settings(
             max_message_size=args.max_message_size,
             max_recipients=args.max_recipients,
             max_connections_per_client=args.max_connections_per_client,
+            allow_open_relay=args.allow_open_relay,
         ),
         spool_dir=spool_path(args.spool),
         delivery=DeliverySettings(

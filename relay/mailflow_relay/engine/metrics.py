@@ -98,6 +98,12 @@ class RelayMetrics:
             "(--skip-invalid-objects); 0 without the opt-in.",
             registry=self.registry,
         )
+        self.open_relay = Gauge(
+            "mailflow_open_relay",
+            "1 when every address may relay (accept-from 0.0.0.0/0 or ::/0, allowed "
+            "explicitly); 0 otherwise.",
+            registry=self.registry,
+        )
         self.sessions = Gauge(
             "mailflow_smtp_sessions",
             "Open SMTP sessions from clients.",

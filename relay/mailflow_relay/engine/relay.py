@@ -155,6 +155,13 @@ class Relay:
             settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
         )
         self.listener = SmtpListener(settings.listener, self._accept, self._check_recipient)
+        self.metrics.open_relay.set(1 if settings.listener.open_networks else 0)
+        if settings.listener.open_networks:
+            logger.warning(
+                "OPEN RELAY: anyone may relay through this relay (accept from %s, allowed by "
+                "allow_open_relay)",
+                ", ".join(str(n) for n in settings.listener.open_networks),
+            )
         self.on_delivery = on_delivery
         self._clock = clock
         self._index = DueIndex()

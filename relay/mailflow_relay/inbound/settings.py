@@ -102,6 +102,17 @@ class ListenerSettings:
     max_connections_per_client: int = 20
     """Simultaneous connections from one client address; more -> 421 4.7.0 and close."""
 
+    allow_open_relay: bool = False
+    """Allow an :attr:`accept_from` network of every address (``0.0.0.0/0``, ``::/0``):
+    anyone on the Internet may relay. Refused unless this says so (DESIGN.md: an open
+    relay must be asked for explicitly); when allowed, the relay warns at start and
+    ``mailflow_open_relay`` is 1."""
+
+    @property
+    def open_networks(self) -> tuple[IPNetwork, ...]:
+        """The :attr:`accept_from` networks that hold every address of their family."""
+        return tuple(n for n in self.accept_from if n.prefixlen == 0)
+
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ListenerConfigError(
@@ -120,6 +131,14 @@ class ListenerSettings:
                 raise ListenerConfigError(name, "must be a positive number of seconds")
         if not 0 <= self.port <= 65535:
             raise ListenerConfigError("port", f"{self.port} is not a TCP port")
+        if self.open_networks and not self.allow_open_relay:
+            shown = ", ".join(str(n) for n in self.open_networks)
+            raise ListenerConfigError(
+                "accept_from",
+                f"{shown} lets anyone on the Internet relay through this relay (an open "
+                "relay); name your mail hosts' networks, or add --allow-open-relay if that "
+                "is really what you want",
+            )
 
 
 def printable(text: str, limit: int = 100) -> str:

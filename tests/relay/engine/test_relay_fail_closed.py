@@ -175,3 +175,44 @@ def test_a_reload_that_introduces_a_conflict_is_refused_and_the_routes_stay(
             assert "introduce a conflict" in relay.output()
             assert "mail/aa-direct" in relay.output()
         assert newcomer.messages() == []
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0"])
+def test_an_open_relay_is_refused_without_the_explicit_switch(tmp_path: Path, network: str) -> None:
+    result = start(tmp_path, connector("all", '["*"]', 9), "--accept-from", network)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"mailflow: error: --accept-from: {network} lets anyone")
+    assert "--allow-open-relay" in line
+
+
+def test_an_open_relay_asked_for_explicitly_warns_and_shows_in_a_metric(tmp_path: Path) -> None:
+    http = free_port()
+    with RelayProcess(
+        tmp_path,
+        connector("all", '["*"]', 9),
+        "--accept-from",
+        "0.0.0.0/0",
+        "--allow-open-relay",
+        "--http",
+        f"127.0.0.1:{http}",
+    ) as relay:
+        eventually(lambda: http_get(http, "/readyz")[0] == 200)
+        assert metric(http, "mailflow_open_relay") == 1.0
+        assert "WARNING" in relay.output()
+        assert "OPEN RELAY" in relay.output()
+
+
+def test_a_relay_with_named_networks_is_not_an_open_relay(tmp_path: Path) -> None:
+    http = free_port()
+    with RelayProcess(
+        tmp_path,
+        connector("all", '["*"]', 9),
+        "--accept-from",
+        "127.0.0.1/32",
+        "--http",
+        f"127.0.0.1:{http}",
+    ) as relay:
+        eventually(lambda: http_get(http, "/readyz")[0] == 200)
+        assert "mailflow_open_relay 0.0" in http_get(http, "/metrics")[1]
+        assert "OPEN RELAY" not in relay.output()
