@@ -18,6 +18,7 @@ from mailflow_relay.hosting.serve import DocumentSource, serve
 from mailflow_relay.inbound.listener import ListenerConfigError, ListenerSettings
 from mailflow_relay.inbound.settings import IPNetwork
 from mailflow_relay.outbound.deliverer import DeliverySettings
+from mailflow_relay.queue.lock import SpoolInUseError
 from mailflow_relay.routing.document import DefaultAction, DefaultRoute
 
 __all__ = ["read_auth_dir", "relay_setup", "run_relay"]
@@ -38,7 +39,15 @@ def read_auth_dir(folder: str) -> dict[str, str]:
 
 def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     settings, source, http = relay_setup(args, err)
-    asyncio.run(serve(settings, source, http))
+    try:
+        asyncio.run(serve(settings, source, http))
+    except* SpoolInUseError as group:
+        busy = group.exceptions[0]
+        assert isinstance(busy, SpoolInUseError)
+        raise UsageError(
+            f"--spool {args.spool}: {busy}; stop that relay first, or give this one its own "
+            "--spool (`mailflow queue` commands work beside a running relay)"
+        ) from None
     return EXIT_OK
 
 

@@ -52,6 +52,7 @@ from mailflow_relay.outbound.deliverer import (
 from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.queue.admin import FLUSH_REQUEST
 from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
+from mailflow_relay.queue.lock import SpoolLock
 from mailflow_relay.queue.spool import (
     MessageNotFoundError,
     RecipientState,
@@ -154,7 +155,12 @@ class Relay:
         self.deliverer = Deliverer(
             settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
         )
-        self.listener = SmtpListener(settings.listener, self._accept, self._check_recipient)
+        self.listener = SmtpListener(
+            settings.listener,
+            self._accept,
+            self._check_recipient,
+            on_refusal=lambda reason: self.metrics.refused.labels(reason).inc(),
+        )
         self.metrics.open_relay.set(1 if settings.listener.open_networks else 0)
         if settings.listener.open_networks:
             logger.warning(
@@ -329,7 +335,17 @@ class Relay:
     # --- running -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return."""
+        """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return.
+
+        Raises :class:`SpoolInUseError` at once when another relay holds the spool."""
+        lock = SpoolLock(self.settings.spool_dir)
+        lock.acquire()
+        try:
+            await self._run()
+        finally:
+            lock.release()
+
+    async def _run(self) -> None:
         for message in await self._io(self.spool.scan):
             if message.is_final:
                 # A crash came between recording the last outcome and removing the record.

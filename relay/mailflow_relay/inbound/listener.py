@@ -105,10 +105,13 @@ class SmtpListener:
         settings: ListenerSettings,
         on_message: AcceptCallback,
         check_recipient: RecipientCheck | None = None,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_message = on_message
         self.check_recipient = check_recipient
+        self.on_refusal = on_refusal
+        """Told the reason (``mail_loop``) of a message refused at DATA, for a metric."""
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._accepting = False

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
 from mailflow_relay.inbound.settings import (
     COMMAND_LINE_LIMIT,
@@ -299,6 +300,10 @@ class SmtpSession(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout)
         data, refusal = await self._read_content()
+        if refusal is None:
+            refusal = hop_refusal(data, self.settings.max_hops)  # a mail loop: hops.py
+            if refusal is not None and self.listener.on_refusal is not None:
+                self.listener.on_refusal("mail_loop")
         envelope = self.envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         if refusal is not None:

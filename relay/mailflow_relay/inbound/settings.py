@@ -102,6 +102,10 @@ class ListenerSettings:
     max_connections_per_client: int = 20
     """Simultaneous connections from one client address; more -> 421 4.7.0 and close."""
 
+    max_hops: int = 50
+    """Most ``Received:`` headers a message may carry, counting the one this relay adds;
+    more -> 554 5.4.6 at the end of DATA (a mail loop; Postfix ``hopcount_limit``)."""
+
     allow_open_relay: bool = False
     """Allow an :attr:`accept_from` network of every address (``0.0.0.0/0``, ``::/0``):
     anyone on the Internet may relay. Refused unless this says so (DESIGN.md: an open
@@ -123,6 +127,7 @@ class ListenerSettings:
             "max_recipients",
             "max_line_length",
             "max_connections_per_client",
+            "max_hops",
         ):
             if getattr(self, name) < 1:
                 raise ListenerConfigError(name, "must be at least 1")

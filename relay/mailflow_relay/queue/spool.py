@@ -530,7 +530,8 @@ class Spool:
 
         messages: list[SpooledMessage] = []
         for name in names:
-            if name.startswith(_TEMP_PREFIX) or name == _CORRUPT_DIR:
+            # .relay.lock: the running relay's lock (queue/lock.py), not a message.
+            if name.startswith(_TEMP_PREFIX) or name in (_CORRUPT_DIR, ".relay.lock"):
                 continue
             stem, dot, suffix = name.rpartition(".")
             if not dot or f".{suffix}" not in (_RECORD_SUFFIX, _STATE_SUFFIX):

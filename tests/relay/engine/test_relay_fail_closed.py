@@ -11,6 +11,7 @@ from __future__ import annotations
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,73 @@ def test_a_relay_with_named_networks_is_not_an_open_relay(tmp_path: Path) -> Non
         eventually(lambda: http_get(http, "/readyz")[0] == 200)
         assert "mailflow_open_relay 0.0" in http_get(http, "/metrics")[1]
         assert "OPEN RELAY" not in relay.output()
+
+
+def test_a_second_relay_on_the_same_spool_refuses_to_start_naming_the_first(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    first_folder = tmp_path / "first"
+    first_folder.mkdir()
+    with RelayProcess(
+        first_folder, connector("all", '["*"]', 9), "--accept-from", "127.0.0.1/32", spool=spool
+    ) as first:
+        assert first.process is not None
+        second = tmp_path / "second"
+        second.mkdir()
+        result = start(second, connector("all", '["*"]', 9), "--spool", str(spool))
+        assert result.returncode == 2, result.stderr
+        (line,) = [s for s in result.stderr.splitlines() if s.startswith("mailflow:")]
+        assert f"is in use by the relay with PID {first.process.pid}" in line
+        assert line.startswith(f"mailflow: error: --spool {spool}: ")
+        assert "Traceback" not in result.stderr
+        # The queue commands still work beside the running relay.
+        listed = subprocess.run(
+            [MAILFLOW, "queue", "list", "--spool", str(spool)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+    # The first relay stopped, its lock went with it: the spool is free again.
+    with RelayProcess(
+        second, connector("all", '["*"]', 9), "--accept-from", "127.0.0.1/32", spool=spool
+    ) as again:
+        assert "foreign file" not in again.output()
+
+
+def test_a_connector_pointing_back_at_the_relay_stops_at_the_hop_limit_and_bounces_5_4_6(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    relay = RelayProcess(
+        tmp_path,
+        "",
+        "--accept-from",
+        "127.0.0.1/32",
+        "--http",
+        f"127.0.0.1:{(http := free_port())}",
+        # No idle connections to itself: they would hold the drain for its whole grace.
+        "--idle-connections",
+        "0",
+    )
+    # Recipients at loop.test go back into the relay itself; bounces to origin.test reach
+    # the sink.
+    (tmp_path / "manifests.yaml").write_text(
+        connector("back-to-me", '["loop.test"]', relay.port)
+        + connector("origin", '["origin.test"]', sink.port)
+    )
+    with relay:
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
+            client.sendmail("alice@origin.test", ["bob@loop.test"], "Subject: m\r\n\r\nx\r\n")
+        (dsn,) = sink.wait_for(1, timeout=60)
+        assert "Status: 5.4.6" in dsn.text
+        eventually(lambda: metric(http, 'mailflow_messages_refused_total{reason="mail_loop"}') == 1)
+        accepted = metric(http, "mailflow_messages_accepted_total")
+        # The client's copy and 49 loops (50 Received: headers), then the refusal; nothing
+        # keeps going round (before: about 2,000 copies in 15 s, without end).
+        assert accepted == 50.0
+        time.sleep(1)
+        assert metric(http, "mailflow_messages_accepted_total") == 50.0
+        assert "554 5.4.6 Too many hops" in relay.output()
+    assert len(sink.messages()) == 1
