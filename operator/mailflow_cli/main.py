@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="envelope recipient (repeat for several)",
     )
     explain.add_argument(
+        "--client",
+        metavar="IP",
+        help="address of the client that submits the message (for connectors with "
+        "spec.clients; default: a client no scope matches)",
+    )
+    explain.add_argument(
+        "--client-user",
+        metavar="USER",
+        help="SMTP AUTH user the client logged in as (for spec.clients.users)",
+    )
+    explain.add_argument(
         "--default-route",
         choices=[a.value for a in DefaultAction],
         default=DefaultAction.RECIPIENT_MX.value,

@@ -65,7 +65,7 @@ from mailflow_relay.routing.document import (
     RoutingDocument,
     TlsMode,
 )
-from mailflow_relay.routing.router import RouteDecision, Router
+from mailflow_relay.routing.router import Client, RouteDecision, Router
 
 __all__ = ["DeliveryEvent", "Relay", "RelaySettings"]
 
@@ -260,9 +260,11 @@ class Relay:
 
     # --- accepting ---------------------------------------------------------------------------
 
-    def _check_recipient(self, sender: str, recipient: str) -> tuple[int, str] | None:
+    def _check_recipient(
+        self, sender: str, recipient: str, client: str = "", user: str | None = None
+    ) -> tuple[int, str] | None:
         try:
-            decision = self.router.route_for(recipient, sender)
+            decision = self.router.route_for(recipient, sender, Client(client or None, user))
         except InvalidAddressError as e:
             self.metrics.refused.labels("bad_recipient").inc()
             return 553, f"5.1.3 {e.reason}"
@@ -278,6 +280,8 @@ class Relay:
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
                 message.with_received,
+                client=message.client_address,
+                user=message.authenticated_user,
             ),
             name="mailflow-store",
         )
@@ -543,7 +547,7 @@ class Relay:
         updates: list[RecipientState] = []
         for state in due:
             try:
-                decision = router.route_for(state.address, message.sender)
+                decision = router.route_for(state.address, message.sender, _client_of(message))
             except InvalidAddressError as e:
                 updates.append(final(state, RecipientStatus.FAILED, 553, f"5.1.3 {e.reason}"))
                 continue
@@ -771,6 +775,14 @@ class Relay:
         )
         for queue_id in await handoff.run(remaining):
             self._queued.pop(queue_id, None)
+
+
+def _client_of(message: SpooledMessage) -> Client | None:
+    """Who submitted ``message``, for client-scoped connectors; None for a bounce this
+    relay wrote (it matches only connectors not scoped to clients)."""
+    if not message.client and message.user is None:
+        return None
+    return Client(message.client or None, message.user)
 
 
 def _group_key(decision: RouteDecision) -> tuple[object, ...]:

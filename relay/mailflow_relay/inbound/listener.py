@@ -89,8 +89,9 @@ __all__ = [
 AcceptCallback: TypeAlias = Callable[[AcceptedMessage], Awaitable[str]]
 """Makes the message durable and returns its queue id; raising -> 451 4.3.0."""
 
-RecipientCheck: TypeAlias = Callable[[str, str], tuple[int, str] | None]
-"""(sender, recipient) -> None to accept, or (code, text) to refuse that RCPT."""
+RecipientCheck: TypeAlias = Callable[[str, str, str, str | None], tuple[int, str] | None]
+"""(sender, recipient, client address, AUTH user or None) -> None to accept, or
+(code, text) to refuse that RCPT (the client matters to client-scoped connectors)."""
 
 
 class SmtpListener:

@@ -266,7 +266,7 @@ class SmtpSession(SMTP):
         check = self.listener.check_recipient
         if check is not None:
             try:
-                verdict = check(sender, address)
+                verdict = check(sender, address, self.client, self.authenticated_user)
             except Exception:
                 log.exception("check_recipient failed for <%s>", printable(address))
                 return "451 4.3.0 Requested action aborted: local error in processing"

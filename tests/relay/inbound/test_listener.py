@@ -234,8 +234,9 @@ def test_empty_allow_list_and_no_users_relays_for_nobody() -> None:
 
 
 def test_check_recipient_may_refuse_a_recipient_with_its_own_reply() -> None:
-    def check(sender: str, recipient: str) -> tuple[int, str] | None:
+    def check(sender: str, recipient: str, client: str, user: str | None) -> tuple[int, str] | None:
         assert sender == "alice@sender.example"
+        assert (client, user) == ("127.0.0.1", None)
         if recipient.startswith("nobody@"):
             return 550, "5.1.1 No such recipient\r\nX-Injected: yes"
         return None
