@@ -170,6 +170,8 @@ def test_explain_says_who_submitted_and_which_client_scope_chose(tmp_path: Path)
     assert "clients      only mail submitted by 192.0.2.25/32" in text
     assert "mail/all-via-compliance (catch-all '*')" in text
     body = explain_json(document, "alice@contoso.com", ["bob@example.org"], None)
-    (decision,) = body["recipients"]  # type: ignore[misc]
+    recipients = body["recipients"]
+    assert isinstance(recipients, list)
+    (decision,) = recipients
     assert decision["connector"] == "mail/all-via-compliance"
     assert decision["clients"] is None
