@@ -167,7 +167,8 @@ def check(
     assert "connector=mail/all-via-compliance" in log
     assert "connector=mail/direct-after-compliance" in log
     assert "connector=mail/fabrikam-after-compliance" in log
-    assert "mail_loop" not in log and "5.4.6" not in log
+    assert "mail_loop" not in log
+    assert "5.4.6" not in log
 
 
 def test_the_compliance_example_validates_and_explains_both_sides() -> None:
