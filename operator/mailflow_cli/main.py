@@ -442,6 +442,15 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="on SIGTERM: time for sessions to finish and deliveries to go on (default: %(default)s)",
     )
     relay.add_argument(
+        "--handoff-peer",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="network of the peer relays (repeat): a hand-off from them keeps the message's "
+        "arrival time (queue lifetime, DSN Arrival-Date) and submitting client; from anyone "
+        "else that trace header is removed and ignored",
+    )
+    relay.add_argument(
         "--handoff",
         metavar="HOST:PORT",
         help="on SIGTERM, after the grace period: hand what is left in the spool to this peer relay",

@@ -178,4 +178,5 @@ def _settings(
         drain_grace=args.drain_grace,
         # The peer is the relay Service: a name, resolved when the hand-off happens.
         handoff=handoff,
+        handoff_peers=parse_networks(args.handoff_peer, "--handoff-peer"),
     )

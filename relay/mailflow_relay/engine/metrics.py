@@ -98,6 +98,13 @@ class RelayMetrics:
             "(--skip-invalid-objects); 0 without the opt-in.",
             registry=self.registry,
         )
+        self.handoff_origins = Counter(
+            "mailflow_handoff_origins",
+            "X-Mailflow-Origin headers received, by result: trusted (from a --handoff-peer: "
+            "the message keeps its age and client) or ignored (removed unread).",
+            ["result"],
+            registry=self.registry,
+        )
         self.open_relay = Gauge(
             "mailflow_open_relay",
             "1 when every address may relay (accept-from 0.0.0.0/0 or ::/0, allowed "

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.metrics import RelayMetrics
+from mailflow_relay.engine.origin import take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.errors import (
@@ -43,6 +44,7 @@ from mailflow_relay.errors import (
     require_positive,
 )
 from mailflow_relay.inbound.listener import AcceptedMessage, ListenerSettings, SmtpListener
+from mailflow_relay.inbound.settings import IPNetwork
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
     DeliveryReport,
@@ -104,6 +106,11 @@ class RelaySettings:
     handoff: tuple[str, int] | None = None
     """On stop: hand what is left in the spool to this peer relay (the relay Service)."""
     handoff_timeout: float = 30.0
+    handoff_peers: tuple[IPNetwork, ...] = ()
+    """Networks of the peer relays (the pods' network): a hand-off from them keeps the
+    message's arrival time and submitting client (engine/origin.py). From anyone else
+    that header is removed and ignored. Empty: nobody is trusted, a handed-off message
+    starts a new queue lifetime."""
 
     def __post_init__(self) -> None:
         require_positive(
@@ -274,14 +281,30 @@ class Relay:
         return None
 
     async def _accept(self, message: AcceptedMessage) -> str:
+        # A hand-off from a peer says when the message arrived and who submitted it; from
+        # anyone else that header is removed unread (origin.py).
+        data, origin = take_origin(
+            message.data, message.client_address, self.settings.handoff_peers
+        )
+        if data is not message.data:
+            message = replace(message, data=data)
+            self.metrics.handoff_origins.labels("ignored" if origin is None else "trusted").inc()
+        if origin is not None:
+            logger.info(
+                "hand-off from peer %s: arrived %s, client %s",
+                message.client_address,
+                origin.arrival.isoformat(),
+                origin.client or "-",
+            )
         store = asyncio.create_task(
             self._io(
                 self.spool.store_with_header,
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
                 message.with_received,
-                client=message.client_address,
-                user=message.authenticated_user,
+                client=origin.client if origin is not None else message.client_address,
+                user=origin.user if origin is not None else message.authenticated_user,
+                arrived=origin.arrival if origin is not None else None,
             ),
             name="mailflow-store",
         )
@@ -328,7 +351,7 @@ class Relay:
         self._enqueue(stored.queue_id)
 
     def _track(self, message: SpooledMessage) -> None:
-        self._queued[message.queue_id] = message.received
+        self._queued[message.queue_id] = message.arrival
         self._schedule(message)
 
     def _enqueue(self, queue_id: str) -> None:
@@ -604,7 +627,7 @@ class Relay:
         self, message: SpooledMessage, updates: list[RecipientState], now: datetime
     ) -> list[RecipientState]:
         """Deferred recipients past the queue lifetime fail (RFC 3463 4.4.7)."""
-        if (now - message.received).total_seconds() < self.settings.queue_lifetime:
+        if (now - message.arrival).total_seconds() < self.settings.queue_lifetime:
             return updates
         expired = []
         for state in updates:
@@ -637,7 +660,7 @@ class Relay:
             if warn_after is not None
             and s.status is RecipientStatus.DEFERRED
             and not s.delay_notified
-            and (now - message.received).total_seconds() >= warn_after
+            and (now - message.arrival).total_seconds() >= warn_after
         ]
         if not message.sender:
             if failed:
@@ -655,7 +678,7 @@ class Relay:
                 queue_id=message.queue_id,
                 original_sender=message.sender,
                 original_body=message.body,
-                arrival=message.received,
+                arrival=message.arrival,
                 recipients=[
                     BounceRecipient(
                         address=s.address,
@@ -670,7 +693,7 @@ class Relay:
                     )
                     for s in states
                 ],
-                will_retry_until=message.received + timedelta(seconds=self.settings.queue_lifetime)
+                will_retry_until=message.arrival + timedelta(seconds=self.settings.queue_lifetime)
                 if action == "delayed"
                 else None,
                 now=now,
