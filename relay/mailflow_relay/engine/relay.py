@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailflow_relay.engine.attempts import log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import take_origin
@@ -756,14 +757,15 @@ class Relay:
             tls_mode=decision.tls.mode,
             report=report,
         )
+        log_attempts(message.queue_id, name, report)
         for (state, _), result in zip(members, report.results, strict=True):
             logger.info(
                 "queue %s: to=<%s> connector=%s server=%s tls=%s verified=%s status=%s reply=%r",
                 message.queue_id,
                 state.address,
                 name,
-                report.server,
-                report.tls_version or "none",
+                report.server or "-",
+                tls_shown(report),
                 report.verified,
                 result.status.value,
                 result.message,

@@ -311,6 +311,8 @@ def test_auth_after_starttls_lets_a_client_outside_the_allow_list_relay(
     caplog.set_level(logging.DEBUG)
     run(scenario)
     assert any(f"AUTH {mechanism} succeeded" in r.getMessage() for r in caplog.records)
+    # aiosmtpd's own deprecation warning for login_data, once per AUTH (issue 11, point 10).
+    assert "login_data is deprecated" not in caplog.text
     assert PASSWORD not in caplog.text
     assert base64.b64encode(PASSWORD.encode()).decode() not in caplog.text
 
