@@ -128,7 +128,7 @@ class _Session(Session):
     ``SmtpSession.authenticated_user``), so the value is kept quietly.
     """
 
-    @property  # type: ignore[override]
+    @property
     def login_data(self) -> Any:
         return self._login_data
 
