@@ -360,6 +360,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="recipients per message (default: %(default)s)",
     )
     relay.add_argument(
+        "--max-hops",
+        type=int,
+        default=_default(ListenerSettings, "max_hops"),
+        metavar="N",
+        help="most Received: headers a message may carry, with the relay's own; more is a "
+        "mail loop, refused with 554 5.4.6 (default: %(default)s, as Postfix)",
+    )
+    relay.add_argument(
         "--workers",
         type=int,
         default=_default(RelaySettings, "workers"),

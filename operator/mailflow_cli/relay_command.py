@@ -161,6 +161,7 @@ def _settings(
             max_recipients=args.max_recipients,
             max_connections_per_client=args.max_connections_per_client,
             allow_open_relay=args.allow_open_relay,
+            max_hops=args.max_hops,
         ),
         spool_dir=spool_path(args.spool),
         delivery=DeliverySettings(

@@ -224,6 +224,8 @@ def test_help_documents_every_command(command: list[str]) -> None:
         ("--retry-initial", "-1", "--retry-initial: -1.0: must be more than 0"),
         ("--idle-connections", "-1", "--idle-connections: -1: must be 0 or more"),
         ("--max-recipients", "0", "--max-recipients:"),
+        ("--max-hops", "0", "--max-hops: must be at least 1"),
+        ("--handoff-peer", "10.0.0.0/33", "--handoff-peer '10.0.0.0/33':"),
     ],
 )
 def test_relay_settings_refuse_values_that_cannot_work(
@@ -247,6 +249,8 @@ def test_relay_defaults_come_from_the_settings_dataclasses() -> None:
     assert args.max_recipients == listener.max_recipients
     assert args.max_message_size == listener.max_message_size
     assert args.max_connections_per_client == listener.max_connections_per_client
+    assert args.max_hops == listener.max_hops == 50
+    assert (args.allow_open_relay, args.skip_invalid, args.handoff_peer) == (False, False, [])
     assert (args.workers, args.retry_initial, args.retry_max) == (
         relay.workers,
         relay.retry_initial,
