@@ -30,7 +30,7 @@ from datetime import datetime
 from mailflow_relay.inbound.settings import IPNetwork
 from mailflow_relay.queue.spool import SpooledMessage
 
-__all__ = ["ORIGIN_HEADER", "Origin", "origin_header", "take_origin"]
+__all__ = ["ORIGIN_HEADER", "Origin", "is_peer", "origin_header", "take_origin"]
 
 ORIGIN_HEADER = b"X-Mailflow-Origin"
 _FIELD = re.compile(rb"(?i)x-mailflow-origin[ \t]*:")
@@ -77,12 +77,13 @@ def take_origin(
         return data, None
     stripped = b"\r\n".join(kept) + data[header_end:]
     origin = (
-        _parse(found[0]) if lines and found[0] == lines[0] and _is_peer(client, peers) else None
+        _parse(found[0]) if lines and found[0] == lines[0] and is_peer(client, peers) else None
     )
     return stripped, origin
 
 
-def _is_peer(client: str, peers: Sequence[IPNetwork]) -> bool:
+def is_peer(client: str, peers: Sequence[IPNetwork]) -> bool:
+    """Whether ``client`` (an address as text) is in one of the peer relays' networks."""
     try:
         address = ipaddress.ip_address(client)
     except ValueError:

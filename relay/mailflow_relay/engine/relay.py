@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from mailflow_relay.engine.attempts import log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.metrics import RelayMetrics
-from mailflow_relay.engine.origin import take_origin
+from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.errors import (
@@ -277,6 +277,11 @@ class Relay:
             self.metrics.refused.labels("bad_recipient").inc()
             return 553, f"5.1.3 {e.reason}"
         if decision.rejected:
+            if is_peer(client, self.settings.handoff_peers):
+                # A peer's hand-off: its origin header (read at DATA) may name the client
+                # a client-scoped route is for; the route is decided at delivery, and no
+                # route then fails the recipient (a bounce), never a way around a policy.
+                return None
             self.metrics.refused.labels("no_route").inc()
             return 550, "5.7.1 No route for this recipient domain"
         return None

@@ -192,3 +192,47 @@ def test_only_the_first_origin_line_from_a_peer_counts_and_every_copy_is_removed
     assert stripped == b"Subject: s\r\n\r\nbody\r\n"
     # Not a peer: removed, not honoured.
     assert take_origin(data, "10.0.0.1", [LOOPBACK])[1] is None
+
+
+def test_a_handed_off_message_keeps_its_client_for_a_client_scoped_route(tmp_path: Path) -> None:
+    from mailflow_relay.routing.document import ClientScope, DefaultAction, DefaultRoute
+
+    compliance = "127.0.0.2"
+    dead = closed_port()
+
+    def scoped(port: int) -> RoutingDocument:
+        # Only mail from the compliance server has a route; the default route rejects.
+        plain = document(dest=(["dest.test"], port))
+        (connector,) = plain.connectors
+        scope = ClientScope((ipaddress.ip_network(f"{compliance}/32"),))
+        return RoutingDocument(
+            generation=1,
+            connectors=(replace(connector, clients=scope),),
+            default_route=DefaultRoute(DefaultAction.REJECT),
+        )
+
+    async def scenario() -> tuple[int, str]:
+        async with SmtpSink() as destination:
+            peer = Relay(
+                settings(tmp_path / "peer", handoff_peers=(LOOPBACK,)), scoped(destination.port)
+            )
+            async with running(peer):
+                leaving = Relay(
+                    settings(tmp_path / "leaving", handoff=("127.0.0.1", peer.port)), scoped(dead)
+                )
+                async with running(leaving):
+                    async with aiosmtplib.SMTP(
+                        hostname="127.0.0.1",
+                        port=leaving.port,
+                        source_address=(compliance, 0),
+                        start_tls=False,
+                        timeout=10,
+                    ) as client:
+                        await client.sendmail("alice@sender.test", ["bob@dest.test"], BODY)
+                    await until(lambda: leaving.spool.scan(repair=False))
+                # Handed off from 127.0.0.1, yet routed as the compliance server's mail.
+                (message,) = await until(lambda: destination.messages, what="the delivery")
+            return len(destination.messages), message.mail_from
+
+    count, sender = run(scenario)
+    assert (count, sender) == (1, "alice@sender.test")
