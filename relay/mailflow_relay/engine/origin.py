@@ -76,9 +76,7 @@ def take_origin(
     if not found:
         return data, None
     stripped = b"\r\n".join(kept) + data[header_end:]
-    origin = (
-        _parse(found[0]) if lines and found[0] == lines[0] and is_peer(client, peers) else None
-    )
+    origin = _parse(found[0]) if lines and found[0] == lines[0] and is_peer(client, peers) else None
     return stripped, origin
 
 
