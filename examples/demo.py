@@ -321,7 +321,11 @@ async def run_demo(workdir: Path) -> int:
     for name, d in destinations.items():
         print(f"    {name:28} -> {d.address}:{port}  ({d.label})")
 
-    documents = [m.body for m in load_manifests([str(EXAMPLES)]) if m.body is not None]
+    documents = [
+        m.body
+        for m in load_manifests(sorted(str(p) for p in EXAMPLES.glob("*.yaml")))
+        if m.body is not None
+    ]
     manifests = workdir / "manifests.yaml"
     manifests.write_text(
         yaml.safe_dump_all(_rewrite(documents, port, ip_map, ca.pem.cert.read_text(), pins))

@@ -5,12 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MAILFLOW=.venv/bin/mailflow
 
-echo "==> mailflow validate crds/ examples/"
-$MAILFLOW validate crds/ examples/
+echo "==> mailflow validate crds/ examples/*.yaml"
+$MAILFLOW validate crds/ examples/*.yaml
 echo
 
 echo "==> mailflow explain: one recipient per example connector"
-$MAILFLOW explain examples/ --from alice@contoso.com \
+$MAILFLOW explain examples/*.yaml --from alice@contoso.com \
   --to partner@fabrikam.example \
   --to sales@emea.fabrikam.example \
   --to someone@elsewhere.example \
@@ -20,7 +20,7 @@ $MAILFLOW explain examples/ --from alice@contoso.com \
   --to treasury@bank.example \
   --to hr@payroll.example
 echo "==> the same recipient from the marketing subdomain takes the sender-scoped connector"
-$MAILFLOW explain examples/ --from news@marketing.contoso.com --to someone@elsewhere.example
+$MAILFLOW explain examples/*.yaml --from news@marketing.contoso.com --to someone@elsewhere.example
 echo "==> and a broken folder gets one line per problem (exit 1 is expected here)"
 $MAILFLOW validate tests/fixtures/broken/ || echo "(mailflow validate exited $?)"
 echo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 from typing import TextIO
 
@@ -13,7 +14,7 @@ from mailflow_compiler.explain import explain_json, explain_text
 from mailflow_compiler.manifests import load_manifests
 from mailflow_relay.errors import InvalidAddressError
 from mailflow_relay.routing.document import DefaultAction, DefaultRoute
-from mailflow_relay.routing.router import domain_of
+from mailflow_relay.routing.router import Client, domain_of
 
 __all__ = ["run_explain", "run_validate"]
 
@@ -70,6 +71,17 @@ def run_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_PROBLEMS if result.problems else EXIT_OK
 
 
+def _client(args: argparse.Namespace) -> Client | None:
+    if args.client is None and args.client_user is None:
+        return None
+    if args.client is not None:
+        try:
+            ipaddress.ip_address(args.client)
+        except ValueError:
+            raise UsageError(f"--client {args.client!r}: expected an IP address") from None
+    return Client(args.client, args.client_user)
+
+
 def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for recipient in args.recipients:
         try:
@@ -82,6 +94,7 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             domain_of(sender)
         except InvalidAddressError as e:
             raise UsageError(f"--from {sender!r}: {e.reason}") from e
+    client = _client(args)
     result = check_manifests(
         load_manifests(args.paths),
         default_namespace=args.namespace,
@@ -91,12 +104,12 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     assert result.compiled is not None
     document = result.compiled.document
     if args.output == "json":
-        body = explain_json(document, sender, args.recipients)
+        body = explain_json(document, sender, args.recipients, client)
         body["problems"] = [p.to_json() for p in result.problems]
         json.dump(body, out, indent=2, ensure_ascii=False)
         out.write("\n")
     else:
-        out.write(explain_text(document, sender, args.recipients))
+        out.write(explain_text(document, sender, args.recipients, client))
         if result.problems:
             err.write(
                 f"warning: {len(result.problems)} problem(s) in the manifests; objects with schema "

@@ -34,14 +34,14 @@ def parse_endpoint(text: str, option: str, *, names: bool = False) -> tuple[str,
 
 
 def parse_networks(
-    values: Sequence[str],
+    values: Sequence[str], option: str = "--accept-from"
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
     for value in values:
         try:
             networks.append(ipaddress.ip_network(value, strict=False))
         except ValueError as e:
-            raise UsageError(f"--accept-from {value!r}: {e}") from e
+            raise UsageError(f"{option} {value!r}: {e}") from e
     return tuple(networks)
 
 

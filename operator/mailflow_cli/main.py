@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="envelope recipient (repeat for several)",
     )
     explain.add_argument(
+        "--client",
+        metavar="IP",
+        help="address of the client that submits the message (for connectors with "
+        "spec.clients; default: a client no scope matches)",
+    )
+    explain.add_argument(
+        "--client-user",
+        metavar="USER",
+        help="SMTP AUTH user the client logged in as (for spec.clients.users)",
+    )
+    explain.add_argument(
         "--default-route",
         choices=[a.value for a in DefaultAction],
         default=DefaultAction.RECIPIENT_MX.value,
@@ -251,6 +262,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="standalone: YAML files or folders with connectors, profiles and their Secrets",
     )
     relay.add_argument(
+        "--skip-invalid-objects",
+        dest="skip_invalid",
+        action="store_true",
+        help="with --manifests: start (and reload) without the objects that fail validation or "
+        "conflict, naming each in the log and in /readyz, instead of refusing to start; their "
+        "mail takes another route",
+    )
+    relay.add_argument(
         "--routing-secret",
         metavar="NAMESPACE/NAME",
         help="in a cluster: read the routing document from this Secret (key routing.json) and "
@@ -282,6 +301,12 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         default=[],
         metavar="CIDR",
         help="networks allowed to relay without authentication (repeat); nobody else may relay",
+    )
+    relay.add_argument(
+        "--allow-open-relay",
+        action="store_true",
+        help="accept --accept-from 0.0.0.0/0 or ::/0 (anyone may relay); refused without "
+        "this, and warned about with it",
     )
     relay.add_argument(
         "--auth-secret",
@@ -341,6 +366,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         type=int,
         default=_default(ListenerSettings, "max_recipients"),
         help="recipients per message (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--max-hops",
+        type=int,
+        default=_default(ListenerSettings, "max_hops"),
+        metavar="N",
+        help="most Received: headers a message may carry, with the relay's own; more is a "
+        "mail loop, refused with 554 5.4.6 (default: %(default)s, as Postfix)",
     )
     relay.add_argument(
         "--workers",
@@ -425,6 +458,15 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         default=_default(RelaySettings, "drain_grace"),
         metavar="SECONDS",
         help="on SIGTERM: time for sessions to finish and deliveries to go on (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--handoff-peer",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="network of the peer relays (repeat): a hand-off from them keeps the message's "
+        "arrival time (queue lifetime, DSN Arrival-Date) and submitting client; from anyone "
+        "else that trace header is removed and ignored",
     )
     relay.add_argument(
         "--handoff",

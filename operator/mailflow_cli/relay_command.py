@@ -18,6 +18,7 @@ from mailflow_relay.hosting.serve import DocumentSource, serve
 from mailflow_relay.inbound.listener import ListenerConfigError, ListenerSettings
 from mailflow_relay.inbound.settings import IPNetwork
 from mailflow_relay.outbound.deliverer import DeliverySettings
+from mailflow_relay.queue.lock import SpoolInUseError
 from mailflow_relay.routing.document import DefaultAction, DefaultRoute
 
 __all__ = ["read_auth_dir", "relay_setup", "run_relay"]
@@ -38,7 +39,15 @@ def read_auth_dir(folder: str) -> dict[str, str]:
 
 def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     settings, source, http = relay_setup(args, err)
-    asyncio.run(serve(settings, source, http))
+    try:
+        asyncio.run(serve(settings, source, http))
+    except* SpoolInUseError as group:
+        busy = group.exceptions[0]
+        assert isinstance(busy, SpoolInUseError)
+        raise UsageError(
+            f"--spool {args.spool}: {busy}; stop that relay first, or give this one its own "
+            "--spool (`mailflow queue` commands work beside a running relay)"
+        ) from None
     return EXIT_OK
 
 
@@ -66,8 +75,11 @@ def relay_setup(
     users: dict[str, str] = {}
     secrets: dict[str, dict[str, str]] = {}
     document = None
+    left_out: tuple[str, ...] = ()
     if args.manifests:
-        document, secrets = compile_manifests(args.manifests, args.namespace, default_route, err)
+        document, secrets, left_out = compile_manifests(
+            args.manifests, args.namespace, default_route, err, skip_invalid=args.skip_invalid
+        )
     if args.auth_secret:
         if args.auth_secret not in secrets:
             raise UsageError(
@@ -93,12 +105,19 @@ def relay_setup(
 
     def watcher(relay: Relay) -> ManifestWatcher:
         return ManifestWatcher(
-            relay, args.manifests, args.namespace, default_route, args.reload_interval
+            relay,
+            args.manifests,
+            args.namespace,
+            default_route,
+            args.reload_interval,
+            skip_invalid=args.skip_invalid,
         )
 
     source: DocumentSource
     if document is not None:
-        source = ManifestSource(document, watcher if args.reload_interval > 0 else None)
+        source = ManifestSource(
+            document, watcher if args.reload_interval > 0 else None, left_out=left_out
+        )
     else:
         namespace, _, name = args.routing_secret.partition("/")
         if not namespace or not name:
@@ -141,6 +160,8 @@ def _settings(
             max_message_size=args.max_message_size,
             max_recipients=args.max_recipients,
             max_connections_per_client=args.max_connections_per_client,
+            allow_open_relay=args.allow_open_relay,
+            max_hops=args.max_hops,
         ),
         spool_dir=spool_path(args.spool),
         delivery=DeliverySettings(
@@ -158,4 +179,5 @@ def _settings(
         drain_grace=args.drain_grace,
         # The peer is the relay Service: a name, resolved when the hand-off happens.
         handoff=handoff,
+        handoff_peers=parse_networks(args.handoff_peer, "--handoff-peer"),
     )

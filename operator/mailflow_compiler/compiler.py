@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ from mailflow_compiler.manifests import RawConnector, RawProfile, RawSecret
 from mailflow_relay.errors import InvalidDomainError
 from mailflow_relay.routing.document import (
     Balancing,
+    ClientScope,
     Conflict,
     Connector,
     DefaultRoute,
     Destination,
+    IPNetwork,
     ObjectRef,
     ProfilePool,
     RecipientMx,
@@ -281,7 +284,30 @@ class _ConnectorCompiler:
             tls=tls,
             auth=auth,
             unresolved=tuple(self.unresolved),
+            clients=self.clients(),
         )
+
+    def clients(self) -> ClientScope | None:
+        raw = self.body["spec"].get("clients")
+        if raw is None:
+            return None
+        networks: list[IPNetwork] = []
+        for i, text in enumerate(raw.get("networks", [])):
+            try:
+                network = ipaddress.ip_network(text, strict=True)
+            except ValueError as e:
+                self.invalid(f"spec.clients.networks[{i}]", f'Invalid value: "{text}": {e}')
+                continue
+            if network.prefixlen == 0:
+                # Every address: the same as no client scope, but easy to misread.
+                self.invalid(
+                    f"spec.clients.networks[{i}]",
+                    f'Invalid value: "{text}": every address; omit clients to serve every client',
+                )
+                continue
+            networks.append(network)
+        users = tuple(dict.fromkeys(str(u) for u in raw.get("users", [])))
+        return ClientScope(tuple(sorted(set(networks), key=str)), tuple(sorted(users)))
 
 
 def _verifies(tls: TlsPolicy) -> bool:
@@ -381,14 +407,16 @@ def _resolve_conflicts(
     default_namespace: str,
     findings: list[Finding],
 ) -> list[Conflict]:
-    claims: dict[tuple[DomainPattern, DomainPattern | None], list[Connector]] = defaultdict(list)
+    claims: dict[
+        tuple[DomainPattern, DomainPattern | None, ClientScope | None], list[Connector]
+    ] = defaultdict(list)
     for connector in compiled:
         if not connector.enabled:
             continue
         senders: tuple[DomainPattern | None, ...] = connector.sender_patterns or (None,)
         for recipient in connector.recipient_patterns:
             for sender in senders:
-                claims[(recipient, sender)].append(connector)
+                claims[(recipient, sender, connector.clients)].append(connector)
 
     # Where each pattern was written, to point the finding at the right list item.
     written_at: dict[ObjectRef, dict[DomainPattern, int]] = {}
@@ -402,20 +430,29 @@ def _resolve_conflicts(
         written_at[_ref(body, default_namespace)] = positions
 
     conflicts: list[Conflict] = []
-    for (recipient, sender), holders in sorted(claims.items(), key=lambda item: str(item[0])):
+    for (recipient, sender, clients), holders in sorted(
+        claims.items(), key=lambda item: str(item[0])
+    ):
         if len(holders) < 2:
             continue
         # Creation time first; offline manifests have none, so the name decides there.
         ordered = sorted(holders, key=lambda c: (c.created or "~", c.ref.name, c.ref.namespace))
         winner, losers = ordered[0], ordered[1:]
-        conflicts.append(Conflict(recipient, sender, winner.ref, tuple(c.ref for c in losers)))
+        conflicts.append(
+            Conflict(recipient, sender, winner.ref, tuple(c.ref for c in losers), clients)
+        )
         scope = "every sender" if sender is None else f"senders {sender}"
+        if clients is not None:
+            scope += f" from clients {clients}"
+        # Say what decided: "older" only when creation times did (offline, the name does).
+        by_age = all(c.created for c in ordered) and len({c.created for c in ordered}) > 1
+        why = "is older" if by_age else "comes first by name"
         for connector in ordered:
             others = ", ".join(str(c.ref) for c in ordered if c is not connector)
             if connector is winner:
-                outcome = "this connector is older (or first by name) and keeps routing it"
+                outcome = f"this connector {why} and keeps routing it"
             else:
-                outcome = f"{winner.ref} is older (or first by name) and routes it"
+                outcome = f"{winner.ref} {why} and routes it"
             index = written_at.get(connector.ref, {}).get(recipient, 0)
             findings.append(
                 Finding(

@@ -16,7 +16,7 @@ from mailflow_relay.routing.document import (
     SmartHost,
     TlsPolicy,
 )
-from mailflow_relay.routing.router import Candidate, RouteDecision, Router
+from mailflow_relay.routing.router import Candidate, Client, RouteDecision, Router
 
 __all__ = ["explain_json", "explain_text"]
 
@@ -64,7 +64,9 @@ def _candidate_json(candidate: Candidate) -> dict[str, object]:
     }
 
 
-def _decision_json(router: Router, decision: RouteDecision, sender: str) -> dict[str, object]:
+def _decision_json(
+    router: Router, decision: RouteDecision, sender: str, client: Client | None = None
+) -> dict[str, object]:
     connector = decision.connector
     return {
         "recipient": decision.recipient,
@@ -75,6 +77,7 @@ def _decision_json(router: Router, decision: RouteDecision, sender: str) -> dict
         if decision.recipient_pattern is None
         else str(decision.recipient_pattern),
         "senderPattern": None if decision.sender_pattern is None else str(decision.sender_pattern),
+        "clients": None if decision.clients is None else str(decision.clients),
         "reason": decision.reason,
         "rejected": decision.rejected,
         "destination": _destination_json(decision.destination),
@@ -82,33 +85,43 @@ def _decision_json(router: Router, decision: RouteDecision, sender: str) -> dict
         "auth": connector is not None and connector.auth is not None,
         "unresolved": [] if connector is None else list(connector.unresolved),
         "candidates": [
-            _candidate_json(c) for c in router.candidates_for(decision.recipient, sender)
+            _candidate_json(c) for c in router.candidates_for(decision.recipient, sender, client)
         ],
     }
 
 
 def explain_json(
-    document: RoutingDocument, sender: str, recipients: Sequence[str]
+    document: RoutingDocument,
+    sender: str,
+    recipients: Sequence[str],
+    client: Client | None = None,
 ) -> dict[str, object]:
     router = Router(document)
     return {
         "sender": sender,
+        "client": None if client is None else str(client),
         "generation": document.generation,
         "checksum": document.checksum,
         "recipients": [
-            _decision_json(router, router.route_for(recipient, sender), sender)
+            _decision_json(router, router.route_for(recipient, sender, client), sender, client)
             for recipient in recipients
         ],
     }
 
 
-def explain_text(document: RoutingDocument, sender: str, recipients: Sequence[str]) -> str:
+def explain_text(
+    document: RoutingDocument,
+    sender: str,
+    recipients: Sequence[str],
+    client: Client | None = None,
+) -> str:
     router = Router(document)
     lines: list[str] = []
+    submitted = "" if client is None else f", submitted by {client}"
     for recipient in recipients:
-        decision = router.route_for(recipient, sender)
+        decision = router.route_for(recipient, sender, client)
         connector = decision.connector
-        lines.append(f"{recipient}  (from {sender or '<>'})")
+        lines.append(f"{recipient}  (from {sender or '<>'}{submitted})")
         lines.append(f"  connector    {connector.ref if connector else '(none: default route)'}")
         lines.append(f"  why          {decision.reason}")
         if decision.destination is None:
@@ -125,7 +138,9 @@ def explain_text(document: RoutingDocument, sender: str, recipients: Sequence[st
                 f"  UNRESOLVED   {reason} — mail on this route is deferred"
                 for reason in connector.unresolved
             )
-        others = [c for c in router.candidates_for(recipient, sender) if not c.chosen]
+        if decision.clients is not None:
+            lines.append(f"  clients      only mail submitted by {decision.clients}")
+        others = [c for c in router.candidates_for(recipient, sender, client) if not c.chosen]
         if others:
             lines.append("  also matched")
             for candidate in others:

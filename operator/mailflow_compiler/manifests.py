@@ -71,11 +71,17 @@ class RawTls(TypedDict, total=False):
     pinnedFingerprints: list[str]
 
 
+class RawClients(TypedDict, total=False):
+    networks: list[str]
+    users: list[str]
+
+
 class RawConnectorSpec(TypedDict, total=False):
     description: str
     enabled: bool
     recipientDomains: list[str]
     senderDomains: list[str]
+    clients: RawClients
     destination: RawDestination
     tls: RawTls
     auth: dict[str, RawSecretRef]

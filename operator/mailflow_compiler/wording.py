@@ -49,6 +49,8 @@ def pattern_hint(path: str, value: str, accepts: Callable[[str], bool]) -> str |
         )
     if field == "key":
         return 'a Secret key may contain only letters, digits, "-", "_" and "."'
+    if field == "networks":
+        return _network_hint(value)
     if field in _DOMAIN_FIELDS:
         return _domain_hint(field, value, accepts)
     if field in _NAME_FIELDS:
@@ -58,6 +60,12 @@ def pattern_hint(path: str, value: str, accepts: Callable[[str], bool]) -> str |
             "starting and ending with a letter or digit"
         )
     return None
+
+
+def _network_hint(value: str) -> str:
+    if "/" not in value:
+        return f'a network in CIDR notation: add the prefix length ("{value}/32" for one address)'
+    return 'a network in CIDR notation: an IPv4 or IPv6 address, "/" and the prefix length'
 
 
 def _domain_hint(field: str, value: str, accepts: Callable[[str], bool]) -> str:

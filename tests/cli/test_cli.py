@@ -15,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKEN = ROOT / "tests" / "fixtures" / "broken"
+# The feature tour: examples/*.yaml. Scenario folders under examples/ (compliance/) are
+# designs of their own, tested by themselves.
+TOUR = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "examples").glob("*.yaml"))
 
 
 def mailflow(*args: str) -> subprocess.CompletedProcess[str]:
@@ -26,7 +29,7 @@ def mailflow(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_crds_and_every_example_validate_cleanly() -> None:
-    result = mailflow("validate", "crds/", "examples/")
+    result = mailflow("validate", "crds/", *TOUR)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
     assert result.stderr.splitlines()[-1] == "checked 9 object(s): 0 problem(s)"
@@ -47,7 +50,7 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
         f"{b}/connectors.yaml:18:22: OutboundConnector/mail/two-destinations: "
         'spec.recipientDomains[0]: Invalid value: "Contoso.com": must be lower case: "contoso.com"',
         f"{b}/connectors.yaml:19:3: OutboundConnector/mail/two-destinations: "
-        'spec.destination: Invalid value: set at most one of smartHost and profileRef; '
+        "spec.destination: Invalid value: set at most one of smartHost and profileRef; "
         "omit both to deliver to the recipient's MX",
         f"{b}/connectors.yaml:20:39: OutboundConnector/mail/two-destinations: "
         "spec.destination.smartHost.port: Invalid value: 70000: should be less than or equal to 65535",
@@ -55,7 +58,7 @@ def test_broken_manifests_get_one_precise_line_per_problem_and_exit_1() -> None:
         'spec.destination.profileRef.name: Not found: "no-such-pool": no MultiSmtpProfile named '
         '"no-such-pool" in namespace "mail"',
         f"{b}/connectors.yaml:50:5: OutboundConnector/mail/second-catch-all: "
-        'spec.tls.pinnedFingerprints: Invalid value: pinnedFingerprints are only used when '
+        "spec.tls.pinnedFingerprints: Invalid value: pinnedFingerprints are only used when "
         "mode is SelfSigned",
         f"{b}/profiles.yaml:7:3: MultiSmtpProfile/mail/empty-pool: spec.servers: "
         "Invalid value: 0: should have at least 1 items",
@@ -135,11 +138,11 @@ def test_validate_with_nothing_to_check_exits_1_and_says_why(
         (["validate", "no/such/folder"], "mailflow: error: no/such/folder: no such file or folder"),
         (["validate"], "mailflow: error: the following arguments are required: PATH"),
         (
-            ["explain", "examples", "--from", "a@contoso.com", "--to", "bob"],
+            ["explain", *TOUR, "--from", "a@contoso.com", "--to", "bob"],
             "mailflow: error: --to 'bob': expected local-part@domain",
         ),
         (
-            ["explain", "examples", "--from", "alice@", "--to", "bob@contoso.com"],
+            ["explain", *TOUR, "--from", "alice@", "--to", "bob@contoso.com"],
             "mailflow: error: --from 'alice@': expected local-part@domain",
         ),
         (["frobnicate"], "mailflow: error: argument COMMAND: invalid choice: 'frobnicate'"),
@@ -155,7 +158,7 @@ def test_usage_errors_exit_2_and_say_what_is_wrong(args: list[str], message: str
 def test_explain_uses_the_most_specific_connector_per_recipient() -> None:
     result = mailflow(
         "explain",
-        "examples",
+        *TOUR,
         "--from",
         "alice@contoso.com",
         "--to",
@@ -198,7 +201,7 @@ def test_explain_uses_the_most_specific_connector_per_recipient() -> None:
 
 def test_explain_prefers_the_sender_scoped_connector_and_says_why() -> None:
     result = mailflow(
-        "explain", "examples", "--from", "news@marketing.contoso.com", "--to", "x@elsewhere.example"
+        "explain", *TOUR, "--from", "news@marketing.contoso.com", "--to", "x@elsewhere.example"
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -215,7 +218,7 @@ def test_explain_prefers_the_sender_scoped_connector_and_says_why() -> None:
 def test_explain_never_prints_a_secret() -> None:
     result = mailflow(
         "explain",
-        "examples",
+        *TOUR,
         "--from",
         "news@marketing.contoso.com",
         "--to",
@@ -270,14 +273,14 @@ def test_help_documents_every_command(command: list[str]) -> None:
         ("--retry-initial", "-1", "--retry-initial: -1.0: must be more than 0"),
         ("--idle-connections", "-1", "--idle-connections: -1: must be 0 or more"),
         ("--max-recipients", "0", "--max-recipients:"),
+        ("--max-hops", "0", "--max-hops: must be at least 1"),
+        ("--handoff-peer", "10.0.0.0/33", "--handoff-peer '10.0.0.0/33':"),
     ],
 )
 def test_relay_settings_refuse_values_that_cannot_work(
     tmp_path: Path, option: str, value: str, message: str
 ) -> None:
-    result = mailflow(
-        "relay", "--manifests", str(ROOT / "examples"), "--spool", str(tmp_path), option, value
-    )
+    result = mailflow("relay", "--manifests", *TOUR, "--spool", str(tmp_path), option, value)
     assert result.returncode == 2
     assert message in result.stderr.splitlines()[-1]
 
@@ -295,6 +298,8 @@ def test_relay_defaults_come_from_the_settings_dataclasses() -> None:
     assert args.max_recipients == listener.max_recipients
     assert args.max_message_size == listener.max_message_size
     assert args.max_connections_per_client == listener.max_connections_per_client
+    assert args.max_hops == listener.max_hops == 50
+    assert (args.allow_open_relay, args.skip_invalid, args.handoff_peer) == (False, False, [])
     assert (args.workers, args.retry_initial, args.retry_max) == (
         relay.workers,
         relay.retry_initial,
@@ -331,7 +336,7 @@ def test_a_port_already_in_use_is_one_line_naming_the_option(tmp_path: Path, opt
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         ports = {"--listen": "127.0.0.1:0", "--http": "127.0.0.1:0", option: address}
         result = mailflow(
-            "relay", "--manifests", "examples", "--spool", str(tmp_path / "spool"),
+            "relay", "--manifests", *TOUR, "--spool", str(tmp_path / "spool"),
             "--listen", ports["--listen"], "--http", ports["--http"],
         )  # fmt: skip
     assert result.returncode == 2

@@ -59,9 +59,13 @@ def matches(expected: tuple[str, ...], actual: list[str]) -> bool:
 def run(command: str) -> list[str]:
     script = Path(sys.executable).parent / "mailflow"
     program = str(script) if script.exists() else shutil.which("mailflow") or "mailflow"
-    words = shlex.split(command)
+    words = []
+    for word in shlex.split(command)[1:]:
+        # As the user's shell would: `examples/*.yaml` is the files, sorted.
+        matches = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(word)) if "*" in word else []
+        words.extend(matches or [word])
     result = subprocess.run(
-        [program, *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+        [program, *words], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
     )
     return result.stdout.splitlines() + result.stderr.splitlines()
 

@@ -49,7 +49,7 @@ def problems_of(*bodies: Body) -> list[tuple[str, str]]:
 
 CREDS = {"secretRef": {"name": "relay-creds"}}
 AUTH_MESSAGE = (
-    'Invalid value: auth sends credentials only over a verified TLS session: set '
+    "Invalid value: auth sends credentials only over a verified TLS session: set "
     "tls.mode to TrustedCA, DomainMatch or NameMatch, or SelfSigned with pinnedFingerprints"
 )
 

@@ -98,10 +98,10 @@ def test_two_connectors_with_the_same_pattern_and_scope_conflict_and_both_are_to
     assert problems == [
         f"{tmp_path}/m.yaml:6:22: OutboundConnector/mail/zeta: spec.recipientDomains[0]: "
         'Conflicted: "contoso.com" for every sender is also claimed by OutboundConnector mail/alpha; '
-        "mail/alpha is older (or first by name) and routes it",
+        "mail/alpha comes first by name and routes it",
         f"{tmp_path}/m.yaml:13:22: OutboundConnector/mail/alpha: spec.recipientDomains[0]: "
         'Conflicted: "contoso.com" for every sender is also claimed by OutboundConnector mail/zeta; '
-        "this connector is older (or first by name) and keeps routing it",
+        "this connector comes first by name and keeps routing it",
     ]
 
 
@@ -115,6 +115,10 @@ def test_the_older_connector_wins_a_conflict_whatever_its_name(tmp_path: Path) -
     (conflict,) = result.compiled.document.conflicts
     assert conflict.winner == ObjectRef("mail", "zeta")
     assert conflict.losers == (ObjectRef("mail", "alpha"),)
+    # Creation times decided, so "older" is true here (and only here).
+    assert any("mail/zeta is older and routes it" in p.message for p in result.problems), (
+        result.problems
+    )
 
 
 def test_the_same_domain_as_u_label_and_punycode_conflicts(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def relay_pod(name: str, generation: int | None, *, ready: bool = True) -> dict[
 async def apply_examples(api: Cluster) -> list[Manifest]:
     """Apply every example; the manifests as the cluster now holds them (with metadata)."""
     stored = []
-    for manifest in load_manifests([str(EXAMPLES)]):
+    for manifest in load_manifests(sorted(str(p) for p in EXAMPLES.glob("*.yaml"))):
         assert manifest.body is not None
         body = await api.apply(manifest.body)
         stored.append(dataclasses.replace(manifest, body=body))
@@ -311,7 +311,7 @@ def test_a_restarted_operator_publishes_the_same_document_and_changes_no_status(
             await until(lambda: operator.passes >= settled)
         names = [
             ("OutboundConnector", m.name)
-            for m in load_manifests([str(EXAMPLES)])
+            for m in load_manifests(sorted(str(p) for p in EXAMPLES.glob("*.yaml")))
             if m.kind == "OutboundConnector"
         ] + [
             ("OutboundConnector", "duplicate-catch-all"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from mailflow_relay.engine.metrics import RelayMetrics
+from mailflow_relay.engine.origin import origin_header
 from mailflow_relay.engine.outcomes import final
 from mailflow_relay.queue.spool import RecipientState, RecipientStatus, SpooledMessage
 
@@ -60,7 +61,9 @@ class HandOff:
                     timeout=self.timeout,
                 )
                 async with smtp:
-                    refused, _ = await smtp.sendmail(message.sender, recipients, message.body)
+                    # The origin header keeps the message's age and client (origin.py).
+                    body = origin_header(message) + message.body
+                    refused, _ = await smtp.sendmail(message.sender, recipients, body)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             self.metrics.handoffs.labels("failed").inc()
             logger.warning("queue %s: hand-off failed, kept in the spool: %s", message.queue_id, e)

@@ -86,6 +86,31 @@ class RelayMetrics:
             ["result"],
             registry=self.registry,
         )
+        self.config_refusals = Counter(
+            "mailflow_config_refusals",
+            "Routing documents refused, by cause (invalid, conflict, unreadable).",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.config_left_out = Gauge(
+            "mailflow_config_objects_left_out",
+            "Problems of objects the document in force was compiled without "
+            "(--skip-invalid-objects); 0 without the opt-in.",
+            registry=self.registry,
+        )
+        self.handoff_origins = Counter(
+            "mailflow_handoff_origins",
+            "X-Mailflow-Origin headers received, by result: trusted (from a --handoff-peer: "
+            "the message keeps its age and client) or ignored (removed unread).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.open_relay = Gauge(
+            "mailflow_open_relay",
+            "1 when every address may relay (accept-from 0.0.0.0/0 or ::/0, allowed "
+            "explicitly); 0 otherwise.",
+            registry=self.registry,
+        )
         self.sessions = Gauge(
             "mailflow_smtp_sessions",
             "Open SMTP sessions from clients.",

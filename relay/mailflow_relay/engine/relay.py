@@ -33,8 +33,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailflow_relay.engine.attempts import log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.metrics import RelayMetrics
+from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.errors import (
@@ -43,6 +45,7 @@ from mailflow_relay.errors import (
     require_positive,
 )
 from mailflow_relay.inbound.listener import AcceptedMessage, ListenerSettings, SmtpListener
+from mailflow_relay.inbound.settings import IPNetwork
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
     DeliveryReport,
@@ -52,6 +55,7 @@ from mailflow_relay.outbound.deliverer import (
 from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.queue.admin import FLUSH_REQUEST
 from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
+from mailflow_relay.queue.lock import SpoolLock
 from mailflow_relay.queue.spool import (
     MessageNotFoundError,
     RecipientState,
@@ -64,7 +68,7 @@ from mailflow_relay.routing.document import (
     RoutingDocument,
     TlsMode,
 )
-from mailflow_relay.routing.router import RouteDecision, Router
+from mailflow_relay.routing.router import Client, RouteDecision, Router
 
 __all__ = ["DeliveryEvent", "Relay", "RelaySettings"]
 
@@ -103,6 +107,11 @@ class RelaySettings:
     handoff: tuple[str, int] | None = None
     """On stop: hand what is left in the spool to this peer relay (the relay Service)."""
     handoff_timeout: float = 30.0
+    handoff_peers: tuple[IPNetwork, ...] = ()
+    """Networks of the peer relays (the pods' network): a hand-off from them keeps the
+    message's arrival time and submitting client (engine/origin.py). From anyone else
+    that header is removed and ignored. Empty: nobody is trusted, a handed-off message
+    starts a new queue lifetime."""
 
     def __post_init__(self) -> None:
         require_positive(
@@ -146,13 +155,27 @@ class Relay:
         self.router = Router(document)
         self.document = document
         self.metrics.config_generation.set(document.generation)
+        self.left_out: tuple[str, ...] = ()
+        """Objects the document in force was compiled without (``--skip-invalid-objects``)."""
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
         self.deliverer = Deliverer(
             settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
         )
-        self.listener = SmtpListener(settings.listener, self._accept, self._check_recipient)
+        self.listener = SmtpListener(
+            settings.listener,
+            self._accept,
+            self._check_recipient,
+            on_refusal=lambda reason: self.metrics.refused.labels(reason).inc(),
+        )
+        self.metrics.open_relay.set(1 if settings.listener.open_networks else 0)
+        if settings.listener.open_networks:
+            logger.warning(
+                "OPEN RELAY: anyone may relay through this relay (accept from %s, allowed by "
+                "allow_open_relay)",
+                ", ".join(str(n) for n in settings.listener.open_networks),
+            )
         self.on_delivery = on_delivery
         self._clock = clock
         self._index = DueIndex()
@@ -191,14 +214,16 @@ class Relay:
 
     # --- configuration -----------------------------------------------------------------------
 
-    def load_document(self, document: RoutingDocument) -> None:
+    def load_document(self, document: RoutingDocument, *, left_out: Sequence[str] = ()) -> None:
         """Route new deliveries with ``document``; deliveries in progress keep their route.
 
         The swap is one assignment: a delivery reads ``self.router`` once, so it sees the
-        old document or the new one, never a mix. Sessions are not touched.
+        old document or the new one, never a mix. Sessions are not touched. ``left_out``
+        names the objects the document was compiled without, for ``/readyz``.
         """
         self.router = Router(document)
         self.document = document
+        self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
         logger.info(
@@ -223,34 +248,69 @@ class Relay:
         self.load_document(document)
         return True
 
-    def refuse_document(self, reason: str) -> None:
+    def leave_out(self, lines: Sequence[str]) -> None:
+        """Say that the document in force was compiled without these objects (the user
+        opted in): in ``/readyz`` detail and ``mailflow_config_objects_left_out``."""
+        self.left_out = tuple(lines)
+        self.metrics.config_left_out.set(len(self.left_out))
+
+    def refuse_document(self, reason: str, *, cause: str = "invalid") -> None:
+        """Keep the document in force; ``cause`` (invalid, conflict, unreadable) labels
+        ``mailflow_config_refusals_total``."""
         self.metrics.config_reloads.labels("refused").inc()
+        self.metrics.config_refusals.labels(cause).inc()
         logger.error(
-            "routing document refused: %s; generation %d stays in force",
+            "routing document refused (%s): %s; generation %d stays in force",
+            cause,
             reason,
             self.document.generation,
         )
 
     # --- accepting ---------------------------------------------------------------------------
 
-    def _check_recipient(self, sender: str, recipient: str) -> tuple[int, str] | None:
+    def _check_recipient(
+        self, sender: str, recipient: str, client: str = "", user: str | None = None
+    ) -> tuple[int, str] | None:
         try:
-            decision = self.router.route_for(recipient, sender)
+            decision = self.router.route_for(recipient, sender, Client(client or None, user))
         except InvalidAddressError as e:
             self.metrics.refused.labels("bad_recipient").inc()
             return 553, f"5.1.3 {e.reason}"
         if decision.rejected:
+            if is_peer(client, self.settings.handoff_peers):
+                # A peer's hand-off: its origin header (read at DATA) may name the client
+                # a client-scoped route is for; the route is decided at delivery, and no
+                # route then fails the recipient (a bounce), never a way around a policy.
+                return None
             self.metrics.refused.labels("no_route").inc()
             return 550, "5.7.1 No route for this recipient domain"
         return None
 
     async def _accept(self, message: AcceptedMessage) -> str:
+        # A hand-off from a peer says when the message arrived and who submitted it; from
+        # anyone else that header is removed unread (origin.py).
+        data, origin = take_origin(
+            message.data, message.client_address, self.settings.handoff_peers
+        )
+        if data is not message.data:
+            message = replace(message, data=data)
+            self.metrics.handoff_origins.labels("ignored" if origin is None else "trusted").inc()
+        if origin is not None:
+            logger.info(
+                "hand-off from peer %s: arrived %s, client %s",
+                message.client_address,
+                origin.arrival.isoformat(),
+                origin.client or "-",
+            )
         store = asyncio.create_task(
             self._io(
                 self.spool.store_with_header,
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
                 message.with_received,
+                client=origin.client if origin is not None else message.client_address,
+                user=origin.user if origin is not None else message.authenticated_user,
+                arrived=origin.arrival if origin is not None else None,
             ),
             name="mailflow-store",
         )
@@ -297,7 +357,7 @@ class Relay:
         self._enqueue(stored.queue_id)
 
     def _track(self, message: SpooledMessage) -> None:
-        self._queued[message.queue_id] = message.received
+        self._queued[message.queue_id] = message.arrival
         self._schedule(message)
 
     def _enqueue(self, queue_id: str) -> None:
@@ -308,7 +368,17 @@ class Relay:
     # --- running -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return."""
+        """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return.
+
+        Raises :class:`SpoolInUseError` at once when another relay holds the spool."""
+        lock = SpoolLock(self.settings.spool_dir)
+        lock.acquire()
+        try:
+            await self._run()
+        finally:
+            lock.release()
+
+    async def _run(self) -> None:
         for message in await self._io(self.spool.scan):
             if message.is_final:
                 # A crash came between recording the last outcome and removing the record.
@@ -506,7 +576,7 @@ class Relay:
         updates: list[RecipientState] = []
         for state in due:
             try:
-                decision = router.route_for(state.address, message.sender)
+                decision = router.route_for(state.address, message.sender, _client_of(message))
             except InvalidAddressError as e:
                 updates.append(final(state, RecipientStatus.FAILED, 553, f"5.1.3 {e.reason}"))
                 continue
@@ -563,7 +633,7 @@ class Relay:
         self, message: SpooledMessage, updates: list[RecipientState], now: datetime
     ) -> list[RecipientState]:
         """Deferred recipients past the queue lifetime fail (RFC 3463 4.4.7)."""
-        if (now - message.received).total_seconds() < self.settings.queue_lifetime:
+        if (now - message.arrival).total_seconds() < self.settings.queue_lifetime:
             return updates
         expired = []
         for state in updates:
@@ -596,7 +666,7 @@ class Relay:
             if warn_after is not None
             and s.status is RecipientStatus.DEFERRED
             and not s.delay_notified
-            and (now - message.received).total_seconds() >= warn_after
+            and (now - message.arrival).total_seconds() >= warn_after
         ]
         if not message.sender:
             if failed:
@@ -614,7 +684,7 @@ class Relay:
                 queue_id=message.queue_id,
                 original_sender=message.sender,
                 original_body=message.body,
-                arrival=message.received,
+                arrival=message.arrival,
                 recipients=[
                     BounceRecipient(
                         address=s.address,
@@ -629,7 +699,7 @@ class Relay:
                     )
                     for s in states
                 ],
-                will_retry_until=message.received + timedelta(seconds=self.settings.queue_lifetime)
+                will_retry_until=message.arrival + timedelta(seconds=self.settings.queue_lifetime)
                 if action == "delayed"
                 else None,
                 now=now,
@@ -692,14 +762,15 @@ class Relay:
             tls_mode=decision.tls.mode,
             report=report,
         )
+        log_attempts(message.queue_id, name, report)
         for (state, _), result in zip(members, report.results, strict=True):
             logger.info(
                 "queue %s: to=<%s> connector=%s server=%s tls=%s verified=%s status=%s reply=%r",
                 message.queue_id,
                 state.address,
                 name,
-                report.server,
-                report.tls_version or "none",
+                report.server or "-",
+                tls_shown(report),
                 report.verified,
                 result.status.value,
                 result.message,
@@ -734,6 +805,14 @@ class Relay:
         )
         for queue_id in await handoff.run(remaining):
             self._queued.pop(queue_id, None)
+
+
+def _client_of(message: SpooledMessage) -> Client | None:
+    """Who submitted ``message``, for client-scoped connectors; None for a bounce this
+    relay wrote (it matches only connectors not scoped to clients)."""
+    if not message.client and message.user is None:
+        return None
+    return Client(message.client or None, message.user)
 
 
 def _group_key(decision: RouteDecision) -> tuple[object, ...]:

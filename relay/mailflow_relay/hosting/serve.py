@@ -66,6 +66,9 @@ class HealthServer:
             elif path == "/readyz":
                 ready = relay is not None and relay.is_ready
                 status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+                if relay is not None and relay.left_out:
+                    # The user opted in to leaving objects out; readiness says which.
+                    body += "".join(f"left out: {line}\n" for line in relay.left_out).encode()
             elif path == "/metrics":
                 status, body = 200, b"" if relay is None else relay.metrics.render()
                 content_type = "text/plain; version=0.0.4; charset=utf-8"

@@ -89,8 +89,9 @@ __all__ = [
 AcceptCallback: TypeAlias = Callable[[AcceptedMessage], Awaitable[str]]
 """Makes the message durable and returns its queue id; raising -> 451 4.3.0."""
 
-RecipientCheck: TypeAlias = Callable[[str, str], tuple[int, str] | None]
-"""(sender, recipient) -> None to accept, or (code, text) to refuse that RCPT."""
+RecipientCheck: TypeAlias = Callable[[str, str, str, str | None], tuple[int, str] | None]
+"""(sender, recipient, client address, AUTH user or None) -> None to accept, or
+(code, text) to refuse that RCPT (the client matters to client-scoped connectors)."""
 
 
 class SmtpListener:
@@ -105,10 +106,13 @@ class SmtpListener:
         settings: ListenerSettings,
         on_message: AcceptCallback,
         check_recipient: RecipientCheck | None = None,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.on_message = on_message
         self.check_recipient = check_recipient
+        self.on_refusal = on_refusal
+        """Told the reason (``mail_loop``) of a message refused at DATA, for a metric."""
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._accepting = False

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
 from mailflow_relay.inbound.settings import (
     COMMAND_LINE_LIMIT,
@@ -119,6 +120,23 @@ class _SessionHooks:
         return "451 4.3.0 Requested action aborted: local error in processing"
 
 
+class _Session(Session):
+    """aiosmtpd's Session without the legacy ``login_data`` warning.
+
+    aiosmtpd 1.4 sets ``session.login_data`` after every successful AUTH and logs a
+    deprecation WARNING for its own assignment; nothing here reads it (the user is
+    ``SmtpSession.authenticated_user``), so the value is kept quietly.
+    """
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class SmtpSession(SMTP):
     """One SMTP connection: aiosmtpd's protocol with this relay's policy."""
 
@@ -150,6 +168,9 @@ class SmtpSession(SMTP):
         self.command_size_limits = collections.defaultdict(lambda: COMMAND_LINE_LIMIT)
 
     # -- connection lifecycle ----------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None:
@@ -265,7 +286,7 @@ class SmtpSession(SMTP):
         check = self.listener.check_recipient
         if check is not None:
             try:
-                verdict = check(sender, address)
+                verdict = check(sender, address, self.client, self.authenticated_user)
             except Exception:
                 log.exception("check_recipient failed for <%s>", printable(address))
                 return "451 4.3.0 Requested action aborted: local error in processing"
@@ -299,6 +320,10 @@ class SmtpSession(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout)
         data, refusal = await self._read_content()
+        if refusal is None:
+            refusal = hop_refusal(data, self.settings.max_hops)  # a mail loop: hops.py
+            if refusal is not None and self.listener.on_refusal is not None:
+                self.listener.on_refusal("mail_loop")
         envelope = self.envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         if refusal is not None:
@@ -397,13 +422,14 @@ class SmtpSession(SMTP):
             return "451 4.3.0 Requested action aborted: local error in processing"
         # Not in a finally: on cancellation (connection lost) no timer may be re-armed.
         self._reset_timeout()
+        # No size here: the engine's "queued" line gives the one size, as stored (with the
+        # Received: header), so a message never shows two.
         log.info(
-            "Accepted message %s from %s: sender <%s>, %d recipient(s), %d octets, user %s, %s",
+            "Accepted message %s from %s: sender <%s>, %d recipient(s), user %s, %s",
             printable(queue_id),
             self.client,
             printable(message.mail_from),
             len(message.rcpt_tos),
-            len(message.data),
             printable(message.authenticated_user) if message.authenticated_user else "-",
             "TLS" if message.tls else "plaintext",
         )

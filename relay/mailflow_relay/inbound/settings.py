@@ -102,6 +102,21 @@ class ListenerSettings:
     max_connections_per_client: int = 20
     """Simultaneous connections from one client address; more -> 421 4.7.0 and close."""
 
+    max_hops: int = 50
+    """Most ``Received:`` headers a message may carry, counting the one this relay adds;
+    more -> 554 5.4.6 at the end of DATA (a mail loop; Postfix ``hopcount_limit``)."""
+
+    allow_open_relay: bool = False
+    """Allow an :attr:`accept_from` network of every address (``0.0.0.0/0``, ``::/0``):
+    anyone on the Internet may relay. Refused unless this says so (DESIGN.md: an open
+    relay must be asked for explicitly); when allowed, the relay warns at start and
+    ``mailflow_open_relay`` is 1."""
+
+    @property
+    def open_networks(self) -> tuple[IPNetwork, ...]:
+        """The :attr:`accept_from` networks that hold every address of their family."""
+        return tuple(n for n in self.accept_from if n.prefixlen == 0)
+
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ListenerConfigError(
@@ -112,6 +127,7 @@ class ListenerSettings:
             "max_recipients",
             "max_line_length",
             "max_connections_per_client",
+            "max_hops",
         ):
             if getattr(self, name) < 1:
                 raise ListenerConfigError(name, "must be at least 1")
@@ -120,6 +136,14 @@ class ListenerSettings:
                 raise ListenerConfigError(name, "must be a positive number of seconds")
         if not 0 <= self.port <= 65535:
             raise ListenerConfigError("port", f"{self.port} is not a TCP port")
+        if self.open_networks and not self.allow_open_relay:
+            shown = ", ".join(str(n) for n in self.open_networks)
+            raise ListenerConfigError(
+                "accept_from",
+                f"{shown} lets anyone on the Internet relay through this relay (an open "
+                "relay); name your mail hosts' networks, or add --allow-open-relay if that "
+                "is really what you want",
+            )
 
 
 def printable(text: str, limit: int = 100) -> str:

@@ -298,6 +298,18 @@ class SpooledMessage:
     size: int
     """The body's length in bytes."""
     body: bytes = field(repr=False)
+    client: str = ""
+    """The submitting client's address ("" when unknown: a bounce, an older record)."""
+    user: str | None = None
+    """The SMTP AUTH user that submitted it, if any (client-scoped connectors)."""
+    arrived: datetime | None = None
+    """When the message first arrived in the fleet, if before :attr:`received` (a hand-off
+    from a peer relay keeps the message's age); None: it arrived here."""
+
+    @property
+    def arrival(self) -> datetime:
+        """When the message's queue lifetime started (RFC 3464 ``Arrival-Date``)."""
+        return self.arrived if self.arrived is not None else self.received
 
     @property
     def is_final(self) -> bool:
@@ -380,7 +392,14 @@ class Spool:
         return self.store_with_header(sender, recipients, lambda _queue_id: body)
 
     def store_with_header(
-        self, sender: str, recipients: Sequence[str], make_body: Callable[[str], bytes]
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        make_body: Callable[[str], bytes],
+        *,
+        client: str = "",
+        user: str | None = None,
+        arrived: datetime | None = None,
     ) -> SpooledMessage:
         """Like :meth:`store`, but the body is made knowing its queue id.
 
@@ -403,6 +422,9 @@ class Spool:
             received=_EPOCH + timedelta(microseconds=received_us),
             size=len(body),
             body=body,
+            client=client,
+            user=user,
+            arrived=arrived,
         )
         envelope = _dump_json(_envelope_to_json(message))
         lengths = f"{len(envelope)} {len(body)}".encode()
@@ -530,7 +552,8 @@ class Spool:
 
         messages: list[SpooledMessage] = []
         for name in names:
-            if name.startswith(_TEMP_PREFIX) or name == _CORRUPT_DIR:
+            # .relay.lock: the running relay's lock (queue/lock.py), not a message.
+            if name.startswith(_TEMP_PREFIX) or name in (_CORRUPT_DIR, ".relay.lock"):
                 continue
             stem, dot, suffix = name.rpartition(".")
             if not dot or f".{suffix}" not in (_RECORD_SUFFIX, _STATE_SUFFIX):
@@ -745,6 +768,10 @@ def _envelope_to_json(message: SpooledMessage) -> dict[str, Any]:
         "recipients": [_state_to_json(r) for r in message.recipients],
         "received": message.received.isoformat(),
         "size": message.size,
+        # Optional, so that records written before them still load (and look the same).
+        **({"client": message.client} if message.client else {}),
+        **({"user": message.user} if message.user is not None else {}),
+        **({"arrived": message.arrived.isoformat()} if message.arrived is not None else {}),
     }
 
 
@@ -811,6 +838,9 @@ def _parse_envelope(path: Path, queue_id: str, data: bytes) -> SpooledMessage:
             received=_parse_time(path, raw["received"]),
             size=size,
             body=b"",
+            client=str(raw.get("client", "")),
+            user=None if raw.get("user") is None else str(raw["user"]),
+            arrived=None if raw.get("arrived") is None else _parse_time(path, raw["arrived"]),
         )
     except SpoolCorruptError:
         raise

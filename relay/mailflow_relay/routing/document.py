@@ -11,14 +11,20 @@ everything but the generation, so a producer can tell "nothing changed" without
 comparing generations, and a relay can refuse a document that was cut or altered.
 
 Conflicts are resolved by the producer (it knows creation times) and recorded here: a
-connector that lost a (recipient pattern, sender pattern) key to an older connector
-does not route that key, and the record lets ``mailflow explain`` say why.
+connector that lost a (recipient pattern, sender pattern, client scope) key to an older
+connector does not route that key, and the record lets ``mailflow explain`` say why.
+
+A document with a client-scoped connector (``clients``) says ``routing/v2``: a relay
+that predates client scopes would ignore the field and route that connector's mail for
+every client, so it must refuse the document instead (and keep the one in force).
+Documents without one keep ``routing/v1`` and their checksum.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +37,9 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 __all__ = [
     "ROUTING_API_VERSION",
+    "ROUTING_API_VERSION_CLIENTS",
     "Balancing",
+    "ClientScope",
     "Conflict",
     "Connector",
     "DefaultAction",
@@ -49,6 +57,10 @@ __all__ = [
 ]
 
 ROUTING_API_VERSION = "mailflow.dev/routing/v1"
+ROUTING_API_VERSION_CLIENTS = "mailflow.dev/routing/v2"
+"""The version of a document with a client-scoped connector (older relays refuse it)."""
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TlsMode(enum.Enum):
@@ -180,6 +192,34 @@ class SmtpCredentials:
 
 
 @dataclass(frozen=True)
+class ClientScope:
+    """The submitting clients a connector serves: a source network or an AUTH user.
+
+    A client matches when its address is in one of :attr:`networks` or it logged in as
+    one of :attr:`users`. The compliance design needs it: mail that comes back from the
+    compliance server must not go to the compliance server again.
+    """
+
+    networks: tuple[IPNetwork, ...] = ()
+    users: tuple[str, ...] = ()
+
+    def matches(self, address: str | None, user: str | None) -> bool:
+        if user is not None and user in self.users:
+            return True
+        if address is None or not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+    def __str__(self) -> str:
+        parts = [*(str(n) for n in self.networks), *(f"user {u}" for u in self.users)]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class Connector:
     ref: ObjectRef
     generation: int
@@ -196,6 +236,8 @@ class Connector:
     unresolved: tuple[str, ...] = ()
     """Why this connector cannot deliver now (a missing profile or Secret); mail it routes is
     deferred, never sent elsewhere."""
+    clients: ClientScope | None = None
+    """None: every submitting client. Otherwise only mail from these clients."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +248,7 @@ class Conflict:
     sender: DomainPattern | None
     winner: ObjectRef
     losers: tuple[ObjectRef, ...]
+    clients: ClientScope | None = None
 
 
 @dataclass(frozen=True)
@@ -257,8 +300,10 @@ class RoutingDocument:
     @classmethod
     def from_dict(cls, raw: object) -> RoutingDocument:
         top = _Reader(raw, "")
-        if top.text("apiVersion") != ROUTING_API_VERSION:
-            raise RoutingDocumentError("apiVersion", f"expected {ROUTING_API_VERSION!r}")
+        if top.text("apiVersion") not in (ROUTING_API_VERSION, ROUTING_API_VERSION_CLIENTS):
+            raise RoutingDocumentError(
+                "apiVersion", f"expected {ROUTING_API_VERSION!r} or {ROUTING_API_VERSION_CLIENTS!r}"
+            )
         document = cls(
             generation=top.integer("generation"),
             connectors=tuple(_read_connector(r) for r in top.items("connectors")),
@@ -283,8 +328,9 @@ def _checksum(body: Mapping[str, object]) -> str:
 
 
 def _document_body(document: RoutingDocument) -> dict[str, object]:
+    scoped = any(c.clients is not None for c in document.connectors)
     return {
-        "apiVersion": ROUTING_API_VERSION,
+        "apiVersion": ROUTING_API_VERSION_CLIENTS if scoped else ROUTING_API_VERSION,
         "connectors": [_connector_dict(c) for c in document.connectors],
         "conflicts": [_conflict_dict(c) for c in document.conflicts],
         "defaultRoute": {
@@ -298,9 +344,14 @@ def _by_ref(connector: Connector) -> ObjectRef:
     return connector.ref
 
 
-def _conflict_key(conflict: Conflict) -> tuple[str, str, str]:
+def _conflict_key(conflict: Conflict) -> tuple[str, str, str, str]:
     sender = "" if conflict.sender is None else str(conflict.sender)
-    return (str(conflict.recipient), sender, str(conflict.winner))
+    clients = "" if conflict.clients is None else str(conflict.clients)
+    return (str(conflict.recipient), sender, clients, str(conflict.winner))
+
+
+def _clients_dict(clients: ClientScope) -> dict[str, object]:
+    return {"networks": [str(n) for n in clients.networks], "users": list(clients.users)}
 
 
 def _tls_dict(tls: TlsPolicy) -> dict[str, object]:
@@ -344,6 +395,8 @@ def _connector_dict(connector: Connector) -> dict[str, object]:
         "tls": _tls_dict(connector.tls),
         "auth": None if auth is None else {"username": auth.username, "password": auth.password},
         "unresolved": list(connector.unresolved),
+        # Only when set: documents without client scopes keep their bytes and checksum.
+        **({} if connector.clients is None else {"clients": _clients_dict(connector.clients)}),
     }
 
 
@@ -353,6 +406,7 @@ def _conflict_dict(conflict: Conflict) -> dict[str, object]:
         "sender": None if conflict.sender is None else str(conflict.sender),
         "winner": str(conflict.winner),
         "losers": [str(r) for r in conflict.losers],
+        **({} if conflict.clients is None else {"clients": _clients_dict(conflict.clients)}),
     }
 
 
@@ -476,7 +530,24 @@ def _read_connector(r: _Reader) -> Connector:
         if auth is None
         else SmtpCredentials(auth.text("username"), auth.text("password")),
         unresolved=tuple(r.texts("unresolved")),
+        clients=_read_clients(r),
     )
+
+
+def _read_clients(r: _Reader) -> ClientScope | None:
+    if "clients" not in r.raw:
+        return None
+    scope = r.child("clients")
+    networks = []
+    for i, text in enumerate(scope.texts("networks")):
+        try:
+            networks.append(ipaddress.ip_network(text))
+        except ValueError as e:
+            raise RoutingDocumentError(f"{scope._at('networks')}[{i}]", str(e)) from e
+    users = tuple(scope.texts("users"))
+    if not networks and not users:
+        raise RoutingDocumentError(scope.path, "expected at least one network or user")
+    return ClientScope(tuple(networks), users)
 
 
 def _patterns(r: _Reader, key: str) -> tuple[DomainPattern, ...]:
@@ -490,6 +561,7 @@ def _read_conflict(r: _Reader) -> Conflict:
         sender=None if sender is None else r.pattern(sender, r._at("sender")),
         winner=r.ref("winner"),
         losers=tuple(_refs(r, "losers")),
+        clients=_read_clients(r),
     )
 
 

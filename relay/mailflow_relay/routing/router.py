@@ -7,9 +7,19 @@ Precedence (DESIGN.md, "Routing"):
    catch-all;
 2. among connectors with that same recipient pattern, one scoped to the sender's domain
    beats an unscoped one (an exact sender domain before a wildcard sender domain);
-3. two enabled connectors on the same (recipient pattern, sender pattern) key are a
-   conflict that the producer already resolved by age, then name: the loser does not
-   hold that key.
+3. two enabled connectors on the same (recipient pattern, sender pattern, client scope)
+   key are a conflict that the producer already resolved by age, then name: the loser
+   does not hold that key.
+
+Client scopes (``spec.clients``: source networks, AUTH users) filter before precedence: a
+client-scoped connector exists only for mail submitted by one of its clients. Among
+connectors with the same recipient pattern, a client-scoped one that matches beats
+sender-scoped and unscoped ones — the most specific statement about this message is
+who handed it over. So "mail back from the compliance server goes to the MX" is a
+client-scoped catch-all beside the unscoped catch-all to the compliance server, and the
+message cannot loop. The recipient pattern still comes first: an exact partner connector
+beats a client-scoped catch-all, so scope the partner connector to the compliance server
+too when partner mail must pass compliance first (examples/compliance/).
 
 A pattern whose connectors are all scoped to other senders does not stop the search:
 the next, less specific pattern is tried, so a sender-scoped exception never swallows
@@ -26,6 +36,7 @@ from dataclasses import dataclass, field
 
 from mailflow_relay.errors import InvalidAddressError, InvalidDomainError
 from mailflow_relay.routing.document import (
+    ClientScope,
     Connector,
     DefaultAction,
     Destination,
@@ -41,7 +52,19 @@ from mailflow_relay.routing.domains import (
     parent_domains,
 )
 
-__all__ = ["Candidate", "MatchRule", "RouteDecision", "Router", "domain_of"]
+__all__ = ["Candidate", "Client", "MatchRule", "RouteDecision", "Router", "domain_of"]
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who submitted the message: its address and, after SMTP AUTH, its user."""
+
+    address: str | None = None
+    user: str | None = None
+
+    def __str__(self) -> str:
+        shown = self.address or "?"
+        return f"{shown} (user {self.user})" if self.user else shown
 
 
 def domain_of(address: str) -> str:
@@ -76,6 +99,8 @@ class RouteDecision:
     """None when the default route rejects."""
     tls: TlsPolicy
     reason: str
+    clients: ClientScope | None = None
+    """The chosen connector's client scope, when it is client-scoped."""
 
     @property
     def rejected(self) -> bool:
@@ -122,55 +147,82 @@ class _Bucket:
         return None
 
 
+@dataclass
+class _Tables:
+    """Buckets by recipient pattern: exact domains, wildcard suffixes, the catch-all."""
+
+    exact: dict[str, _Bucket] = field(default_factory=dict)
+    subdomains: dict[str, _Bucket] = field(default_factory=dict)
+    any: _Bucket = field(default_factory=_Bucket)
+
+    def bucket_for(self, pattern: DomainPattern) -> _Bucket:
+        if pattern.kind is PatternKind.ANY:
+            return self.any
+        table = self.exact if pattern.kind is PatternKind.EXACT else self.subdomains
+        return table.setdefault(pattern.domain, _Bucket())
+
+    def get(self, pattern: DomainPattern) -> _Bucket | None:
+        if pattern.kind is PatternKind.ANY:
+            return self.any
+        table = self.exact if pattern.kind is PatternKind.EXACT else self.subdomains
+        return table.get(pattern.domain)
+
+
 class Router:
     """Routes recipients with one routing document; build a new Router for a new document."""
 
     def __init__(self, document: RoutingDocument) -> None:
         self.document = document
-        self._exact: dict[str, _Bucket] = {}
-        self._subdomains: dict[str, _Bucket] = {}
-        self._any = _Bucket()
+        self._open = _Tables()
+        # One table set per distinct client scope: lookups cost one probe per label per
+        # scope that matches the client, however many connectors share a scope.
+        self._scoped: dict[ClientScope, _Tables] = {}
         lost = {
-            (conflict.recipient, conflict.sender, loser)
+            (conflict.recipient, conflict.sender, conflict.clients, loser)
             for conflict in document.conflicts
             for loser in conflict.losers
         }
         for connector in document.connectors:
             if not connector.enabled:
                 continue
+            tables = (
+                self._open
+                if connector.clients is None
+                else self._scoped.setdefault(connector.clients, _Tables())
+            )
             senders: tuple[DomainPattern | None, ...] = connector.sender_patterns or (None,)
             for recipient in connector.recipient_patterns:
                 for sender in senders:
-                    if (recipient, sender, connector.ref) in lost:
+                    if (recipient, sender, connector.clients, connector.ref) in lost:
                         continue
-                    self._bucket_for(recipient).add(sender, connector)
+                    tables.bucket_for(recipient).add(sender, connector)
 
-    def _bucket_for(self, pattern: DomainPattern) -> _Bucket:
-        if pattern.kind is PatternKind.ANY:
-            return self._any
-        table = self._exact if pattern.kind is PatternKind.EXACT else self._subdomains
-        return table.setdefault(pattern.domain, _Bucket())
-
-    def route_for(self, recipient: str, sender: str = "") -> RouteDecision:
+    def route_for(
+        self, recipient: str, sender: str = "", client: Client | None = None
+    ) -> RouteDecision:
         """Decide the connector for one recipient of a message from ``sender``.
 
         ``sender`` is the envelope sender; ``""`` or ``"<>"`` (the null sender of
         bounces) matches only connectors that are not scoped to sender domains.
+        ``client`` is who submitted the message; None (a bounce this relay writes, an
+        unknown client) matches only connectors that are not scoped to clients.
         """
         domain = domain_of(recipient)
         sender_domain = sender_domain_of(sender)
-        probes: list[tuple[_Bucket | None, DomainPattern]] = [
-            (self._exact.get(domain), DomainPattern(PatternKind.EXACT, domain))
+        scoped = [
+            tables
+            for scope, tables in self._scoped.items()
+            if client is not None and scope.matches(client.address, client.user)
         ]
-        probes += [
-            (self._subdomains.get(parent), DomainPattern(PatternKind.SUBDOMAINS, parent))
-            for parent in parent_domains(domain)
-        ]
-        probes.append((self._any, DomainPattern(PatternKind.ANY, "")))
-        for bucket, pattern in probes:
-            if bucket is None:
-                continue
-            picked = bucket.pick(sender_domain)
+        patterns = [DomainPattern(PatternKind.EXACT, domain)]
+        patterns += [DomainPattern(PatternKind.SUBDOMAINS, p) for p in parent_domains(domain)]
+        patterns.append(DomainPattern(PatternKind.ANY, ""))
+        for pattern in patterns:
+            picked = None
+            for tables in (*scoped, self._open):
+                bucket = tables.get(pattern)
+                if bucket is not None and (picked := bucket.pick(sender_domain)) is not None:
+                    break
             if picked is None:
                 continue
             connector, sender_pattern = picked
@@ -184,7 +236,8 @@ class Router:
                 sender_pattern=sender_pattern,
                 destination=connector.destination,
                 tls=connector.tls,
-                reason=_reason(pattern, sender_pattern),
+                reason=_reason(pattern, sender_pattern, connector.clients),
+                clients=connector.clients,
             )
         default = self.document.default_route
         return RouteDecision(
@@ -200,12 +253,14 @@ class Router:
             reason=f"no enabled connector matches; default route: {default.describe()}",
         )
 
-    def candidates_for(self, recipient: str, sender: str = "") -> list[Candidate]:
+    def candidates_for(
+        self, recipient: str, sender: str = "", client: Client | None = None
+    ) -> list[Candidate]:
         """Every connector whose patterns match, in precedence order, with its outcome.
 
         This walks all connectors: it is for explaining a decision, not for making it.
         """
-        decision = self.route_for(recipient, sender)
+        decision = self.route_for(recipient, sender, client)
         domain, sender_domain = decision.domain, decision.sender_domain
         chosen_key = (
             None
@@ -213,7 +268,7 @@ class Router:
             else (decision.connector.ref, decision.recipient_pattern, decision.sender_pattern)
         )
         losers = {
-            (c.recipient, c.sender, loser): c.winner
+            (c.recipient, c.sender, c.clients, loser): c.winner
             for c in self.document.conflicts
             for loser in c.losers
         }
@@ -226,10 +281,10 @@ class Router:
                 for sender_pattern in senders:
                     key = (connector.ref, pattern, sender_pattern)
                     outcome = _outcome(
-                        connector, pattern, sender_pattern, sender_domain, decision, losers
+                        connector, pattern, sender_pattern, sender_domain, decision, losers, client
                     )
                     scope = 0 if sender_pattern is None else 1 + sender_pattern.specificity[0]
-                    rank = (*pattern.specificity, scope)
+                    rank = (*pattern.specificity, int(connector.clients is not None), scope)
                     found.append(
                         (
                             rank,
@@ -267,7 +322,9 @@ def _sender_text(pattern: DomainPattern) -> str:
     return f"sender domain '{pattern.domain}'"
 
 
-def _reason(recipient: DomainPattern, sender: DomainPattern | None) -> str:
+def _reason(
+    recipient: DomainPattern, sender: DomainPattern | None, clients: ClientScope | None = None
+) -> str:
     if recipient.kind is PatternKind.EXACT:
         why = f"{recipient.describe()} is an exact match, the most specific kind"
     elif recipient.kind is PatternKind.SUBDOMAINS:
@@ -277,9 +334,31 @@ def _reason(recipient: DomainPattern, sender: DomainPattern | None) -> str:
         )
     else:
         why = f"{recipient.describe()} matches; no exact or wildcard pattern does"
+    if clients is not None:
+        why += f"; scoped to clients {clients}, which beats connectors not scoped to clients"
     if sender is not None:
         why += f"; scoped to {_sender_text(sender)}, which beats unscoped connectors"
     return why
+
+
+def _scope_mismatch(
+    connector: Connector,
+    sender_pattern: DomainPattern | None,
+    sender_domain: str | None,
+    client: Client | None,
+) -> str | None:
+    """Why a connector's client or sender scope leaves this message out, or None."""
+    if connector.clients is not None and (
+        client is None or not connector.clients.matches(client.address, client.user)
+    ):
+        shown = "no client given" if client is None else f"not {client}"
+        return f"scoped to clients {connector.clients}: {shown}"
+    if sender_pattern is not None and (
+        sender_domain is None or not sender_pattern.matches(sender_domain)
+    ):
+        shown = sender_domain or "<>"
+        return f"scoped to {_sender_text(sender_pattern)}, which does not match {shown}"
+    return None
 
 
 def _outcome(
@@ -288,16 +367,17 @@ def _outcome(
     sender_pattern: DomainPattern | None,
     sender_domain: str | None,
     decision: RouteDecision,
-    losers: dict[tuple[DomainPattern, DomainPattern | None, ObjectRef], ObjectRef],
+    losers: dict[
+        tuple[DomainPattern, DomainPattern | None, ClientScope | None, ObjectRef], ObjectRef
+    ],
+    client: Client | None,
 ) -> str:
     if not connector.enabled:
         return "disabled"
-    if sender_pattern is not None and (
-        sender_domain is None or not sender_pattern.matches(sender_domain)
-    ):
-        shown = sender_domain or "<>"
-        return f"scoped to {_sender_text(sender_pattern)}, which does not match {shown}"
-    winner = losers.get((pattern, sender_pattern, connector.ref))
+    mismatch = _scope_mismatch(connector, sender_pattern, sender_domain, client)
+    if mismatch is not None:
+        return mismatch
+    winner = losers.get((pattern, sender_pattern, connector.clients, connector.ref))
     if winner is not None:
         return (
             f"conflict on this pattern and sender scope: {winner} is older"
@@ -311,4 +391,6 @@ def _outcome(
         return "chosen: " + decision.reason
     if decision.recipient_pattern is not None and decision.recipient_pattern != pattern:
         return f"less specific than {decision.recipient_pattern.describe()}"
+    if decision.clients is not None and connector.clients is None:
+        return "an equally specific connector scoped to this client wins"
     return "an equally specific connector scoped to the sender wins"

@@ -612,9 +612,9 @@ def test_a_message_stored_while_the_client_hangs_up_is_still_delivered(
 
     original = Spool.store_with_header
 
-    def slow_store(self: Spool, *args: Any) -> Any:
+    def slow_store(self: Spool, *args: Any, **kwargs: Any) -> Any:
         time.sleep(0.5)  # a slow fsync: the client gives up before the 250
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Spool, "store_with_header", slow_store)
 

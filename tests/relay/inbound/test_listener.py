@@ -234,8 +234,9 @@ def test_empty_allow_list_and_no_users_relays_for_nobody() -> None:
 
 
 def test_check_recipient_may_refuse_a_recipient_with_its_own_reply() -> None:
-    def check(sender: str, recipient: str) -> tuple[int, str] | None:
+    def check(sender: str, recipient: str, client: str, user: str | None) -> tuple[int, str] | None:
         assert sender == "alice@sender.example"
+        assert (client, user) == ("127.0.0.1", None)
         if recipient.startswith("nobody@"):
             return 550, "5.1.1 No such recipient\r\nX-Injected: yes"
         return None
@@ -310,6 +311,8 @@ def test_auth_after_starttls_lets_a_client_outside_the_allow_list_relay(
     caplog.set_level(logging.DEBUG)
     run(scenario)
     assert any(f"AUTH {mechanism} succeeded" in r.getMessage() for r in caplog.records)
+    # aiosmtpd's own deprecation warning for login_data, once per AUTH (issue 11, point 10).
+    assert "login_data is deprecated" not in caplog.text
     assert PASSWORD not in caplog.text
     assert base64.b64encode(PASSWORD.encode()).decode() not in caplog.text
 
