@@ -98,5 +98,33 @@ class RelayMetrics:
             registry=self.registry,
         )
 
+        self.spool_free_bytes = Gauge(
+            "mailflow_spool_free_bytes",
+            "Free bytes on the spool's file system, as last measured (at most once a second).",
+            registry=self.registry,
+        )
+        self.spool_full = Gauge(
+            "mailflow_spool_full",
+            "1 while the spool's free space is below the reserve and new mail gets 452 4.3.1.",
+            registry=self.registry,
+        )
+        self.spool_write_failures = Counter(
+            "mailflow_spool_write_failures",
+            "Writes of delivery outcomes the spool refused (full disk, I/O error), by what"
+            " was written (state, bounce).",
+            ["what"],
+            registry=self.registry,
+        )
+        self.spool_write_backoff = Gauge(
+            "mailflow_spool_write_backoff_seconds",
+            "The current wait before writing outcomes again after refused writes (0: none).",
+            registry=self.registry,
+        )
+        self.spool_unrecorded = Gauge(
+            "mailflow_spool_unrecorded_outcomes",
+            "Recipient outcomes kept in memory because the spool could not write them yet.",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
