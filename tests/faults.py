@@ -7,14 +7,17 @@ Everything binds 127.0.0.1; every loop is bounded in count and in time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import ipaddress
 import os
+import re
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from mailflow_relay.routing.document import (
 from mailflow_relay.routing.domains import DomainPattern
 
 __all__ = [
+    "FaultyHop",
     "SmallFilesystem",
     "connector",
     "document",
@@ -46,8 +50,6 @@ __all__ = [
     "send",
     "summary",
 ]
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def need(condition: bool, reason: str) -> None:
@@ -199,3 +201,99 @@ def fill(path: Path, *, leave: int = 0) -> int:
     finally:
         os.close(fd)
     return written
+
+
+MESSAGE_ID = re.compile(rb"^Message-ID:\s*<([^>]+)>", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass
+class FaultyHop:
+    """A raw-socket next hop on 127.0.0.1 whose behaviour the test changes while it runs.
+
+    ``mode``: ``ok`` (a correct server), ``421`` (421 to the greeting and every command),
+    ``rcpt-451`` (every RCPT 451), ``drop-mid-data`` (reads part of the content, then
+    closes), ``data-250`` (250 to DATA instead of 354), ``silent`` (greets, then never
+    answers). ``delay`` is waited before every reply (a slow server). Each message that
+    got a 250 after its content is counted by its Message-ID, with the time it was taken.
+    """
+
+    mode: str = "ok"
+    delay: float = 0.0
+    delivered: collections.Counter[str] = field(default_factory=collections.Counter)
+    taken_at: dict[str, list[float]] = field(default_factory=dict)
+    connections: int = 0
+    port: int = 0
+    _server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> FaultyHop:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _reply(self, writer: asyncio.StreamWriter, line: bytes) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        writer.write(line)
+        await writer.drain()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self._dialogue(reader, writer)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def _dialogue(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "421":
+            await self._reply(writer, b"421 4.3.2 service not available\r\n")
+            return
+        await self._reply(writer, b"220 hop.test ESMTP\r\n")
+        while line := await asyncio.wait_for(reader.readline(), 30):
+            verb = line[:4].upper()
+            if self.mode == "silent":
+                continue
+            if self.mode == "421":
+                await self._reply(writer, b"421 4.3.2 going away\r\n")
+                return
+            if verb in (b"EHLO", b"HELO"):
+                await self._reply(writer, b"250-hop.test\r\n250 8BITMIME\r\n")
+            elif verb == b"RCPT" and self.mode == "rcpt-451":
+                await self._reply(writer, b"451 4.3.0 try again later\r\n")
+            elif verb == b"DATA" and self.mode == "data-250":
+                await self._reply(writer, b"250 2.0.0 ok\r\n")
+            elif verb == b"DATA":
+                await self._reply(writer, b"354 go ahead\r\n")
+                if not await self._content(reader, writer):
+                    return
+            elif verb == b"QUIT":
+                await self._reply(writer, b"221 bye\r\n")
+                return
+            else:
+                await self._reply(writer, b"250 2.0.0 ok\r\n")
+
+    async def _content(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        content = bytearray()
+        dropping = self.mode == "drop-mid-data"
+        for _ in range(100_000):
+            chunk = await asyncio.wait_for(reader.readline(), 30)
+            if chunk in (b".\r\n", b""):
+                break
+            content += chunk
+            if dropping and len(content) > 20:
+                writer.transport.abort()  # half a message, then the line goes dead
+                return False
+        match = MESSAGE_ID.search(bytes(content))
+        # The local part: the test's own number for the message (send(message_id=...)).
+        key = match[1].decode().partition("@")[0] if match else "(no Message-ID)"
+        self.delivered[key] += 1
+        self.taken_at.setdefault(key, []).append(time.monotonic())
+        await self._reply(writer, b"250 2.0.0 queued\r\n")
+        return True
