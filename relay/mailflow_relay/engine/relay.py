@@ -197,6 +197,9 @@ class Relay:
         """Spool writes refused in a row (reset by the next write that succeeds)."""
         self._spool_full = False
         self._free_checked_at = -float("inf")
+        self._free_measured = 0
+        self._spooled_since_measured = 0
+        """Bytes stored since the last statvfs: between two looks the estimate goes down."""
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -283,14 +286,16 @@ class Relay:
         """
         now = self._clock()
         if now - self._free_checked_at < 1.0:
-            return not self._spool_full
-        self._free_checked_at = now
-        try:
-            free = self.spool.free_bytes()
-        except OSError as e:
-            logger.warning("spool: cannot tell the free space (%s); assuming it is unchanged", e)
-            return not self._spool_full
-        self.metrics.spool_free_bytes.set(free)
+            free = self._free_measured - self._spooled_since_measured
+        else:
+            self._free_checked_at = now
+            try:
+                free = self._free_measured = self.spool.free_bytes()
+            except OSError as e:
+                logger.warning("spool: cannot tell the free space (%s); assuming it unchanged", e)
+                return not self._spool_full
+            self._spooled_since_measured = 0
+            self.metrics.spool_free_bytes.set(free)
         full = free < self.settings.spool_reserve
         if full != self._spool_full:
             self.metrics.spool_full.set(int(full))
@@ -318,6 +323,10 @@ class Relay:
         )
         try:
             stored = await asyncio.shield(store)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._free_checked_at = -float("inf")  # the next RCPT looks again
+            raise
         except asyncio.CancelledError:
             # The session ended (client gone, timeout) while the record was being written.
             # The thread still finishes: a record that made it to disk must be delivered,
@@ -343,6 +352,7 @@ class Relay:
         self._queued_message(stored, "(gone)")
 
     def _queued_message(self, stored: SpooledMessage, client: str) -> None:
+        self._spooled_since_measured += stored.size
         if self._fresh_bytes + stored.size <= FRESH_CACHE_BYTES:
             self._fresh[stored.queue_id] = stored
             self._fresh_bytes += stored.size
