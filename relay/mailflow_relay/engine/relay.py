@@ -542,7 +542,8 @@ class Relay:
     async def _defer_after_error(self, queue_id: str, error: Exception) -> None:
         """Record the failure as a deferral, so backoff, the lifetime and the bounce apply."""
         try:
-            message = await self._io(self.spool.load, queue_id)
+            # What the spool could not write yet still holds: a delivered one stays delivered.
+            message = self._with_unrecorded(await self._io(self.spool.load, queue_id))
             reason = f"4.3.0 internal error: {type(error).__name__}"
             updates = [self._deferred(state, 451, reason) for state in message.pending]
             updates = self._expire(message, updates, datetime.now(UTC))
