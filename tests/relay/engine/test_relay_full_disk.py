@@ -136,3 +136,38 @@ def test_new_mail_gets_452_below_the_free_space_reserve_and_is_accepted_after(
     assert accepted == "accepted"
     assert full == 1.0
     assert spool_full >= 1
+
+
+def test_a_hand_off_on_a_full_disk_never_hands_the_delivered_recipient_again() -> None:
+    """Draining while the outcome is only in memory: the peer gets b, never a again."""
+
+    async def scenario() -> tuple[int, list[tuple[str, ...]]]:
+        with SmallFilesystem(FS_SIZE) as fs:
+            spool_dir = fs.path / "spool"
+            Spool(spool_dir).store("alice@sender.test", ["a@good.test", "b@bad.test"], BODY)
+            fill(fs.path / "filler")
+            async with (
+                SmtpSink(rcpt_replies={"b@bad.test": "451 4.2.0 try later"}) as sink,
+                SmtpSink() as peer,
+            ):
+                relay = Relay(
+                    relay_settings(
+                        spool_dir,
+                        spool_min_free=0,
+                        spool_write_backoff=0.2,
+                        handoff=("127.0.0.1", peer.port),
+                        drain_grace=0.5,
+                    ),
+                    document(connector("all", ["*"], sink.port)),
+                )
+                async with running(relay):
+                    await until(lambda: sink.messages, what="the first delivery")
+                    await until(
+                        lambda: metric(relay, "mailflow_spool_write_failures_total", what="state"),
+                        what="a refused state write",
+                    )
+                return len(sink.messages), [m.rcpt_tos for m in peer.messages]
+
+    delivered, handed = run(scenario, within=60)
+    assert delivered == 1
+    assert handed == [("b@bad.test",)]
