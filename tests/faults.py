@@ -36,6 +36,7 @@ from mailflow_relay.routing.document import (
     TlsPolicy,
 )
 from mailflow_relay.routing.domains import DomainPattern
+from peers import INSTALL_HINT, tool_path
 
 __all__ = [
     "FaultyHop",
@@ -45,6 +46,7 @@ __all__ = [
     "fill",
     "metric",
     "need",
+    "need_tool",
     "relay_settings",
     "running",
     "send",
@@ -60,6 +62,15 @@ def need(condition: bool, reason: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI=true: {reason}")
     pytest.skip(reason)
+
+
+def need_tool(tool: str) -> str:
+    """The path of ``tool`` (Debian's nsd, Postfix's smtp-sink); skipped without it, and
+    a failure with ``CI=true``."""
+    path = tool_path(tool)
+    need(path is not None, f"{tool} is not installed: {INSTALL_HINT}")
+    assert path is not None
+    return path
 
 
 def connector(

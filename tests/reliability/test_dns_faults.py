@@ -11,13 +11,13 @@ import asyncio
 import time
 from pathlib import Path
 
-from faults import connector, document, relay_settings, running, send, summary
+from faults import connector, document, need_tool, relay_settings, running, send, summary
 from mailflow_relay.engine.relay import Relay
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.queue.spool import RecipientStatus, SpooledMessage
 from mailflow_relay.routing.document import RecipientMx
 from mailflow_relay.testing.sink import SmtpSink
-from peers import DnsServer, UnresponsiveDnsServer, require
+from peers import DnsServer, UnresponsiveDnsServer
 from support import run, until
 
 ZONES = {
@@ -44,7 +44,7 @@ def mx_relay(tmp_path: Path, dns_port: int, mx_port: int, bounce_port: int) -> R
 
 
 def test_servfail_defers_while_nxdomain_and_null_mx_bounce(tmp_path: Path) -> None:
-    require("nsd")
+    need_tool("nsd")
 
     async def scenario() -> tuple[int, list[bytes], SpooledMessage, float]:
         started = time.monotonic()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from faults import summary
-from peers import SmtpSink, require
+from faults import need_tool, summary
+from peers import SmtpSink
 from relayproc import RelayProcess, connector
 
 CLIENTS = 3
@@ -52,7 +52,7 @@ def client(port: int, prefix: str, acknowledged: list[str], stop: threading.Even
 def kill_again_and_again(
     tmp_path: Path, *, max_rounds: int, enough: int, seconds: tuple[float, float], seed: int
 ) -> None:
-    require("smtp-sink")
+    need_tool("smtp-sink")
     rng = random.Random(seed)
     started = time.monotonic()
     acknowledged: list[str] = []
