@@ -33,6 +33,7 @@ class Outcome:
     during_fault: int
     spooled_during_fault: int
     deferred: float
+    protocol_errors: float
     delivered: dict[str, int]
     seconds: float
 
@@ -72,6 +73,12 @@ async def fault_then_recovery(
                 destination=f"smart host 127.0.0.1:{port}",
                 tls_mode="Opportunistic",
             )
+            protocol_errors = metric(
+                relay,
+                "mailflow_next_hop_protocol_errors_total",
+                connector="mail/dest",
+                destination=f"smart host 127.0.0.1:{port}",
+            )
             hop.mode, hop.delay = "ok", recover_delay
             if fault == "down":
                 await hop.__aenter__()
@@ -84,7 +91,13 @@ async def fault_then_recovery(
     finally:
         await hop.__aexit__()
     return Outcome(
-        sent, during_fault, spooled, deferred, dict(hop.delivered), time.monotonic() - started
+        sent,
+        during_fault,
+        spooled,
+        deferred,
+        protocol_errors,
+        dict(hop.delivered),
+        time.monotonic() - started,
     )
 
 
@@ -118,6 +131,10 @@ def test_a_destination_fault_defers_and_every_message_arrives_once_after(
     assert outcome.during_fault == 0  # nothing counts as delivered while the hop is broken
     assert outcome.spooled_during_fault == len(outcome.sent)
     assert outcome.deferred >= len(outcome.sent)
+    if fault == "data-250":
+        assert outcome.protocol_errors >= len(outcome.sent)
+    else:
+        assert outcome.protocol_errors == 0
     assert lost == []
     assert duplicates == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -58,6 +58,13 @@ class RelayMetrics:
             ["connector", "tls_mode", "reason"],
             registry=self.registry,
         )
+        self.protocol_errors = Counter(
+            "mailflow_next_hop_protocol_errors",
+            "Next hops that answered out of protocol (250 to DATA, no valid reply code, a line"
+            " over the limit): the recipients were deferred, never counted as delivered.",
+            ["connector", "destination"],
+            registry=self.registry,
+        )
         self.delivery_seconds = Histogram(
             "mailflow_delivery_duration_seconds",
             "Time of one delivery transaction (all targets tried), by connector.",

@@ -846,6 +846,8 @@ class Relay:
             recipient_domain=decision.domain,
         )
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
+        if report.protocol_errors:
+            self.metrics.protocol_errors.labels(name, destination).inc(report.protocol_errors)
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value

@@ -288,6 +288,7 @@ class Deliverer:
         session = _Session()
         server: str | None = None
         tls_failure: TlsFailure | None = None
+        protocol_errors = 0
         for target in targets:
             if not pending:
                 break
@@ -300,6 +301,7 @@ class Deliverer:
                 self.health.failed(target.address, target.port)
                 attempts.append(Attempt(str(target), e.reason))
                 tls_failure = e.tls_failure or tls_failure
+                protocol_errors += isinstance(e, _ProtocolError)
                 logger.warning("delivery to %s failed: %s", target, e.reason)
                 for recipient in pending:
                     last_failure[recipient] = RecipientResult(
@@ -333,6 +335,7 @@ class Deliverer:
             verified=session.verified,
             tls_failure=None if session.tls_version else tls_failure,
             attempts=tuple(attempts),
+            protocol_errors=protocol_errors,
         )
 
     async def _transaction(
