@@ -93,6 +93,14 @@ class RelaySettings:
     scheduler_tick: float = 1.0
     spool_threads: int = 64
     """Threads for spool I/O (each mostly waits on fsync)."""
+    spool_min_free: int | None = None
+    """Free bytes the spool's file system must keep for new mail: below it, recipients are
+    refused at RCPT with ``452 4.3.1`` (try later) while the queue is still delivered
+    (Postfix's ``queue_minfree``). None: 1.5 times the message size limit, Postfix's rule."""
+    spool_write_backoff: float = 1.0
+    """Seconds before writing a message's outcomes again after the spool refused the write
+    (a full disk, an I/O error); doubles with each failure in a row, up to ``retry_max``.
+    Meanwhile the outcomes are kept in memory, so no recipient is delivered twice."""
     queue_lifetime: float = 5 * 24 * 3600.0
     """A recipient still deferred this long after arrival fails, and the sender is told
     (Postfix ``maximal_queue_lifetime``, 5 days)."""
@@ -104,14 +112,6 @@ class RelaySettings:
     handoff: tuple[str, int] | None = None
     """On stop: hand what is left in the spool to this peer relay (the relay Service)."""
     handoff_timeout: float = 30.0
-    spool_min_free: int | None = None
-    """Free bytes the spool's file system must keep for new mail: below it, recipients are
-    refused at RCPT with ``452 4.3.1`` (try later) while the queue is still delivered
-    (Postfix's ``queue_minfree``). None: 1.5 times the message size limit, Postfix's rule."""
-    spool_write_backoff: float = 1.0
-    """Seconds before writing a message's outcomes again after the spool refused the write
-    (a full disk, an I/O error); doubles with each failure in a row, up to ``retry_max``.
-    Meanwhile the outcomes are kept in memory, so no recipient is delivered twice."""
 
     def __post_init__(self) -> None:
         require_positive(
@@ -264,9 +264,6 @@ class Relay:
     # --- accepting ---------------------------------------------------------------------------
 
     def _check_recipient(self, sender: str, recipient: str) -> tuple[int, str] | None:
-        if not self._spool_has_room():
-            self.metrics.refused.labels("spool_full").inc()
-            return 452, "4.3.1 Insufficient system storage, try again later"
         try:
             decision = self.router.route_for(recipient, sender)
         except InvalidAddressError as e:
@@ -275,6 +272,9 @@ class Relay:
         if decision.rejected:
             self.metrics.refused.labels("no_route").inc()
             return 550, "5.7.1 No route for this recipient domain"
+        if not self._spool_has_room():
+            self.metrics.refused.labels("spool_full").inc()
+            return 452, "4.3.1 Insufficient system storage, try again later"
         return None
 
     def _spool_has_room(self) -> bool:
@@ -909,10 +909,6 @@ class Relay:
             self._queued.pop(queue_id, None)
 
 
-def _by_address(states: Sequence[RecipientState]) -> dict[str, RecipientState]:
-    return {s.address: s for s in states}
-
-
 def _group_key(decision: RouteDecision) -> tuple[object, ...]:
     connector = decision.connector
     key: tuple[object, ...] = (
@@ -924,3 +920,7 @@ def _group_key(decision: RouteDecision) -> tuple[object, ...]:
     if isinstance(decision.destination, RecipientMx) or decision.tls.mode is TlsMode.DOMAIN_MATCH:
         key += (decision.domain,)
     return key
+
+
+def _by_address(states: Sequence[RecipientState]) -> dict[str, RecipientState]:
+    return {s.address: s for s in states}
