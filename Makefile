@@ -83,8 +83,10 @@ bench: venv
 	$(BIN)/python bench/run.py --json $(BENCH_JSON) $(BENCH_ARGS)
 
 soak: venv
-	@echo "==> soak: SIGKILL the relay under traffic, again and again (a few minutes)"
-	$(BIN)/pytest -m soak -s tests/soak
+	@echo "==> soak: SIGKILL the relay under traffic, again and again; reloads, full disks (several minutes)"
+	$(BIN)/pytest -m soak -s tests/soak tests/reliability 2>&1 | tee .soak.log
+	@echo "==> soak summaries"
+	@grep -o 'SUMMARY .*' .soak.log || true
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .soak.log

@@ -447,6 +447,15 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="a recipient still deferred this long bounces (default: %(default)s, 5 days)",
     )
     relay.add_argument(
+        "--spool-min-free",
+        type=int,
+        default=_default(RelaySettings, "spool_min_free"),
+        metavar="BYTES",
+        help="free space the spool's file system keeps: below it, new mail is refused with "
+        "452 4.3.1 (try later) while the queue is still delivered, like Postfix's "
+        "queue_minfree (default: 1.5 times --max-message-size)",
+    )
+    relay.add_argument(
         "--delay-warning",
         type=float,
         metavar="SECONDS",

@@ -175,6 +175,7 @@ def _settings(
         retry_initial=args.retry_initial,
         retry_max=args.retry_max,
         queue_lifetime=args.queue_lifetime,
+        spool_min_free=args.spool_min_free,
         delay_warning_after=args.delay_warning,
         drain_grace=args.drain_grace,
         # The peer is the relay Service: a name, resolved when the hand-off happens.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from faults import summary
 from peers import SmtpSink, require
 from relayproc import RelayProcess, connector
 
@@ -48,6 +49,7 @@ def client(port: int, prefix: str, acknowledged: list[str], stop: threading.Even
 def test_repeated_sigkill_under_traffic_loses_no_acknowledged_message(tmp_path: Path) -> None:
     require("smtp-sink")
     rng = random.Random(20261128)
+    started = time.monotonic()
     acknowledged: list[str] = []
     with SmtpSink() as sink:
         manifests = connector("all", '["*"]', sink.port)
@@ -86,8 +88,13 @@ def test_repeated_sigkill_under_traffic_loses_no_acknowledged_message(tmp_path: 
         )
     missing = [m for m in acknowledged if m not in arrived]
     duplicates = sum(count - 1 for count in arrived.values() if count > 1)
-    print(
-        f"acknowledged {len(acknowledged)}, arrived {len(arrived)} distinct, duplicates {duplicates}"
+    summary(
+        "soak crashes",
+        messages=len(acknowledged),
+        kills=ROUNDS,
+        duplicates=duplicates,
+        seconds=f"{time.monotonic() - started:.1f}",
+        lost=len(missing),
     )
     assert acknowledged, "no message was acknowledged: the soak tested nothing"
     assert missing == []

@@ -58,6 +58,13 @@ class RelayMetrics:
             ["connector", "tls_mode", "reason"],
             registry=self.registry,
         )
+        self.protocol_errors = Counter(
+            "mailflow_next_hop_protocol_errors",
+            "Next hops that answered out of protocol (250 to DATA, no valid reply code, a line"
+            " over the limit): the recipients were deferred, never counted as delivered.",
+            ["connector", "destination"],
+            registry=self.registry,
+        )
         self.delivery_seconds = Histogram(
             "mailflow_delivery_duration_seconds",
             "Time of one delivery transaction (all targets tried), by connector.",
@@ -120,6 +127,34 @@ class RelayMetrics:
             "mailflow_handoff_messages",
             "Messages handed to a peer relay while draining, by result (accepted, failed).",
             ["result"],
+            registry=self.registry,
+        )
+
+        self.spool_free_bytes = Gauge(
+            "mailflow_spool_free_bytes",
+            "Free bytes on the spool's file system, as last measured (at most once a second).",
+            registry=self.registry,
+        )
+        self.spool_full = Gauge(
+            "mailflow_spool_full",
+            "1 while the spool's free space is below the reserve and new mail gets 452 4.3.1.",
+            registry=self.registry,
+        )
+        self.spool_write_failures = Counter(
+            "mailflow_spool_write_failures",
+            "Writes of delivery outcomes the spool refused (full disk, I/O error), by what"
+            " was written (state, bounce).",
+            ["what"],
+            registry=self.registry,
+        )
+        self.spool_write_backoff = Gauge(
+            "mailflow_spool_write_backoff_seconds",
+            "The current wait before writing outcomes again after refused writes (0: none).",
+            registry=self.registry,
+        )
+        self.spool_unrecorded = Gauge(
+            "mailflow_spool_unrecorded_outcomes",
+            "Recipient outcomes kept in memory because the spool could not write them yet.",
             registry=self.registry,
         )
 

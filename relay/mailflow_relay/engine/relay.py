@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import time
@@ -96,6 +97,14 @@ class RelaySettings:
     scheduler_tick: float = 1.0
     spool_threads: int = 64
     """Threads for spool I/O (each mostly waits on fsync)."""
+    spool_min_free: int | None = None
+    """Free bytes the spool's file system must keep for new mail: below it, recipients are
+    refused at RCPT with ``452 4.3.1`` (try later) while the queue is still delivered
+    (Postfix's ``queue_minfree``). None: 1.5 times the message size limit, Postfix's rule."""
+    spool_write_backoff: float = 1.0
+    """Seconds before writing a message's outcomes again after the spool refused the write
+    (a full disk, an I/O error); doubles with each failure in a row, up to ``retry_max``.
+    Meanwhile the outcomes are kept in memory, so no recipient is delivered twice."""
     queue_lifetime: float = 5 * 24 * 3600.0
     """A recipient still deferred this long after arrival fails, and the sender is told
     (Postfix ``maximal_queue_lifetime``, 5 days)."""
@@ -126,8 +135,17 @@ class RelaySettings:
             "delay_warning_after",
             "drain_grace",
             "handoff_timeout",
-            allow_zero=("drain_grace",),
+            "spool_min_free",
+            "spool_write_backoff",
+            allow_zero=("drain_grace", "spool_min_free"),
         )
+
+    @property
+    def spool_reserve(self) -> int:
+        """The free-space reserve in force, in bytes (see ``spool_min_free``)."""
+        if self.spool_min_free is not None:
+            return self.spool_min_free
+        return int(self.listener.max_message_size * 1.5)
 
 
 @dataclass(frozen=True)
@@ -193,6 +211,18 @@ class Relay:
         )
         self._fresh: dict[str, SpooledMessage] = {}
         self._fresh_bytes = 0
+        self._unrecorded: dict[str, dict[str, RecipientState]] = {}
+        """Outcomes decided (a recipient delivered, its bounce spooled) that the spool could
+        not write yet, by queue id and address: they count as recorded for every later
+        attempt, so a full disk never makes the relay deliver one recipient again and again.
+        Lost with the process, as any outcome between the next hop's 250 and the write."""
+        self._spool_write_failures = 0
+        """Spool writes refused in a row (reset by the next write that succeeds)."""
+        self._spool_full = False
+        self._free_checked_at = -float("inf")
+        self._free_measured = 0
+        self._spooled_since_measured = 0
+        """Bytes stored since the last statvfs: between two looks the estimate goes down."""
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -284,7 +314,44 @@ class Relay:
                 return None
             self.metrics.refused.labels("no_route").inc()
             return 550, "5.7.1 No route for this recipient domain"
+        if not self._spool_has_room():
+            self.metrics.refused.labels("spool_full").inc()
+            return 452, "4.3.1 Insufficient system storage, try again later"
         return None
+
+    def _spool_has_room(self) -> bool:
+        """Whether the spool's file system has more free space than the reserve.
+
+        One statvfs(2) at most once a second (and at once after a write found the disk
+        full): cheap enough for the RCPT path, fresh enough to stop taking mail before the
+        disk is full, so that a client hears "452 try later" instead of a local error.
+        """
+        now = self._clock()
+        if now - self._free_checked_at < 1.0:
+            free = self._free_measured - self._spooled_since_measured
+        else:
+            self._free_checked_at = now
+            try:
+                free = self._free_measured = self.spool.free_bytes()
+            except OSError as e:
+                logger.warning("spool: cannot tell the free space (%s); assuming it unchanged", e)
+                return not self._spool_full
+            self._spooled_since_measured = 0
+            self.metrics.spool_free_bytes.set(free)
+        full = free < self.settings.spool_reserve
+        if full != self._spool_full:
+            self.metrics.spool_full.set(int(full))
+            if full:
+                logger.warning(
+                    "spool: %d bytes free, below the reserve of %d: new mail is refused with"
+                    " 452 4.3.1 until there is room; the queue is still delivered",
+                    free,
+                    self.settings.spool_reserve,
+                )
+            else:
+                logger.warning("spool: %d bytes free again: accepting new mail", free)
+        self._spool_full = full
+        return not full
 
     async def _accept(self, message: AcceptedMessage) -> str:
         # A hand-off from a peer says when the message arrived and who submitted it; from
@@ -316,6 +383,10 @@ class Relay:
         )
         try:
             stored = await asyncio.shield(store)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._free_checked_at = -float("inf")  # the next RCPT looks again
+            raise
         except asyncio.CancelledError:
             # The session ended (client gone, timeout) while the record was being written.
             # The thread still finishes: a record that made it to disk must be delivered,
@@ -341,6 +412,7 @@ class Relay:
         self._queued_message(stored, "(gone)")
 
     def _queued_message(self, stored: SpooledMessage, client: str) -> None:
+        self._spooled_since_measured += stored.size
         if self._fresh_bytes + stored.size <= FRESH_CACHE_BYTES:
             self._fresh[stored.queue_id] = stored
             self._fresh_bytes += stored.size
@@ -527,6 +599,7 @@ class Relay:
             # Deleted by an administrator (`mailflow queue delete`) meanwhile.
             logger.info("queue %s: no longer in the spool", queue_id)
             self._queued.pop(queue_id, None)
+            self._unrecorded.pop(queue_id, None)
             self._index.drop(queue_id)
         except Exception as e:
             logger.exception("queue %s: processing failed", queue_id)
@@ -539,7 +612,8 @@ class Relay:
     async def _defer_after_error(self, queue_id: str, error: Exception) -> None:
         """Record the failure as a deferral, so backoff, the lifetime and the bounce apply."""
         try:
-            message = await self._io(self.spool.load, queue_id)
+            # What the spool could not write yet still holds: a delivered one stays delivered.
+            message = self._with_unrecorded(await self._io(self.spool.load, queue_id))
             reason = f"4.3.0 internal error: {type(error).__name__}"
             updates = [self._deferred(state, 451, reason) for state in message.pending]
             updates = self._expire(message, updates, datetime.now(UTC))
@@ -557,6 +631,13 @@ class Relay:
     # --- delivering --------------------------------------------------------------------------
 
     async def _process(self, queue_id: str) -> None:
+        message = self._with_unrecorded(await self._current(queue_id))
+        now = datetime.now(UTC)
+        updates = await self._attempt(message, now)
+        updates = self._expire(message, updates, now)
+        await self._record(message, updates, now)
+
+    async def _current(self, queue_id: str) -> SpooledMessage:
         fresh = self._fresh.pop(queue_id, None)
         # One stat(2), cheaper here than a trip through the spool threads.
         if fresh is not None and not self.spool.contains(queue_id):
@@ -566,10 +647,19 @@ class Relay:
         if fresh is not None:
             # Just stored and never attempted: the spool holds exactly this; no re-read.
             self._fresh_bytes -= fresh.size
-            message = fresh
-        else:
-            message = await self._io(self.spool.load, queue_id)
-        now = datetime.now(UTC)
+            return fresh
+        return await self._io(self.spool.load, queue_id)
+
+    def _with_unrecorded(self, message: SpooledMessage) -> SpooledMessage:
+        """The message as the relay knows it: the spool's states, then what it could not write."""
+        unrecorded = self._unrecorded.get(message.queue_id)
+        if not unrecorded:
+            return message
+        return with_states(message, [unrecorded.get(s.address, s) for s in message.recipients])
+
+    async def _attempt(self, message: SpooledMessage, now: datetime) -> list[RecipientState]:
+        """Route and deliver the recipients that are due; their new states."""
+        queue_id = message.queue_id
         due = [r for r in message.pending if r.next_attempt is None or r.next_attempt <= now]
         router = self.router
         groups: dict[tuple[object, ...], list[tuple[RecipientState, RouteDecision]]] = {}
@@ -607,9 +697,48 @@ class Relay:
                 updates.extend(self._deferred(state, 451, reason) for state, _ in members)
             else:
                 updates.extend(outcome)
-        updates = self._expire(message, updates, now)
-        updates = await self._notify_sender(message, updates, now)
-        merged = {s.address: s for s in message.recipients} | {s.address: s for s in updates}
+        return updates
+
+    async def _record(
+        self, message: SpooledMessage, updates: list[RecipientState], now: datetime
+    ) -> None:
+        """Tell senders about failures, then write every outcome; on a refused write, keep
+        the outcomes in memory and try the write again after a backoff."""
+        unrecorded = dict(self._unrecorded.get(message.queue_id, {}))
+        try:
+            updates = await self._notify_sender(message, updates, now)
+        except OSError as e:
+            # The bounce is not spooled, so the failure may not be recorded (the sender
+            # would never hear of it): those recipients wait as deferred and are tried
+            # again; what was delivered stays delivered.
+            reason = "4.3.0 the bounce could not be spooled"
+            kept = [
+                self._deferred(message.recipient(s.address), 451, f"{reason}: {s.last_reply_text}")
+                if s.status is RecipientStatus.FAILED
+                else s
+                for s in updates
+            ]
+            self._spool_write_failed(message, unrecorded | _by_address(kept), "bounce", e)
+            return
+        outcomes = unrecorded | _by_address(updates)
+        try:
+            await self._write_outcomes(message, list(outcomes.values()))
+        except OSError as e:
+            self._spool_write_failed(message, outcomes, "state", e)
+            return
+        if self._unrecorded.pop(message.queue_id, None) is not None:
+            logger.info("queue %s: outcomes kept in memory are now in the spool", message.queue_id)
+            self._update_unrecorded_gauge()
+        if self._spool_write_failures:
+            logger.info(
+                "spool: writable again after %d refused write(s)", self._spool_write_failures
+            )
+            self._spool_write_failures = 0
+            self.metrics.spool_write_backoff.set(0)
+
+    async def _write_outcomes(self, message: SpooledMessage, updates: list[RecipientState]) -> None:
+        queue_id = message.queue_id
+        merged = {s.address: s for s in message.recipients} | _by_address(updates)
         if updates and all(s.status.is_final for s in merged.values()):
             # Every recipient is done: the record goes at once, without first writing (and
             # fsyncing) a state file that would be deleted right after. A crash in between
@@ -628,6 +757,42 @@ class Relay:
             logger.info("queue %s: done, removed from the spool", queue_id)
         else:
             self._schedule(with_states(message, states))
+
+    def _spool_write_failed(
+        self,
+        message: SpooledMessage,
+        outcomes: dict[str, RecipientState],
+        what: str,
+        error: OSError,
+    ) -> None:
+        """Back off: the spool refused a write. The outcomes wait in memory, the message is
+        tried again later (only its recipients that are due, never the delivered ones)."""
+        queue_id = message.queue_id
+        if outcomes:
+            self._unrecorded[queue_id] = outcomes
+        self._update_unrecorded_gauge()
+        self._spool_write_failures += 1
+        wait = min(
+            self.settings.retry_max,
+            self.settings.spool_write_backoff * 2 ** min(self._spool_write_failures - 1, 30),
+        )
+        self.metrics.spool_write_failures.labels(what).inc()
+        self.metrics.spool_write_backoff.set(wait)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self._free_checked_at = -float("inf")  # the next RCPT looks again
+        logger.warning(
+            "queue %s: the spool refused the %s write (%s); %d outcome(s) kept in memory;"
+            " writing again in %.1fs",
+            queue_id,
+            what,
+            error,
+            len(outcomes),
+            wait,
+        )
+        self._index.set(queue_id, self._clock() + wait)
+
+    def _update_unrecorded_gauge(self) -> None:
+        self.metrics.spool_unrecorded.set(sum(len(o) for o in self._unrecorded.values()))
 
     def _expire(
         self, message: SpooledMessage, updates: list[RecipientState], now: datetime
@@ -751,6 +916,8 @@ class Relay:
             recipient_domain=decision.domain,
         )
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
+        if report.protocol_errors:
+            self.metrics.protocol_errors.labels(name, destination).inc(report.protocol_errors)
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value
@@ -794,7 +961,13 @@ class Relay:
     # --- hand-off ----------------------------------------------------------------------------
 
     async def _hand_off(self, peer: tuple[str, int]) -> None:
-        remaining = [m for m in await self._io(self.spool.scan) if not m.is_final]
+        scanned = [self._with_unrecorded(m) for m in await self._io(self.spool.scan)]
+        for message in [m for m in scanned if m.is_final]:
+            # Done in memory (the spool could not write it): nothing to hand over.
+            with contextlib.suppress(MessageNotFoundError, OSError):
+                await self._io(self.spool.remove, message.queue_id, force=True)
+                self._queued.pop(message.queue_id, None)
+        remaining = [m for m in scanned if not m.is_final]
         handoff = HandOff(
             peer=peer,
             local_hostname=self.settings.listener.hostname,
@@ -826,3 +999,7 @@ def _group_key(decision: RouteDecision) -> tuple[object, ...]:
     if isinstance(decision.destination, RecipientMx) or decision.tls.mode is TlsMode.DOMAIN_MATCH:
         key += (decision.domain,)
     return key
+
+
+def _by_address(states: Sequence[RecipientState]) -> dict[str, RecipientState]:
+    return {s.address: s for s in states}

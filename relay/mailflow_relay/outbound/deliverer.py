@@ -144,6 +144,18 @@ class _TargetFailed(Exception):
         self.tls_failure = tls_failure
 
 
+class _ProtocolError(_TargetFailed):
+    """The next hop answered out of protocol: no valid reply code, a line over the limit,
+    or a code that makes no sense where it came (``250`` to ``DATA``). Nothing it said can
+    be trusted, so it is never a delivery: the recipients are deferred and the connection
+    is closed, never reused."""
+
+    def __init__(self, stage: str, error: aiosmtplib.SMTPResponseException) -> None:
+        text = f"{error.code} {error.message}" if _valid_code(error.code) else error.message
+        super().__init__(f"4.5.0 protocol error: the reply to {stage} was {text[:120]!r}")
+        self.stage = stage
+
+
 class _PlaintextFallback(Exception):
     """Opportunistic TLS: the handshake failed; reconnect and send in plaintext."""
 
@@ -278,6 +290,7 @@ class Deliverer:
         session = _Session()
         server: str | None = None
         tls_failure: TlsFailure | None = None
+        protocol_errors = 0
         for target in targets:
             if not pending:
                 break
@@ -290,6 +303,7 @@ class Deliverer:
                 self.health.failed(target.address, target.port)
                 attempts.append(Attempt(str(target), e.reason))
                 tls_failure = e.tls_failure or tls_failure
+                protocol_errors += isinstance(e, _ProtocolError)
                 logger.warning("delivery to %s failed: %s", target, e.reason)
                 for recipient in pending:
                     last_failure[recipient] = RecipientResult(
@@ -323,6 +337,7 @@ class Deliverer:
             verified=session.verified,
             tls_failure=None if session.tls_version else tls_failure,
             attempts=tuple(attempts),
+            protocol_errors=protocol_errors,
         )
 
     async def _transaction(
@@ -375,6 +390,11 @@ class Deliverer:
         if idle is not None:
             try:
                 results = await self._send(idle.smtp, mail_from, recipients, data)
+            except _ProtocolError:
+                # Not a stale connection but a broken server: trying again at once on a
+                # fresh connection could only send the content a second time.
+                idle.smtp.close()
+                raise
             except (aiosmtplib.SMTPException, OSError, _TargetFailed):
                 # The server closed the idle connection meanwhile, or refuses more on it
                 # (421 at MAIL): a fresh connection follows, and the server is not blamed.
@@ -577,9 +597,23 @@ class Deliverer:
         self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> list[RecipientResult]:
         try:
+            return await self._transact(smtp, mail_from, recipients, data)
+        except _ProtocolError:
+            # The connection is in an unknown state (aiosmtplib may have dropped the rest
+            # of the reply): it is closed, never reset and reused.
+            smtp.close()
+            raise
+
+    async def _transact(
+        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> list[RecipientResult]:
+        """MAIL, RCPT, DATA. Only a 250 after the content is a delivery; a reply is taken by
+        its class only when it is a valid reply where it came, else it is a protocol error."""
+        try:
             await smtp.mail(mail_from)
         except aiosmtplib.SMTPResponseException as e:
-            if 400 <= e.code < 500:
+            status = _refusal(e, "MAIL FROM")
+            if status is DeliveryStatus.DEFERRED:
                 raise _TargetFailed(f"MAIL FROM refused: {_reply(e)}", e.code) from e
             return [
                 RecipientResult(r, DeliveryStatus.FAILED, e.code, _reply(e)) for r in recipients
@@ -591,7 +625,8 @@ class Deliverer:
                 await smtp.rcpt(recipient)
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as e:
-                results[recipient] = RecipientResult(recipient, _status(e.code), e.code, _reply(e))
+                status = _refusal(e, "RCPT TO")
+                results[recipient] = RecipientResult(recipient, status, e.code, _reply(e))
         finished = False
         if accepted:
             try:
@@ -602,10 +637,11 @@ class Deliverer:
                     )
                 finished = True  # a 2xx after the data ends the transaction
             except aiosmtplib.SMTPResponseException as e:
+                # aiosmtplib raises for anything but 354 to DATA and 250 after the content:
+                # a 250 to DATA itself lands here, with not one byte of content sent.
+                status = _refusal(e, "DATA")
                 for recipient in accepted:
-                    results[recipient] = RecipientResult(
-                        recipient, _status(e.code), e.code, _reply(e)
-                    )
+                    results[recipient] = RecipientResult(recipient, status, e.code, _reply(e))
         if not finished:
             # A refused DATA (or no recipient) may leave the server's transaction open
             # (RFC 5321 lets it; Postfix does): reset it, or the next message on this
@@ -643,12 +679,20 @@ async def _goodbye(smtp: aiosmtplib.SMTP) -> None:
     smtp.close()
 
 
-def _status(code: int) -> DeliveryStatus:
-    if 200 <= code < 300:
-        return DeliveryStatus.DELIVERED
-    if 400 <= code < 500:
+def _valid_code(code: int) -> bool:
+    """RFC 5321 4.2: three digits, the first 2 to 5, the second 0 to 5."""
+    return 200 <= code <= 559 and code // 10 % 10 <= 5
+
+
+def _refusal(error: aiosmtplib.SMTPResponseException, stage: str) -> DeliveryStatus:
+    """What a refusal at ``stage`` means: 4xx defers, 5xx fails. Any other reply (no valid
+    code, a line over the limit, a 2xx or 3xx where aiosmtplib expected another) is not a
+    refusal the server can mean: a protocol error, which defers the whole transaction."""
+    if _valid_code(error.code) and 400 <= error.code < 500:
         return DeliveryStatus.DEFERRED
-    return DeliveryStatus.FAILED
+    if _valid_code(error.code) and 500 <= error.code < 600:
+        return DeliveryStatus.FAILED
+    raise _ProtocolError(stage, error) from error
 
 
 def _reply(error: aiosmtplib.SMTPException) -> str:

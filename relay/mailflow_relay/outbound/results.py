@@ -43,6 +43,9 @@ class DeliveryReport:
     """The certificate was checked as the mode requires (chain, name or pins)."""
     tls_failure: TlsFailure | None = None
     attempts: tuple[Attempt, ...] = ()
+    protocol_errors: int = 0
+    """Targets that answered out of protocol (``250`` to ``DATA``, no valid reply code, a
+    line over the limit): never a delivery, counted so that a broken next hop shows."""
 
     def status_of(self, recipient: str) -> DeliveryStatus:
         return next(r.status for r in self.results if r.recipient == recipient)

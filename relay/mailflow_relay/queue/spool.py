@@ -435,6 +435,11 @@ class Spool:
         self._write_durably(self._record_path(message.queue_id), header, envelope, body)
         return message
 
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the spool's file system (statvfs)."""
+        stats = os.statvfs(self._directory)
+        return stats.f_bavail * stats.f_frsize
+
     def contains(self, queue_id: str) -> bool:
         """Whether the message's record is still in the spool (cheap: no read)."""
         return self._record_path(_checked_queue_id(queue_id)).exists()

@@ -67,6 +67,7 @@ def test_relay_help_documents_every_option() -> None:
         "--dns-server",
         "--default-route",
         "--retry-initial",
+        "--spool-min-free",
     ):
         assert option in result.stdout
 
