@@ -4,6 +4,8 @@
 #   swaks    -> the Swiss Army Knife for SMTP (scripted client)
 #   nsd      -> a real authoritative DNS server, run by the tests on a loopback port
 #   libnet-ssleay-perl, libio-socket-ssl-perl -> STARTTLS for swaks
+#   nmap     -> an independent open-relay check (--script smtp-open-relay), tests/security
+#   testssl.sh -> the listener's STARTTLS protocols and ciphers, tests/security
 # Idempotent and fast when everything is present (no apt call at all). Only acts as root; a
 # non-root developer is told what is missing and the tests that need it are skipped.
 # No daemon is left running: services are kept from starting during the install and any
@@ -19,8 +21,10 @@ declare -A PROBES=(
     [nsd]=/usr/sbin/nsd
     [libnet-ssleay-perl]=perl
     [libio-socket-ssl-perl]=perl
+    [nmap]=nmap
+    [testssl.sh]=testssl
 )
-PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl)
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl nmap testssl.sh)
 
 present() {
     local package=$1 probe=$2
