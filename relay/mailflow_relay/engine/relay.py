@@ -152,7 +152,12 @@ class Relay:
         self.deliverer = Deliverer(
             settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
         )
-        self.listener = SmtpListener(settings.listener, self._accept, self._check_recipient)
+        self.listener = SmtpListener(
+            settings.listener,
+            self._accept,
+            self._check_recipient,
+            on_event=lambda event: self.metrics.smtp_defences.labels(event.value).inc(),
+        )
         self.on_delivery = on_delivery
         self._clock = clock
         self._index = DueIndex()
