@@ -46,7 +46,14 @@ INSTALL_HINT = "run `make test` as root (or scripts/install-debian-packages.sh) 
 _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin"]
 )
-_PACKAGES = {"smtp-sink": "postfix", "smtp-source": "postfix", "swaks": "swaks", "nsd": "nsd"}
+_PACKAGES = {
+    "smtp-sink": "postfix",
+    "smtp-source": "postfix",
+    "swaks": "swaks",
+    "nsd": "nsd",
+    "nmap": "nmap",
+    "testssl": "testssl.sh",
+}
 
 
 def tool_path(tool: str) -> str | None:
@@ -55,11 +62,17 @@ def tool_path(tool: str) -> str | None:
 
 
 def require(tool: str) -> str:
-    """The path of `tool`; skips the calling test (saying why) when it is not installed."""
+    """The path of `tool`; skips the calling test (saying why) when it is not installed.
+
+    With CI=true the test fails instead: a pipeline must not go green by skipping checks.
+    """
     path = tool_path(tool)
     if path is None:
         package = _PACKAGES.get(tool, tool)
-        pytest.skip(f"{tool} (Debian package {package}) not installed: {INSTALL_HINT}")
+        reason = f"{tool} (Debian package {package}) not installed: {INSTALL_HINT}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     return path
 
 

@@ -140,6 +140,8 @@ class SmtpListener:
         self._sessions: set[SmtpSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_client: collections.Counter[str] = collections.Counter()
+        self._foreign: set[SmtpSession] = set()
+        """Open sessions from outside accept_from (who may only relay after AUTH)."""
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._auth_slots = asyncio.Semaphore(AUTH_VERIFICATIONS_AT_ONCE)
@@ -279,6 +281,20 @@ class SmtpListener:
                     refused,
                 )
             return "421 4.7.0 Too many connections, try again later"
+        foreign = bool(settings.accept_from) and not self._relay_allowed(session.client_ip)
+        if foreign and len(self._foreign) >= _foreign_share(settings.max_connections):
+            self._event(ListenerEvent.CONNECTION_CAP)
+            if (refused := self._cap_log.ready()) is not None:
+                log.warning(
+                    "Connection from %s refused: %d sessions open from outside accept_from"
+                    " (their share of max_connections=%d); %d connection(s) refused for this"
+                    " since the last such line",
+                    session.client,
+                    len(self._foreign),
+                    settings.max_connections,
+                    refused,
+                )
+            return "421 4.7.0 Too many connections, try again later"
         limit = settings.max_connections_per_client
         if self._per_client[session.client] >= limit:
             self._event(ListenerEvent.CLIENT_CAP)
@@ -292,6 +308,8 @@ class SmtpListener:
             return "421 4.7.0 Too many connections from your address, try again later"
         self._per_client[session.client] += 1
         self._sessions.add(session)
+        if foreign:
+            self._foreign.add(session)
         self._quiet.clear()
         self._session_counter += 1
         return None
@@ -312,6 +330,7 @@ class SmtpListener:
     def _release(self, session: SmtpSession) -> None:
         if session in self._sessions:
             self._sessions.discard(session)
+            self._foreign.discard(session)
             self._per_client[session.client] -= 1
             if self._per_client[session.client] <= 0:
                 del self._per_client[session.client]
@@ -364,6 +383,11 @@ class SmtpListener:
                 verify_password, password or "", stored or NO_SUCH_USER_HASH
             )
         return matches and stored is not None and password is not None
+
+
+def _foreign_share(max_connections: int) -> int:
+    """Sessions clients outside accept_from may hold: three quarters of the cap (at least 1)."""
+    return max(1, max_connections - max_connections // 4)
 
 
 def _server_tls_context(settings: ListenerSettings) -> tuple[ssl.SSLContext, str]:

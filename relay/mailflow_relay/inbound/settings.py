@@ -122,7 +122,7 @@ class ListenerSettings:
     port: int = 2525
     """TCP port to bind; 0 picks a free one (read it back from :attr:`SmtpListener.port`)."""
 
-    hostname: str = field(default_factory=socket.getfqdn)
+    hostname: str = field(default_factory=lambda: socket.getfqdn())
     """Our name: in the 220 greeting, the EHLO reply and the ``by`` clause of ``Received:``."""
 
     accept_from: tuple[IPNetwork, ...] = ()
@@ -163,7 +163,10 @@ class ListenerSettings:
     max_connections: int = field(default_factory=default_max_connections)
     """Simultaneous client sessions in all, well below the open-file limit so that the
     relay keeps descriptors for its own work; more -> 421 4.7.0 and close. Default: half
-    the soft RLIMIT_NOFILE, at most 1000 (:func:`default_max_connections`)."""
+    the soft RLIMIT_NOFILE, at most 1000 (:func:`default_max_connections`). With an
+    ``accept_from`` list, a quarter of it is kept for those networks (the relay's own mail
+    hosts): clients from anywhere else may hold at most the other three quarters, so a
+    flood from outside cannot lock the mail hosts out."""
 
     soft_error_limit: int = 10
     """Error replies (4xx/5xx) in one session after which each further error reply is

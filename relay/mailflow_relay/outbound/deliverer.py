@@ -79,7 +79,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    helo_name: str = field(default_factory=socket.getfqdn)
+    # Looked up when settings are made (a lambda, not the function: tests may patch it).
+    helo_name: str = field(default_factory=lambda: socket.getfqdn())
     """The name this relay gives in EHLO: the host's FQDN, as the listener's hostname
     (a bare ``localhost`` is refused by many next hops)."""
     connect_timeout: float = 30.0
