@@ -97,10 +97,10 @@ class RawClient:
         self.reader = reader
         self.writer = writer
 
-    async def reply(self, timeout: float = IO_TIMEOUT) -> tuple[int, str]:
+    async def reply(self, within: float = IO_TIMEOUT) -> tuple[int, str]:
         """One (possibly multi-line) reply: its code and its lines' text joined by newlines."""
         lines = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 line = await self.reader.readline()
                 assert line.endswith(b"\r\n"), f"connection closed mid-reply: {line!r}"
@@ -113,9 +113,9 @@ class RawClient:
         async with asyncio.timeout(IO_TIMEOUT):
             await self.writer.drain()
 
-    async def command(self, line: bytes, timeout: float = IO_TIMEOUT) -> tuple[int, str]:
+    async def command(self, line: bytes, within: float = IO_TIMEOUT) -> tuple[int, str]:
         await self.send(line + b"\r\n")
-        return await self.reply(timeout)
+        return await self.reply(within)
 
     async def rest(self) -> bytes:
         """Everything the server still sends until it closes the connection."""
