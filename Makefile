@@ -71,8 +71,8 @@ bench: venv
 	$(BIN)/python bench/run.py --json $(BENCH_JSON) $(BENCH_ARGS)
 
 soak: venv
-	@echo "==> soak: SIGKILL the relay under traffic, again and again (a few minutes)"
-	$(BIN)/pytest -m soak -s tests/soak
+	@echo "==> soak: SIGKILL the relay under traffic, again and again; the SMTP dialogue fuzzer (minutes)"
+	$(BIN)/pytest -m soak -s tests/soak tests/security
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

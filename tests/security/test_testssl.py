@@ -32,7 +32,9 @@ def test_testssl_finds_no_old_protocol_and_no_weak_cipher_on_the_listeners_start
 ) -> None:
     testssl = require("testssl")
     report = tmp_path / "testssl.json"
-    with RelayProcess(tmp_path, connector("all", '["*"]', 9), "--accept-from", "127.0.0.1/32") as relay:
+    with RelayProcess(
+        tmp_path, connector("all", '["*"]', 9), "--accept-from", "127.0.0.1/32"
+    ) as relay:
         result = subprocess.run(
             [
                 testssl,
