@@ -186,3 +186,62 @@ def test_nmap_smtp_open_relay_finds_nothing_from_a_foreign_address(
     assert sink.received() == before
     # nmap's own connections came from 127.0.0.2, the foreign address.
     assert "client 127.0.0.2 is not in accept_from" in Path(relay.log).read_text()
+
+
+HEADER_INJECTIONS = [
+    b"HELO evil.example\rX-Injected: helo",
+    b"EHLO evil.example\x00X-Injected: nul",
+    b"EHLO evil.example)\r\nX-Injected: paren",
+]
+
+
+@pytest.mark.parametrize("helo", HEADER_INJECTIONS, ids=["CR", "NUL", "paren-CRLF"])
+def test_a_hostile_helo_cannot_inject_a_header_into_what_the_next_hop_receives(
+    relay_and_sink: tuple[RelayProcess, SmtpSink], helo: bytes
+) -> None:
+    relay, sink = relay_and_sink
+    before = sink.received()
+
+    async def scenario() -> tuple[int, str]:
+        async with raw_connection(relay.port, ehlo=False) as client:
+            await client.send(helo + b"\r\n")
+            # One reply per line the relay read (a CRLF inside makes two commands).
+            codes = [(await client.reply())[0] for _ in range(helo.count(b"\r\n") + 1)]
+            if 250 not in codes:  # the hostile greeting was refused: greet properly
+                assert (await client.command(b"EHLO client.test"))[0] == 250
+            await client.transaction()
+            await client.send(b"Subject: header injection\r\nX-Bcc: x\r\n\r\nbody\r\n.\r\n")
+            return await client.reply()
+
+    code, _ = run(scenario)
+    assert code == 250
+    (message,) = sink.wait_for(before + 1, timeout=30)[before:]
+    header = message.data.split(b"\n\n", 1)[0]
+    # The text may survive, escaped, inside Received's "from" clause; never as a header.
+    assert not [line for line in header.split(b"\n") if line.startswith(b"X-Injected")], header
+    assert b"X-Bcc: x" in header  # the client's own header stays, as its content
+
+
+@pytest.mark.slow
+def test_a_refusal_flood_from_a_foreign_address_is_cut_off_at_the_hard_error_limit(
+    relay_and_sink: tuple[RelayProcess, SmtpSink],
+) -> None:
+    # Before: 40,000 refusals on one connection, about 5,500 per second, 205 log bytes
+    # each. Now: 19 refusals (the last nine delayed 1..9 s) and 421 at the 20th: here the
+    # delays are those of the default settings, so this takes about 45 s.
+    relay, _ = relay_and_sink
+
+    async def scenario() -> list[int]:
+        codes: list[int] = []
+        async with raw_connection(relay.port, source="127.0.0.2") as client:
+            assert (await client.command(b"MAIL FROM:<a@sender.test>"))[0] == 250
+            for n in range(40_000):
+                code, _ = await client.command(b"RCPT TO:<v%d@elsewhere.example>" % n, within=15)
+                codes.append(code)
+                if code == 421:
+                    break
+            assert await client.rest() == b""
+        return codes
+
+    codes = run(scenario, within=120)
+    assert codes == [550] * 19 + [421]
