@@ -239,6 +239,9 @@ class SmtpListener:
                     await self._quiet.wait()
             except TimeoutError:
                 log.error("%d SMTP session(s) did not end after being aborted", len(self._sessions))
+        if not self._accepting:
+            # Nothing is accepted any more: asyncio's own handler may have its loop back.
+            self._restore_exception_handler()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, give open sessions ``grace`` seconds to finish, abort the rest."""

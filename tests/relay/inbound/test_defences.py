@@ -153,10 +153,11 @@ def test_an_address_that_failed_waits_longer_before_each_new_guess(
 
     with caplog.at_level(logging.INFO, logger=LOGGER):
         waits, code, events = run(scenario)
-    # 0, then 0.2, 0.4, 0.8 (scrypt takes tens of ms on top).
-    assert waits[0] < 0.2
+    # No wait, then 0.2, 0.4, 0.8 s; scrypt's tens of ms (more on a loaded machine) on top,
+    # so only the lower bounds are exact. The first guess was not held back at all: four
+    # AUTH_DELAYED events for five attempts.
     for wait, expected in zip(waits[1:], (0.2, 0.4, 0.8), strict=True):
-        assert expected <= wait < expected + 0.6, waits
+        assert expected <= wait < expected + 3.0, waits
     assert code == 235  # the right password still works, after its wait
     assert events.count(ListenerEvent.AUTH_DELAYED) == 4
     failures = [r.getMessage() for r in caplog.records if "AUTH PLAIN failed" in r.getMessage()]
@@ -342,9 +343,10 @@ def test_a_client_is_disconnected_at_the_hard_error_limit_after_growing_delays()
     replies, rest, events = run(scenario)
     assert [code for code, _ in replies] == [550] * 5 + [421]
     assert rest == b""
-    assert all(took < 0.1 for _, took in replies[:3])
-    assert 0.1 <= replies[3][1] < 0.5
-    assert 0.2 <= replies[4][1] < 0.6
+    # Lower bounds are exact; upper ones leave room for a loaded machine.
+    assert sum(took for _, took in replies[:3]) < 1.0
+    assert 0.1 <= replies[3][1] < 2.0
+    assert 0.2 <= replies[4][1] < 2.0
     assert events.count(ListenerEvent.ERROR_DELAYED) == 2
     assert events.count(ListenerEvent.ERROR_DISCONNECT) == 1
 
