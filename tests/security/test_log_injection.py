@@ -82,7 +82,7 @@ def test_both_formats_escape_c0_del_c1_and_bidi_overrides_in_messages_and_traceb
         root.handlers[:] = handlers
         root.setLevel(level)
     text = stream.getvalue()
-    _assert_no_raw_controls(text.replace("\n", "\n") if fmt == "json" else text)
+    _assert_no_raw_controls(text)
     if fmt == "json":
         entries = [json.loads(line) for line in text.splitlines()]
         assert len(entries) == 2
