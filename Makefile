@@ -83,8 +83,8 @@ bench: venv
 	$(BIN)/python bench/run.py --json $(BENCH_JSON) $(BENCH_ARGS)
 
 soak: venv
-	@echo "==> soak: SIGKILL the relay under traffic, again and again; reloads, full disks (several minutes)"
-	$(BIN)/pytest -m soak -s tests/soak tests/reliability 2>&1 | tee .soak.log
+	@echo "==> soak: SIGKILL the relay under traffic, again and again; reloads, full disks; the SMTP dialogue fuzzer (minutes)"
+	$(BIN)/pytest -m soak -s tests/soak tests/reliability tests/security 2>&1 | tee .soak.log
 	@echo "==> soak summaries"
 	@grep -o 'SUMMARY .*' .soak.log || true
 

@@ -5,6 +5,8 @@
 #   nsd      -> a real authoritative DNS server, run by the tests on a loopback port
 #   libnet-ssleay-perl, libio-socket-ssl-perl -> STARTTLS for swaks
 #   prometheus -> promtool: checks and unit-tests the chart's alert rules and lints /metrics
+#   nmap     -> an independent open-relay check (--script smtp-open-relay), tests/security
+#   testssl.sh -> the listener's STARTTLS protocols and ciphers, tests/security
 # Idempotent and fast when everything is present (no apt call at all). Only acts as root; a
 # non-root developer is told what is missing and the tests that need it are skipped.
 # No daemon is left running: services are kept from starting during the install and any
@@ -21,8 +23,10 @@ declare -A PROBES=(
     [prometheus]=/usr/bin/promtool
     [libnet-ssleay-perl]=perl
     [libio-socket-ssl-perl]=perl
+    [nmap]=nmap
+    [testssl.sh]=testssl
 )
-PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus)
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus nmap testssl.sh)
 
 present() {
     local package=$1 probe=$2

@@ -52,6 +52,8 @@ _PACKAGES = {
     "swaks": "swaks",
     "nsd": "nsd",
     "promtool": "prometheus",
+    "nmap": "nmap",
+    "testssl": "testssl.sh",
 }
 
 

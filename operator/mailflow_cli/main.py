@@ -325,8 +325,11 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     )
     relay.add_argument(
         "--hostname",
-        default=_default(ListenerSettings, "hostname"),
-        help="name in the greeting, EHLO and Received (default: %(default)s)",
+        # None: not given. The host's FQDN is then used, unless it is a bare localhost,
+        # which many next hops refuse in EHLO: that must be asked for explicitly.
+        default=None,
+        help="name in the greeting, the outbound EHLO and Received (default: this host's FQDN, "
+        f"now {_default(ListenerSettings, 'hostname')!r}; a bare localhost only when given here)",
     )
     relay.add_argument(
         "--tls-cert",
@@ -414,6 +417,60 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         metavar="N",
         help="simultaneous SMTP sessions from one client address; more get 421 "
         "(default: %(default)s)",
+    )
+    relay.add_argument(
+        "--max-connections",
+        type=int,
+        default=_default(ListenerSettings, "max_connections"),
+        metavar="N",
+        help="simultaneous SMTP sessions in all, kept well below the open-file limit; more get "
+        "421 (default: half the soft RLIMIT_NOFILE, at most 1000: %(default)s here)",
+    )
+    relay.add_argument(
+        "--command-timeout",
+        type=float,
+        default=_default(ListenerSettings, "command_timeout"),
+        metavar="SECONDS",
+        help="wait this long for a client's next command, then 421 and close "
+        "(RFC 5321 minimum; default: %(default)s)",
+    )
+    relay.add_argument(
+        "--data-timeout",
+        type=float,
+        default=_default(ListenerSettings, "data_timeout"),
+        metavar="SECONDS",
+        help="time for a message's whole content after 354, then 421 and close "
+        "(default: %(default)s)",
+    )
+    relay.add_argument(
+        "--soft-error-limit",
+        type=int,
+        default=_default(ListenerSettings, "soft_error_limit"),
+        metavar="N",
+        help="error replies in a session after which each next one is delayed longer "
+        "(default: %(default)s)",
+    )
+    relay.add_argument(
+        "--hard-error-limit",
+        type=int,
+        default=_default(ListenerSettings, "hard_error_limit"),
+        metavar="N",
+        help="error replies in a session at which it gets 421 and is closed (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--error-sleep",
+        type=float,
+        default=_default(ListenerSettings, "error_sleep"),
+        metavar="SECONDS",
+        help="delay added per error reply past the soft limit (default: %(default)s)",
+    )
+    relay.add_argument(
+        "--max-auth-failures",
+        type=int,
+        default=_default(ListenerSettings, "max_auth_failures"),
+        metavar="N",
+        help="failed AUTH attempts in a session before 421 and close; an address that failed "
+        "recently also waits longer before each attempt (default: %(default)s)",
     )
     relay.add_argument(
         "--idle-connections",

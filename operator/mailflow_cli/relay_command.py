@@ -9,6 +9,7 @@ from typing import TextIO
 
 from mailflow_cli.endpoints import parse_endpoint, parse_networks, spool_path
 from mailflow_cli.exits import EXIT_OK
+from mailflow_cli.main import _default
 from mailflow_cli.standalone import ManifestSource, ManifestWatcher, compile_manifests
 from mailflow_compiler.errors import UsageError
 from mailflow_relay.engine.logs import configure_logging
@@ -16,7 +17,7 @@ from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.errors import SettingsError
 from mailflow_relay.hosting.serve import DocumentSource, serve
 from mailflow_relay.inbound.listener import ListenerConfigError, ListenerSettings
-from mailflow_relay.inbound.settings import IPNetwork
+from mailflow_relay.inbound.settings import IPNetwork, is_localhost_name
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.queue.lock import SpoolInUseError
 from mailflow_relay.routing.document import DefaultAction, DefaultRoute
@@ -102,6 +103,7 @@ def relay_setup(
     except (SettingsError, ListenerConfigError) as e:
         option = _OPTIONS.get(e.setting, e.setting.replace("_", "-"))
         raise UsageError(f"--{option}: {e.reason}") from e
+    _check_hostname(args, settings.listener.hostname)
 
     def watcher(relay: Relay) -> ManifestWatcher:
         return ManifestWatcher(
@@ -129,6 +131,16 @@ def relay_setup(
     return settings, source, http
 
 
+def _check_hostname(args: argparse.Namespace, hostname: str) -> None:
+    """A bare localhost only when asked for: many next hops refuse it in EHLO."""
+    if args.hostname is None and is_localhost_name(hostname):
+        raise UsageError(
+            f"--hostname: this host's FQDN is {hostname!r}, which many next hops refuse in "
+            "EHLO; give the relay's DNS name (the chart gives the pod's), or "
+            "--hostname localhost to use it anyway"
+        )
+
+
 # Settings whose option is not their name with dashes.
 _OPTIONS = {
     "idle_connections_per_target": "idle-connections",
@@ -148,11 +160,13 @@ def _settings(
     dns_port: int,
     handoff: tuple[str, int] | None,
 ) -> RelaySettings:
+    # Not given: the settings' own default, the host's FQDN (checked for localhost above).
+    hostname = args.hostname or _default(ListenerSettings, "hostname")
     return RelaySettings(
         listener=ListenerSettings(
             host=listen_host,
             port=listen_port,
-            hostname=args.hostname,
+            hostname=hostname,
             accept_from=networks,
             users=users,
             tls_cert_file=Path(args.tls_cert) if args.tls_cert else None,
@@ -162,10 +176,17 @@ def _settings(
             max_connections_per_client=args.max_connections_per_client,
             allow_open_relay=args.allow_open_relay,
             max_hops=args.max_hops,
+            max_connections=args.max_connections,
+            command_timeout=args.command_timeout,
+            data_timeout=args.data_timeout,
+            soft_error_limit=args.soft_error_limit,
+            hard_error_limit=args.hard_error_limit,
+            error_sleep=args.error_sleep,
+            max_auth_failures=args.max_auth_failures,
         ),
         spool_dir=spool_path(args.spool),
         delivery=DeliverySettings(
-            helo_name=args.hostname,
+            helo_name=hostname,
             mx_port=args.mx_port,
             idle_connections_per_target=args.idle_connections,
         ),

@@ -337,6 +337,7 @@ def test_a_port_already_in_use_is_one_line_naming_the_option(tmp_path: Path, opt
         ports = {"--listen": "127.0.0.1:0", "--http": "127.0.0.1:0", option: address}
         result = mailflow(
             "relay", "--manifests", *TOUR, "--spool", str(tmp_path / "spool"),
+            "--hostname", "relay.test",
             "--listen", ports["--listen"], "--http", ports["--http"],
         )  # fmt: skip
     assert result.returncode == 2

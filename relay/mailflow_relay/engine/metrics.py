@@ -123,6 +123,22 @@ class RelayMetrics:
             "Open SMTP sessions from clients.",
             registry=self.registry,
         )
+        # The listener's defences, by decision (a closed set: ListenerEvent). Never labelled
+        # by client address: the attacker would choose the series, and the registry's size.
+        self.smtp_defences = Counter(
+            "mailflow_smtp_defence_events",
+            "Defensive decisions of the SMTP listener, by event: max_connections,"
+            " max_connections_per_client, accept_error, auth_failure, auth_delayed,"
+            " auth_disconnect, error_delayed, error_disconnect, smuggling.",
+            ["event"],
+            registry=self.registry,
+        )
+        self.http_refused = Counter(
+            "mailflow_http_requests_refused",
+            "Requests to the health and metrics port refused, by HTTP status (414, 431).",
+            ["status"],
+            registry=self.registry,
+        )
         self.handoffs = Counter(
             "mailflow_handoff_messages",
             "Messages handed to a peer relay while draining, by result (accepted, failed).",

@@ -186,6 +186,7 @@ class Relay:
             self._accept,
             self._check_recipient,
             on_refusal=lambda reason: self.metrics.refused.labels(reason).inc(),
+            on_event=lambda event: self.metrics.smtp_defences.labels(event.value).inc(),
         )
         self.metrics.open_relay.set(1 if settings.listener.open_networks else 0)
         if settings.listener.open_networks:

@@ -26,6 +26,17 @@ __all__ = ["DocumentSource", "HealthServer", "serve"]
 
 logger = logging.getLogger(__name__)
 
+HTTP_LINE_LIMIT = 64 * 1024
+"""The longest request or header line the health port reads (asyncio's stream default)."""
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
 
 class DocumentSource(Protocol):
     async def first(self) -> RoutingDocument:
@@ -43,7 +54,7 @@ class HealthServer:
     _server: asyncio.Server | None = field(default=None, init=False)
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port)
+        self._server = await asyncio.start_server(self._handle, host, port, limit=HTTP_LINE_LIMIT)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -51,12 +62,46 @@ class HealthServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(5):
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[bytes | None, int]:
+        """The request line, or None with the 4xx status that refuses the request."""
+        async with asyncio.timeout(5):
+            try:
                 request = await reader.readline()
+            except ValueError:  # over the limit: asyncio's LimitOverrunError, wrapped
+                return None, 414
+            try:
                 while (await reader.readline()).strip():
                     pass
+            except ValueError:
+                return None, 431
+        return request, 200
+
+    def _refused(self, writer: asyncio.StreamWriter, status: int) -> None:
+        peer = writer.get_extra_info("peername")
+        # The request itself is not logged: its content is the client's and unbounded.
+        logger.info(
+            "HTTP request from %s refused with %d: a line over %d bytes",
+            peer[0] if isinstance(peer, tuple) else "unknown",
+            status,
+            HTTP_LINE_LIMIT,
+        )
+        if self.relay is not None:
+            self.relay.metrics.http_refused.labels(str(status)).inc()
+        body = f"{_REASONS[status]}\n".encode()
+        writer.write(
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain; charset=utf-8"
+            f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request, refusal = await self._read_request(reader)
+            if request is None:
+                self._refused(writer, refusal)
+                async with asyncio.timeout(5):
+                    await writer.drain()
+                return
             parts = request.split(b" ")
             path = parts[1].decode("ascii", "replace") if len(parts) > 1 else "/"
             content_type = "text/plain; charset=utf-8"
@@ -74,19 +119,21 @@ class HealthServer:
                 content_type = "text/plain; version=0.0.4; charset=utf-8"
             else:
                 status, body = 404, b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            reason = _REASONS[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
-            await writer.drain()
+            async with asyncio.timeout(5):
+                await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(5):
+                    await writer.wait_closed()
 
 
 async def _follow(source: DocumentSource, relay: Relay) -> None:

@@ -26,10 +26,19 @@ enters here, so this module decides three things before the spool ever sees a by
 * **What it costs us.** Limits with their RFC 5321 codes (section 4.5.3.1): message size
   (advertised with SIZE, RFC 1870; ``552 5.3.4``), recipients per message
   (``452 4.5.3``), text line length (1000 octets including CRLF, not counting the
-  transparency dot; ``500 5.6.0``), connections per client address (``421 4.7.0``), and
-  timeouts (section 4.5.3.2): ``command_timeout`` while waiting for a command, and
+  transparency dot; ``500 5.6.0``), connections per client address and in all
+  (``421 4.7.0``; the global cap stays well below the open-file limit, so a flood of idle
+  connections cannot take the descriptors the relay needs to deliver), and timeouts
+  (section 4.5.3.2): ``command_timeout`` while waiting for a command, and
   ``data_timeout`` for the whole message content. A timeout sends ``421 4.4.2`` and
   closes the connection.
+* **What an attacker gets to try.** Error replies slow down past a soft limit and end the
+  session at a hard limit (Postfix's ``smtpd_soft_error_limit``/``smtpd_hard_error_limit``);
+  AUTH allows a few failures per session and makes an address that failed recently wait,
+  longer with each failure (:mod:`.defences`). NUL in the content is refused like bare
+  CR/LF: a next hop that strips NUL would otherwise see an end of data we never saw.
+  Every such decision is a log line (with the client's address, escaped) and an event for
+  the owner's metrics (:class:`~.settings.ListenerEvent`).
 
 Only after all of that is the message handed to ``on_message`` (the spool), and ``250``
 is sent only when that callback returns a queue id, i.e. once the message is durable.
@@ -60,9 +69,10 @@ import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from mailflow_relay.certificates import self_signed
+from mailflow_relay.inbound.defences import AuthFailures, OncePerInterval
 from mailflow_relay.inbound.passwords import verify_password
 from mailflow_relay.inbound.received import AcceptedMessage
 from mailflow_relay.inbound.session import SmtpSession
@@ -72,6 +82,7 @@ from mailflow_relay.inbound.settings import (
     NO_SUCH_USER_HASH,
     IPAddress,
     ListenerConfigError,
+    ListenerEvent,
     ListenerSettings,
 )
 
@@ -80,7 +91,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AcceptCallback",
     "AcceptedMessage",
+    "EventCallback",
     "ListenerConfigError",
+    "ListenerEvent",
     "ListenerSettings",
     "RecipientCheck",
     "SmtpListener",
@@ -92,6 +105,15 @@ AcceptCallback: TypeAlias = Callable[[AcceptedMessage], Awaitable[str]]
 RecipientCheck: TypeAlias = Callable[[str, str, str, str | None], tuple[int, str] | None]
 """(sender, recipient, client address, AUTH user or None) -> None to accept, or
 (code, text) to refuse that RCPT (the client matters to client-scoped connectors)."""
+
+EventCallback: TypeAlias = Callable[[ListenerEvent], None]
+"""Told of each defensive decision (the engine counts them as metrics); must not raise."""
+
+FLOOD_LOG_INTERVAL = 10.0
+"""Seconds between two log lines about the same flood (refused connections, accept errors)."""
+
+_ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+"""What asyncio's accept loop reports when accept() fails with EMFILE/ENFILE/ENOBUFS/ENOMEM."""
 
 
 class SmtpListener:
@@ -107,12 +129,14 @@ class SmtpListener:
         on_message: AcceptCallback,
         check_recipient: RecipientCheck | None = None,
         on_refusal: Callable[[str], None] | None = None,
+        on_event: EventCallback | None = None,
     ) -> None:
         self.settings = settings
         self.on_message = on_message
         self.check_recipient = check_recipient
         self.on_refusal = on_refusal
         """Told the reason (``mail_loop``) of a message refused at DATA, for a metric."""
+        self.on_event = on_event
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._accepting = False
@@ -120,10 +144,22 @@ class SmtpListener:
         self._sessions: set[SmtpSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._per_client: collections.Counter[str] = collections.Counter()
+        self._foreign: set[SmtpSession] = set()
+        """Open sessions from outside accept_from (who may only relay after AUTH)."""
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._auth_slots = asyncio.Semaphore(AUTH_VERIFICATIONS_AT_ONCE)
         self._session_counter = 0
+        self._auth_failures = AuthFailures(
+            delay=settings.auth_failure_delay,
+            delay_max=settings.auth_failure_delay_max,
+            window=settings.auth_failure_window,
+            capacity=settings.auth_failure_addresses,
+        )
+        self._cap_log = OncePerInterval(FLOOD_LOG_INTERVAL)
+        self._accept_error_log = OncePerInterval(FLOOD_LOG_INTERVAL)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_exception_handler: Any = None
 
     @property
     def port(self) -> int:
@@ -149,6 +185,9 @@ class SmtpListener:
         settings = self.settings
         self._tls_context, certificate_source = _server_tls_context(settings)
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._previous_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_exception)
         self._server = await loop.create_server(
             lambda: SmtpSession(self, loop), settings.host, settings.port
         )
@@ -156,7 +195,8 @@ class SmtpListener:
         self._accepting = True
         log.info(
             "SMTP listener on %s port %d as %s: STARTTLS with %s; relaying allowed from %s"
-            " and for %d AUTH user(s); max size %d, %d recipients, %d connections per client",
+            " and for %d AUTH user(s); max size %d, %d recipients, %d connections per client,"
+            " %d in all",
             settings.host,
             self._port,
             settings.hostname,
@@ -166,6 +206,7 @@ class SmtpListener:
             settings.max_message_size,
             settings.max_recipients,
             settings.max_connections_per_client,
+            settings.max_connections,
         )
 
     async def stop_accepting(self) -> None:
@@ -202,6 +243,9 @@ class SmtpListener:
                     await self._quiet.wait()
             except TimeoutError:
                 log.error("%d SMTP session(s) did not end after being aborted", len(self._sessions))
+        if not self._accepting:
+            # Nothing is accepted any more: asyncio's own handler may have its loop back.
+            self._restore_exception_handler()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting, give open sessions ``grace`` seconds to finish, abort the rest."""
@@ -213,16 +257,54 @@ class SmtpListener:
                     await self._server.wait_closed()
             except TimeoutError:
                 log.error("SMTP listener on port %s did not close in time", self._port)
+        self._restore_exception_handler()
         log.info("SMTP listener on port %s stopped", self._port)
 
     # -- bookkeeping, called by the sessions -------------------------------------------
+
+    def _event(self, event: ListenerEvent) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:
+                # Counting must never break a session.
+                log.exception("on_event failed for %s", event)
 
     def _admit(self, session: SmtpSession) -> str | None:
         """Register a new session; or the reply that refuses it."""
         if not self._accepting:
             return "421 4.3.2 Service shutting down, try again later"
-        limit = self.settings.max_connections_per_client
+        settings = self.settings
+        if len(self._sessions) >= settings.max_connections:
+            self._event(ListenerEvent.CONNECTION_CAP)
+            # A flood must not become a log flood: one line per interval, with a count.
+            if (refused := self._cap_log.ready()) is not None:
+                log.warning(
+                    "Connection from %s refused: %d sessions open (max_connections=%d);"
+                    " %d connection(s) refused for this since the last such line",
+                    session.client,
+                    len(self._sessions),
+                    settings.max_connections,
+                    refused,
+                )
+            return "421 4.7.0 Too many connections, try again later"
+        foreign = bool(settings.accept_from) and not self._relay_allowed(session.client_ip)
+        if foreign and len(self._foreign) >= _foreign_share(settings.max_connections):
+            self._event(ListenerEvent.CONNECTION_CAP)
+            if (refused := self._cap_log.ready()) is not None:
+                log.warning(
+                    "Connection from %s refused: %d sessions open from outside accept_from"
+                    " (their share of max_connections=%d); %d connection(s) refused for this"
+                    " since the last such line",
+                    session.client,
+                    len(self._foreign),
+                    settings.max_connections,
+                    refused,
+                )
+            return "421 4.7.0 Too many connections, try again later"
+        limit = settings.max_connections_per_client
         if self._per_client[session.client] >= limit:
+            self._event(ListenerEvent.CLIENT_CAP)
             log.warning(
                 "Connection from %s refused: %d connections from that address already open"
                 " (max_connections_per_client=%d)",
@@ -233,6 +315,8 @@ class SmtpListener:
             return "421 4.7.0 Too many connections from your address, try again later"
         self._per_client[session.client] += 1
         self._sessions.add(session)
+        if foreign:
+            self._foreign.add(session)
         self._quiet.clear()
         self._session_counter += 1
         return None
@@ -253,6 +337,7 @@ class SmtpListener:
     def _release(self, session: SmtpSession) -> None:
         if session in self._sessions:
             self._sessions.discard(session)
+            self._foreign.discard(session)
             self._per_client[session.client] -= 1
             if self._per_client[session.client] <= 0:
                 del self._per_client[session.client]
@@ -261,6 +346,39 @@ class SmtpListener:
     def _update_quiet(self) -> None:
         if not self._sessions and not self._tasks:
             self._quiet.set()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Accept errors once per interval, without a traceback; the rest as before.
+
+        When accept() fails for want of descriptors, asyncio pauses the listening socket
+        for a second and reports it with a full traceback, over and over while the flood
+        lasts. The count and the errno say everything an operator can act on.
+        """
+        if context.get("message") == _ACCEPT_ERROR_MESSAGE:
+            self._event(ListenerEvent.ACCEPT_ERROR)
+            if (occurrences := self._accept_error_log.ready()) is not None:
+                error = context.get("exception")
+                log.error(
+                    "SMTP listener on port %s cannot accept connections: %s; %d time(s)"
+                    " since the last such line (%d sessions open, max_connections=%d)",
+                    self._port,
+                    error if error is not None else "out of system resources",
+                    occurrences,
+                    len(self._sessions),
+                    self.settings.max_connections,
+                )
+            return
+        if self._previous_exception_handler is not None:
+            self._previous_exception_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _restore_exception_handler(self) -> None:
+        loop = self._loop
+        # Only ours to undo: another component may have put its own in place since.
+        if loop is not None and loop.get_exception_handler() == self._loop_exception:
+            loop.set_exception_handler(self._previous_exception_handler)
+        self._loop = None
 
     def _relay_allowed(self, ip: IPAddress | None) -> bool:
         return ip is not None and any(ip in network for network in self.settings.accept_from)
@@ -272,6 +390,11 @@ class SmtpListener:
                 verify_password, password or "", stored or NO_SUCH_USER_HASH
             )
         return matches and stored is not None and password is not None
+
+
+def _foreign_share(max_connections: int) -> int:
+    """Sessions clients outside accept_from may hold: three quarters of the cap (at least 1)."""
+    return max(1, max_connections - max_connections // 4)
 
 
 def _server_tls_context(settings: ListenerSettings) -> tuple[ssl.SSLContext, str]:

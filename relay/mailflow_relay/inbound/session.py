@@ -14,10 +14,11 @@ import collections
 import ipaddress
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
 from mailflow_relay.inbound.settings import (
@@ -25,6 +26,7 @@ from mailflow_relay.inbound.settings import (
     CONTROL_CHARACTERS,
     SIZE_PARAMETER_ALLOWANCE,
     IPAddress,
+    ListenerEvent,
     printable,
 )
 
@@ -71,7 +73,9 @@ class _SessionHooks:
         session.host_name = hostname
         if not self.session.listener.settings.users:
             responses = [line for line in responses if not line.startswith("250-AUTH")]
-        return responses
+        # One push, hence one write: a reply split over several TCP segments makes some
+        # clients (nmap's smtp-open-relay among them) pair replies with the wrong commands.
+        return ["\r\n".join(responses)]
 
     async def handle_MAIL(
         self,
@@ -149,6 +153,8 @@ class SmtpSession(SMTP):
         self.authenticated_user: str | None = None
         self._refused = False
         self._lost = False
+        self._errors = 0
+        self._auth_failures = 0
         # aiosmtpd sizes its StreamReader from this before anything is read; our own
         # DATA reader checks the exact limit, commands need at least 512 + extensions.
         self.line_length_limit = max(settings.max_line_length + 1, 1001)
@@ -240,6 +246,46 @@ class SmtpSession(SMTP):
         if isinstance(underlying, asyncio.Transport):
             underlying.abort()
 
+    # -- replies: every one goes through here ---------------------------------------------
+
+    async def push(self, status: AnyStr) -> None:
+        """Send one reply in one write; count error replies against the session's limits.
+
+        Past ``soft_error_limit`` each error reply waits ``error_sleep`` seconds longer than
+        the one before (a client probing addresses or flooding commands slows down); at
+        ``hard_error_limit`` the error reply becomes ``421 4.7.0`` and the connection
+        closes (Postfix's smtpd_soft_error_limit / smtpd_hard_error_limit).
+        """
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text[:1] in ("4", "5") and not text.startswith("421"):
+            self._errors += 1
+            settings = self.settings
+            if self._errors >= settings.hard_error_limit:
+                log.warning(
+                    "Closing the connection from %s: %d error replies in this session"
+                    " (hard_error_limit); last %s",
+                    self.client,
+                    self._errors,
+                    printable(text, 80),
+                )
+                self.listener._event(ListenerEvent.ERROR_DISCONNECT)
+                await super().push("421 4.7.0 Too many errors, closing the connection")
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if self._errors > settings.soft_error_limit and settings.error_sleep > 0:
+                delay = settings.error_sleep * (self._errors - settings.soft_error_limit)
+                log.info(
+                    "Delaying error reply %d to %s by %.1f s (soft_error_limit %d)",
+                    self._errors,
+                    self.client,
+                    delay,
+                    settings.soft_error_limit,
+                )
+                self.listener._event(ListenerEvent.ERROR_DELAYED)
+                await asyncio.sleep(delay)
+        await super().push(status)
+
     # -- commands ------------------------------------------------------------------------
 
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -328,6 +374,8 @@ class SmtpSession(SMTP):
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         if refusal is not None:
             self._reset_timeout()
+            if refusal.startswith(_SMUGGLING_REPLY_START):
+                self.listener._event(ListenerEvent.SMUGGLING)
             log.warning(
                 "Refused message from %s (sender <%s>): %s",
                 self.client,
@@ -381,9 +429,13 @@ class SmtpSession(SMTP):
             if refusal is not None:
                 continue
             if b"\r" in line[:-2] or b"\n" in line[:-2]:
-                refusal = (
-                    "550 5.6.0 Message contains bare LF or CR; refused (SMTP smuggling protection)"
-                )
+                refusal = f"{_SMUGGLING_REPLY_START} bare LF or CR; {_SMUGGLING_REPLY_END}"
+                lines.clear()
+                continue
+            if b"\x00" in line:
+                # A next hop that drops NUL would read <CRLF>NUL.<CRLF> as the end of data
+                # and run what follows as commands from us; RFC 5321 2.3.8 allows no NUL.
+                refusal = f"{_SMUGGLING_REPLY_START} NUL; {_SMUGGLING_REPLY_END}"
                 lines.clear()
                 continue
             if line.startswith(b"."):
@@ -424,6 +476,9 @@ class SmtpSession(SMTP):
         self._reset_timeout()
         # No size here: the engine's "queued" line gives the one size, as stored (with the
         # Received: header), so a message never shows two.
+        # A client that delivers mail is not probing: its earlier errors are forgiven
+        # (as Postfix counts errors "without delivering mail").
+        self._errors = 0
         log.info(
             "Accepted message %s from %s: sender <%s>, %d recipient(s), user %s, %s",
             printable(queue_id),
@@ -478,7 +533,21 @@ class SmtpSession(SMTP):
             password_text: str | None = password.decode("utf-8")
         except UnicodeDecodeError:
             password_text = None
+        failures = self.listener._auth_failures
+        key = address_key(self.client_ip)
+        wait = failures.wait_before_attempt(key)
+        if wait > 0:
+            log.info(
+                "AUTH from %s held back %.1f s: %d failure(s) from %s recently",
+                self.client,
+                wait,
+                failures.recent(key),
+                key,
+            )
+            self.listener._event(ListenerEvent.AUTH_DELAYED)
+            await asyncio.sleep(wait)
         if await self.listener._verify(username, password_text):
+            failures.succeeded(key)
             self.authenticated_user = username
             log.info(
                 "AUTH %s succeeded for user %r from %s",
@@ -487,10 +556,38 @@ class SmtpSession(SMTP):
                 self.client,
             )
             return AuthResult(success=True, auth_data=username)
+        self._auth_failures += 1
+        recent = failures.failed(key)
+        self.listener._event(ListenerEvent.AUTH_FAILURE)
+        # The user name may be a password typed into the wrong field: printable() keeps it
+        # short and escaped, the password itself never reaches a log line.
         log.warning(
-            "AUTH %s failed for user %r from %s", mechanism, printable(username, 64), self.client
+            "AUTH %s failed for user %r from %s: %d in this session, %d from %s within %.0f s",
+            mechanism,
+            printable(username, 64),
+            self.client,
+            self._auth_failures,
+            recent,
+            key,
+            failures.window,
         )
-        return AuthResult(success=False, handled=False)
+        if self._auth_failures < self.settings.max_auth_failures:
+            return AuthResult(success=False, handled=False)
+        log.warning(
+            "Closing the connection from %s after %d AUTH failures (max_auth_failures)",
+            self.client,
+            self._auth_failures,
+        )
+        self.listener._event(ListenerEvent.AUTH_DISCONNECT)
+        await self.push("535 5.7.8 Authentication credentials invalid")
+        await self.push("421 4.7.0 Too many authentication failures, closing the connection")
+        if self.transport is not None:
+            self.transport.close()
+        return AuthResult(success=False, handled=True)
+
+
+_SMUGGLING_REPLY_START = "550 5.6.0 Message contains"
+_SMUGGLING_REPLY_END = "refused (SMTP smuggling protection)"
 
 
 def _line_too_long(max_line: int) -> str:

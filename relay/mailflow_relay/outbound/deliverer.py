@@ -27,10 +27,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosmtplib
 
@@ -78,8 +79,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    helo_name: str = "localhost"
-    """The name this relay gives in EHLO."""
+    # Looked up when settings are made (a lambda, not the function: tests may patch it).
+    helo_name: str = field(default_factory=lambda: socket.getfqdn())
+    """The name this relay gives in EHLO: the host's FQDN, as the listener's hostname
+    (a bare ``localhost`` is refused by many next hops)."""
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     """RFC 5321 §4.5.3.2: 5 minutes for MAIL and RCPT; DATA's end waits up to 10."""

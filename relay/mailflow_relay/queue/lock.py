@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from pathlib import Path
 from typing import Final
@@ -36,6 +37,9 @@ class SpoolInUseError(SpoolError, BlockingIOError):
         super().__init__(f"spool {directory} is in use by {holder}")
         self.directory = directory
         self.pid = pid
+
+
+logger = logging.getLogger(__name__)
 
 
 class SpoolLock:
@@ -59,9 +63,15 @@ class SpoolLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        # The PID only names the holder for a second relay's error message; the flock is the
+        # lock. A full spool disk must not keep the relay from starting (it is the relay
+        # that delivers the queue and frees the space), so a refused write is only logged.
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            logger.warning("spool lock %s: could not record this relay's PID: %s", self.path, e)
 
     def release(self) -> None:
         """Let the next relay have the spool; the file stays (removing it would race a
