@@ -4,6 +4,7 @@
 #   swaks    -> the Swiss Army Knife for SMTP (scripted client)
 #   nsd      -> a real authoritative DNS server, run by the tests on a loopback port
 #   libnet-ssleay-perl, libio-socket-ssl-perl -> STARTTLS for swaks
+#   libmail-dkim-perl -> Mail::DKIM, the independent DKIM verifier of the signing tests
 # Idempotent and fast when everything is present (no apt call at all). Only acts as root; a
 # non-root developer is told what is missing and the tests that need it are skipped.
 # No daemon is left running: services are kept from starting during the install and any
@@ -19,8 +20,9 @@ declare -A PROBES=(
     [nsd]=/usr/sbin/nsd
     [libnet-ssleay-perl]=perl
     [libio-socket-ssl-perl]=perl
+    [libmail-dkim-perl]=perl
 )
-PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl)
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl libmail-dkim-perl)
 
 present() {
     local package=$1 probe=$2
