@@ -37,6 +37,7 @@ from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
+from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.errors import (
     InvalidAddressError,
     RoutingDocumentError,
@@ -145,6 +146,7 @@ class Relay:
         self.metrics = RelayMetrics()
         self.router = Router(document)
         self.document = document
+        self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.metrics.config_generation.set(document.generation)
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
@@ -198,6 +200,7 @@ class Relay:
         old document or the new one, never a mix. Sessions are not touched.
         """
         self.router = Router(document)
+        self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.document = document
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
@@ -250,7 +253,7 @@ class Relay:
                 self.spool.store_with_header,
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
-                message.with_received,
+                functools.partial(self._received_and_signed, message, self.router, self.signer),
             ),
             name="mailflow-store",
         )
@@ -265,6 +268,16 @@ class Relay:
             raise
         self._queued_message(stored, message.client_address)
         return stored.queue_id
+
+    @staticmethod
+    def _received_and_signed(
+        message: AcceptedMessage, router: Router, signer: DkimSigner, queue_id: str
+    ) -> bytes:
+        """The stored form: ``Received:``, then DKIM (in the spool thread; see :mod:`.signing`)."""
+        opted_out = every_route_opts_out(
+            router.route_for(rcpt, message.mail_from) for rcpt in dict.fromkeys(message.rcpt_tos)
+        )
+        return signer.sign(message.with_received(queue_id), queue_id=queue_id, opted_out=opted_out)
 
     async def _io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
