@@ -18,10 +18,12 @@ from mailflow_compiler.compiler import (
     secret_values,
 )
 from mailflow_compiler.crds import load_crds
+from mailflow_compiler.dkim import DKIM_KEY_KIND
 from mailflow_compiler.manifests import (
     API_GROUP,
     Manifest,
     RawConnector,
+    RawDkimKey,
     RawProfile,
     RawSecret,
 )
@@ -37,7 +39,7 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     compiled: Compiled | None = None
     checked: int = 0
-    """Mailflow objects checked (connectors and profiles)."""
+    """Mailflow objects checked (connectors, profiles and DKIM keys)."""
     secrets_given: bool = False
     invalid: int = 0
     """Documents that did not parse or objects the schema refused (left out of the document)."""
@@ -60,6 +62,12 @@ def check_manifests(
     crds = load_crds()
     connectors: list[RawConnector] = []
     profiles: list[RawProfile] = []
+    dkim_keys: list[RawDkimKey] = []
+    collected: dict[str, list[Any]] = {
+        CONNECTOR_KIND: connectors,
+        PROFILE_KIND: profiles,
+        DKIM_KEY_KIND: dkim_keys,
+    }
     secrets: dict[ObjectRef, dict[str, str]] = {}
     where: dict[tuple[str, ObjectRef], Manifest] = {}
 
@@ -128,10 +136,7 @@ def check_manifests(
         ref = ObjectRef(manifest.namespace(default_namespace), manifest.name)
         if errors or _duplicate(manifest, kind, ref, where, problem):
             continue
-        if kind == CONNECTOR_KIND:
-            connectors.append(cast(RawConnector, body))
-        elif kind == PROFILE_KIND:
-            profiles.append(cast(RawProfile, body))
+        collected[kind].append(body)
 
     result.secrets_given = bool(secrets)
     resolve = result.secrets_given if resolve_secrets is None else resolve_secrets
@@ -141,6 +146,7 @@ def check_manifests(
         secrets if resolve else None,
         default_route=default_route,
         default_namespace=default_namespace,
+        dkim_keys=dkim_keys,
     )
     result.compiled = compiled
     for finding in compiled.findings:

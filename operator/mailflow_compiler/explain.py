@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mailflow_compiler.dkim_explain import dkim_json, dkim_lines
 from mailflow_relay.routing.document import (
     Destination,
     ProfilePool,
@@ -88,11 +89,13 @@ def _decision_json(router: Router, decision: RouteDecision, sender: str) -> dict
 
 
 def explain_json(
-    document: RoutingDocument, sender: str, recipients: Sequence[str]
+    document: RoutingDocument, sender: str, recipients: Sequence[str], header_from: str = ""
 ) -> dict[str, object]:
     router = Router(document)
+    decisions = [router.route_for(recipient, sender) for recipient in recipients]
     return {
         "sender": sender,
+        "dkim": dkim_json(document, header_from or sender, decisions),
         "generation": document.generation,
         "checksum": document.checksum,
         "recipients": [
@@ -102,7 +105,9 @@ def explain_json(
     }
 
 
-def explain_text(document: RoutingDocument, sender: str, recipients: Sequence[str]) -> str:
+def explain_text(
+    document: RoutingDocument, sender: str, recipients: Sequence[str], header_from: str = ""
+) -> str:
     router = Router(document)
     lines: list[str] = []
     for recipient in recipients:
@@ -139,4 +144,6 @@ def explain_text(document: RoutingDocument, sender: str, recipients: Sequence[st
                     f"{candidate.outcome}"
                 )
         lines.append("")
+    decisions = [router.route_for(recipient, sender) for recipient in recipients]
+    lines.extend(dkim_lines(document, header_from or sender, decisions))
     return "\n".join(lines)

@@ -54,6 +54,7 @@ from mailflow_relay.routing.dkim_keys import (
     LoadedKey,
     dns_record_name,
     dns_txt_strings,
+    keys_for,
     load_private_key,
 )
 from mailflow_relay.routing.domains import normalize_domain
@@ -136,30 +137,19 @@ class DkimSigner:
 
     def __init__(self, keys: Sequence[DkimKey], counter: Counter) -> None:
         self._counter = counter
-        self._by_domain: dict[str, list[_Signing]] = {}
+        self._signings: dict[DkimKey, _Signing] = {}
         for key in keys:
             loaded = load_private_key(key.private_key, key.algorithm, ref=key.ref)
             record = "".join(dns_txt_strings(loaded)).encode("ascii")
-            self._by_domain.setdefault(key.domain, []).append(_Signing(key, loaded, record))
+            self._signings[key] = _Signing(key, loaded, record)
+        self._keys = tuple(self._signings)
 
     @property
     def configured(self) -> bool:
-        return bool(self._by_domain)
-
-    def keys_for(self, domain: str) -> list[DkimKey]:
-        """The keys that sign mail From: ``domain`` (normalised): exact, else closest parent."""
-        return [s.key for s in self._signings_for(domain)]
+        return bool(self._signings)
 
     def _signings_for(self, domain: str) -> list[_Signing]:
-        exact = self._by_domain.get(domain)
-        if exact:
-            return list(exact)
-        labels = domain.split(".")
-        for i in range(1, len(labels)):
-            parent = [s for s in self._by_domain.get(".".join(labels[i:]), []) if s.key.subdomains]
-            if parent:
-                return parent
-        return []
+        return [self._signings[key] for key in keys_for(self._keys, domain)]
 
     def sign(self, message: bytes, *, queue_id: str, opted_out: bool) -> bytes:
         """``message`` with a ``DKIM-Signature`` per key that signs it, prepended."""

@@ -18,6 +18,7 @@ import base64
 import enum
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -35,6 +36,7 @@ __all__ = [
     "LoadedKey",
     "dns_record_name",
     "dns_txt_strings",
+    "keys_for",
     "load_private_key",
     "parse_duration",
 ]
@@ -185,6 +187,24 @@ def load_private_key(pem: str, algorithm: DkimAlgorithm, *, ref: str = "") -> Lo
     raise DkimKeyError(
         ref, f"the private key is a {type(key).__name__}; only RSA and Ed25519 keys sign DKIM"
     )
+
+
+def keys_for(keys: Sequence[DkimKey], domain: str) -> list[DkimKey]:
+    """The keys that sign mail From: ``domain`` (normalised).
+
+    Every key of exactly that domain; if there is none, every key of the closest parent
+    domain that allows subdomains. The relay's signer and ``mailflow explain`` both ask this.
+    """
+    exact = [k for k in keys if k.domain == domain]
+    if exact:
+        return exact
+    labels = domain.split(".")
+    for i in range(1, len(labels)):
+        parent = ".".join(labels[i:])
+        found = [k for k in keys if k.domain == parent and k.subdomains]
+        if found:
+            return found
+    return []
 
 
 def dns_record_name(selector: str, domain: str) -> str:
