@@ -73,6 +73,10 @@ class Verdict:
     result: str
     detail: str
 
+    @property
+    def summary(self) -> tuple[str, str, str, str]:
+        return (self.domain, self.selector, self.algorithm, self.result)
+
 
 def verify(message: bytes, dns: DnsServer, folder: Path) -> list[Verdict]:
     """Every DKIM-Signature of ``message`` as Mail::DKIM judges it, keys from ``dns``."""
