@@ -5,6 +5,8 @@ that shares nothing with dkimpy. A small Perl script points its resolver (Net::D
 test NSD on its loopback port, so every public key is looked up in real DNS.
 Mail::DKIM 1.20230212 (Debian 12) verifies rsa-sha256 only: it reports an Ed25519
 signature as ``invalid`` with "unsupported" in its detail, which the tests say outright.
+Ed25519 signatures are verified by mailauth (Node.js, from npm; tests/verifiers), a third
+implementation, through the same NSD.
 """
 
 from __future__ import annotations
@@ -97,6 +99,31 @@ def verify(message: bytes, dns: DnsServer, folder: Path) -> list[Verdict]:
     return verdicts
 
 
+VERIFIERS = Path(__file__).resolve().parent / "verifiers"
+
+
+def verify_with_mailauth(message: bytes, dns: DnsServer) -> list[Verdict]:
+    """Every DKIM-Signature as mailauth (Node.js; verifies Ed25519 too) judges it, keys from ``dns``.
+
+    ``scripts/install-test-verifiers.sh`` (``make venv``) installs it into tests/verifiers.
+    """
+    node = require("node")
+    if not (VERIFIERS / "node_modules" / "mailauth").is_dir():
+        missing("mailauth (tests/verifiers)", "npm: bash scripts/install-test-verifiers.sh")
+    result = subprocess.run(
+        [node, str(VERIFIERS / "verify-dkim.mjs"), dns.address, str(dns.port)],
+        input=message,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    verdicts = []
+    for line in result.stdout.decode().splitlines():
+        domain, selector, algorithm, outcome, detail = [*line.split("\t"), ""][:5]
+        verdicts.append(Verdict(domain, selector, algorithm, outcome, detail))
+    return verdicts
+
+
 @dataclass(frozen=True)
 class KeyPair:
     pem: str
@@ -171,4 +198,5 @@ __all__ = [
     "require_mail_dkim",
     "rsa_key",
     "verify",
+    "verify_with_mailauth",
 ]

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from dkim_peers import KeyPair, Verdict, dkim_key_manifest, ed25519_key, rsa_key, verify
+from dkim_peers import (
+    KeyPair,
+    Verdict,
+    dkim_key_manifest,
+    ed25519_key,
+    rsa_key,
+    verify,
+    verify_with_mailauth,
+)
 from peers import DnsServer, SinkMessage, SmtpSink, require
 from relayproc import RelayProcess, connector
 
@@ -140,12 +148,34 @@ def test_rsa_and_ed25519_and_two_selectors_sign_side_by_side(
     assert set(verdicts) == {"s2026", "s2027", "ed2026"}
     assert verdicts["s2026"].result == "pass"
     assert verdicts["s2027"].result == "pass"
-    # Debian 12's Mail::DKIM knows no Ed25519: it sees the signature and says so. The
-    # Ed25519 signature is verified independently in test_dkim_ed25519.py.
+    # Debian 12's Mail::DKIM knows no Ed25519: it sees the signature and says so...
     assert verdicts["ed2026"].algorithm == "ed25519-sha256"
     assert verdicts["ed2026"].result == "invalid"
     assert "unsupported" in verdicts["ed2026"].detail
+    # ...so mailauth, a third implementation, judges all three through the same DNS.
+    assert sorted(v.summary for v in verify_with_mailauth(crlf(received), dns)) == [
+        ("contoso.test", "ed2026", "ed25519-sha256", "pass"),
+        ("contoso.test", "s2026", "rsa-sha256", "pass"),
+        ("contoso.test", "s2027", "rsa-sha256", "pass"),
+    ]
     assert log.count("DKIM signed d=contoso.test") == 3
+
+
+def test_tampered_ed25519_signature_fails_with_mailauth(
+    tmp_path: Path, sink: SmtpSink, dns: DnsServer
+) -> None:
+    keys = dkim_key_manifest("contoso-ed2026", "contoso.test", "ed2026", ED25519)
+    (received,), _ = relay_through(tmp_path, sink, keys, [message()])
+    signed = crlf(received)
+    assert [v.summary for v in verify_with_mailauth(signed, dns)] == [
+        ("contoso.test", "ed2026", "ed25519-sha256", "pass")
+    ]
+    # mailauth reports a body hash mismatch as "neutral" (RFC 6376 §6.1.3 leaves the result
+    # name to the verifier) and a bad header signature as "fail": neither passes.
+    (body,) = verify_with_mailauth(signed.replace(b"Hello.", b"Hello!"), dns)
+    assert (body.result, body.detail) == ("neutral", "body hash did not verify")
+    (header,) = verify_with_mailauth(signed.replace(b"Subject: signed?", b"Subject: signed!"), dns)
+    assert header.result == "fail", header
 
 
 def test_rotation_the_disabled_old_selector_stops_signing(
