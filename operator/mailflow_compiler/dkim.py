@@ -18,6 +18,7 @@ from mailflow_compiler.manifests import RawDkimKey
 from mailflow_relay.errors import DkimKeyError, InvalidDomainError
 from mailflow_relay.routing.dkim_keys import (
     DEFAULT_SIGNED_HEADERS,
+    NEVER_SIGNED,
     DkimAlgorithm,
     DkimCanonicalization,
     DkimKey,
@@ -143,6 +144,20 @@ def _compile_one(
             )
         )
         return None
+    headers = tuple(spec.get("signedHeaders") or DEFAULT_SIGNED_HEADERS)
+    for i, header in enumerate(headers):
+        if header.lower() in NEVER_SIGNED:
+            findings.append(
+                DkimFinding(
+                    ref,
+                    f"spec.signedHeaders[{i}]",
+                    f'Invalid value: "{header}": this field changes on the way or must stay '
+                    "hidden and is never signed (RFC 6376 section 5.4)",
+                    ACCEPTED,
+                    REASON_INVALID_VALUE,
+                )
+            )
+            return None
     algorithm = DkimAlgorithm(spec.get("algorithm", DkimAlgorithm.RSA_SHA256.value))
     expire = spec.get("expireAfter")
     pem = _private_key(body, ref, secrets, findings)
@@ -171,7 +186,7 @@ def _compile_one(
         algorithm=algorithm,
         private_key=loaded.pkcs8,
         fingerprint=loaded.fingerprint,
-        signed_headers=tuple(spec.get("signedHeaders") or DEFAULT_SIGNED_HEADERS),
+        signed_headers=headers,
         canonicalization=DkimCanonicalization(
             spec.get("canonicalization", DkimCanonicalization.RELAXED_RELAXED.value)
         ),

@@ -30,6 +30,7 @@ from mailflow_relay.errors import DkimKeyError
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
     "MIN_RSA_BITS",
+    "NEVER_SIGNED",
     "DkimAlgorithm",
     "DkimCanonicalization",
     "DkimKey",
@@ -51,6 +52,11 @@ DEFAULT_SIGNED_HEADERS = (
     "List-Subscribe", "List-Post", "List-Owner", "List-Archive",
 )  # fmt: skip
 """RFC 6376 §5.4.1's recommendation (the CRD's default is the same list)."""
+
+NEVER_SIGNED = frozenset(
+    ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature")
+)
+"""Fields that change on the way or must not be revealed (RFC 6376 §5.4; dkimpy refuses them)."""
 
 
 class DkimAlgorithm(enum.Enum):

@@ -26,6 +26,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from mailflow_relay.errors import DkimKeyError, InvalidDomainError, RoutingDocumentError
 from mailflow_relay.routing.dkim_keys import (
+    NEVER_SIGNED,
     DkimAlgorithm,
     DkimCanonicalization,
     DkimKey,
@@ -557,6 +558,9 @@ def _read_dkim_key(r: _Reader) -> DkimKey:
         raise RoutingDocumentError(r._at("fingerprint"), "does not match the private key")
     if "from" not in (h.lower() for h in key.signed_headers):
         raise RoutingDocumentError(r._at("signedHeaders"), "must include From")
+    refused = sorted({h.lower() for h in key.signed_headers} & NEVER_SIGNED)
+    if refused:
+        raise RoutingDocumentError(r._at("signedHeaders"), f"must not include {', '.join(refused)}")
     return key
 
 
