@@ -74,11 +74,13 @@ def compile_dkim_keys(
     """
     findings: list[DkimFinding] = []
     enabled = [b for b in bodies if b["spec"].get("enabled", True)]
-    keys: list[DkimKey] = []
-    for body in _without_conflicts(enabled, default_namespace, findings):
-        key = _compile_one(body, _ref(body, default_namespace), secrets, findings)
-        if key is not None:
-            keys.append(key)
+    # Every key is checked (all its problems reported); of conflicting ones only the oldest
+    # is carried, and if that one cannot sign, none of them signs.
+    compiled = [
+        _compile_one(body, _ref(body, default_namespace), secrets, findings) for body in enabled
+    ]
+    kept = {id(body) for body in _without_conflicts(enabled, default_namespace, findings)}
+    keys = [key for body, key in zip(enabled, compiled, strict=True) if key and id(body) in kept]
     return keys, findings
 
 
