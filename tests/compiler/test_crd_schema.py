@@ -315,7 +315,8 @@ CASES: list[tuple[str, Body, str, str]] = [
         {**connector(), "apiVersion": "mailflow.dev/v1"},
         "apiVersion",
         'no matches for kind "OutboundConnector" in version "mailflow.dev/v1"; '
-        "known: mailflow.dev/v1alpha1/MultiSmtpProfile, mailflow.dev/v1alpha1/OutboundConnector",
+        "known: mailflow.dev/v1alpha1/DkimKey, mailflow.dev/v1alpha1/MultiSmtpProfile, "
+        "mailflow.dev/v1alpha1/OutboundConnector",
     ),
     # --- MultiSmtpProfile ------------------------------------------------------------------
     ("a profile has servers", without("servers")(profile()), "spec.servers", "Required value"),
