@@ -549,9 +549,10 @@ class Reconciler:
             try:
                 await self.client.create("v1", "secrets", ref.namespace, secret)
             except KubeError as e:
-                if e.status != 409:  # 409: it exists after all, and stays as it is
-                    raise
-                logger.info("DkimKey %s: Secret %s exists; not generated", ref, name)
+                if e.status == 409:  # it exists after all, and stays as it is
+                    logger.info("DkimKey %s: Secret %s exists; not generated", ref, name)
+                else:  # e.g. 403: no RBAC to create Secrets here (docs/dkim.md)
+                    logger.warning("DkimKey %s: Secret %s not generated: %s", ref, name, e)
                 continue
             logger.info(
                 "DkimKey %s: generated a new key into Secret %s/%s", ref, ref.namespace, name
