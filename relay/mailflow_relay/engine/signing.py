@@ -63,6 +63,11 @@ from mailflow_relay.routing.router import RouteDecision
 __all__ = ["DkimSigner", "SigningOutcome", "every_route_opts_out", "from_domain"]
 
 logger = logging.getLogger(__name__)
+# dkimpy's own lines: at DEBUG they quote hashed header text, and its verifier logs a
+# malformed signature in a client's message at ERROR. Our decision lines say what matters.
+_dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
+_dkimpy_logger.propagate = False
+_dkimpy_logger.addHandler(logging.NullHandler())
 
 
 class SigningOutcome(enum.Enum):
@@ -174,7 +179,7 @@ class DkimSigner:
                     "unsigned: every route opts out (dkim.sign false)",
                 )
             return message
-        signer = _ExpiringDkim(message, logger=logger, linesep=b"\r\n")
+        signer = _ExpiringDkim(message, logger=_dkimpy_logger, linesep=b"\r\n")
         signatures: list[bytes] = []
         for signing in signings:
             signature = self._sign_one(signer, signing, message, queue_id)
@@ -215,7 +220,7 @@ class DkimSigner:
     def _already_signed(self, message: bytes, signing: _Signing) -> bool:
         if b"dkim-signature" not in message.partition(b"\r\n\r\n")[0].lower():
             return False
-        checker = dkim.DKIM(message, logger=logger)
+        checker = dkim.DKIM(message, logger=_dkimpy_logger)
         name = f"{dns_record_name(signing.key.selector, signing.key.domain)}.".encode("ascii")
 
         def own_record(qname: bytes, timeout: int = 5) -> bytes | None:

@@ -116,6 +116,23 @@ def test_rsa_signature_verifies_with_mail_dkim_against_the_test_dns(
     assert "DKIM signed d=contoso.test s=s2026 a=rsa-sha256 key=sha256/" in log
 
 
+def test_expire_after_puts_an_x_tag_under_the_signature(
+    tmp_path: Path, sink: SmtpSink, dns: DnsServer
+) -> None:
+    keys = dkim_key_manifest(
+        "contoso-s2026", "contoso.test", "s2026", RSA, extra_spec="  expireAfter: 2d\n"
+    )
+    (received,), _ = relay_through(tmp_path, sink, keys, [message()])
+    signed = crlf(received)
+    header = signed.split(b"\r\n\r\n", 1)[0].decode().replace("\r\n", "")
+    tags = dict(re.findall(r"\b([a-z]+)=([0-9]+);", header))
+    assert int(tags["x"]) - int(tags["t"]) == 2 * 86400
+    assert by_selector(verify(signed, dns, tmp_path)) == {"s2026": "pass"}
+    # x= is signed: moving the expiry breaks the signature.
+    later = signed.replace(f"x={tags['x']}".encode(), f"x={int(tags['x']) + 1}".encode())
+    assert by_selector(verify(later, dns, tmp_path)) == {"s2026": "fail"}
+
+
 def test_tampered_body_or_headers_fail_verification(
     tmp_path: Path, sink: SmtpSink, dns: DnsServer
 ) -> None:
