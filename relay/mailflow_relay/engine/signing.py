@@ -179,7 +179,13 @@ class DkimSigner:
                     "unsigned: every route opts out (dkim.sign false)",
                 )
             return message
-        signer = _ExpiringDkim(message, logger=_dkimpy_logger, linesep=b"\r\n")
+        try:
+            signer = _ExpiringDkim(message, logger=_dkimpy_logger, linesep=b"\r\n")
+        except dkim.DKIMException as e:
+            # A header block dkimpy cannot parse (a line without a colon): stored unsigned.
+            for signing in signings:
+                self._decided(SigningOutcome.ERROR, signing, queue_id, f"cannot sign: {_short(e)}")
+            return message
         signatures: list[bytes] = []
         for signing in signings:
             signature = self._sign_one(signer, signing, message, queue_id)
@@ -212,7 +218,7 @@ class DkimSigner:
             )
         except dkim.DKIMException as e:
             # dkimpy's messages name parameters and formats, never key bytes.
-            self._decided(SigningOutcome.ERROR, signing, queue_id, f"signing failed: {e}")
+            self._decided(SigningOutcome.ERROR, signing, queue_id, f"signing failed: {_short(e)}")
             return None
         self._decided(SigningOutcome.SIGNED, signing, queue_id, "signed")
         return signature
@@ -265,6 +271,12 @@ class DkimSigner:
             signing.key.fingerprint,
             detail,
         )
+
+
+def _short(error: Exception) -> str:
+    """dkimpy's message, bounded: it may quote a line of the client's header."""
+    text = str(error)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _headers_to_sign(listed: Iterable[str], present: Sequence[tuple[bytes, bytes]]) -> list[bytes]:

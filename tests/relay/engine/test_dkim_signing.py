@@ -211,8 +211,13 @@ def test_no_key_no_from_and_a_failing_key_never_lose_the_message(
                 await send(relay, ["b@dest.test"])  # From: contoso.test: the broken key
                 await send(relay, ["b@dest.test"], MESSAGE.replace(b"contoso", b"unknown"))
                 await send(relay, ["b@dest.test"], b"Subject: no from\r\n\r\nx\r\n")
-                await until(lambda: len(sink.messages) == 3)
+                # dkimpy cannot parse this header block; the message still goes, unsigned.
+                unparsable = b"From: a@other.test\r\nno colon here\r\n\r\nx\r\n"
+                await send(relay, ["b@dest.test"], unparsable)
+                await until(lambda: len(sink.messages) == 4)
                 assert metric(relay, SIGNED, domain="contoso.test", selector="broken",
+                              outcome="error") == 1  # fmt: skip
+                assert metric(relay, SIGNED, domain="other.test", selector="s1",
                               outcome="error") == 1  # fmt: skip
                 assert metric(relay, SIGNED, domain="", selector="",
                               outcome="skipped_no_key") == 1  # fmt: skip
@@ -220,8 +225,9 @@ def test_no_key_no_from_and_a_failing_key_never_lose_the_message(
                               outcome="skipped_no_from") == 1  # fmt: skip
             return [len(signatures(m.data)) for m in sink.messages]
 
-    assert run(scenario) == [0, 0, 0]
+    assert run(scenario) == [0, 0, 0, 0]
     text = caplog.text
+    assert "DKIM error d=other.test s=s1 a=rsa-sha256" in text
     assert "DKIM error d=contoso.test s=broken a=rsa-sha256 key=sha256/" in text
     assert "DKIM skipped_no_key: unsigned: no key for unknown.test" in text
     assert "DKIM skipped_no_from: unsigned: no From: header" in text
