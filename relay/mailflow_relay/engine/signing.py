@@ -220,6 +220,10 @@ class DkimSigner:
             # dkimpy's messages name parameters and formats, never key bytes.
             self._decided(SigningOutcome.ERROR, signing, queue_id, f"signing failed: {_short(e)}")
             return None
+        except Exception as e:  # a bug in the library must not refuse the message
+            kind = type(e).__name__  # only the type: its text could hold anything
+            self._decided(SigningOutcome.ERROR, signing, queue_id, f"signing failed: {kind}")
+            return None
         self._decided(SigningOutcome.SIGNED, signing, queue_id, "signed")
         return signature
 
