@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -145,7 +146,12 @@ def test_a_missing_secret_and_a_conflict_are_conditions() -> None:
     run(scenario)
 
 
-def test_generate_creates_a_missing_secret_and_never_overwrites_one() -> None:
+def test_generate_creates_a_missing_secret_and_never_overwrites_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    generated: list[str] = []
+
     async def scenario(api: Cluster) -> None:
         await api.apply(secret("given-key", RSA))
         await api.apply(dkim_key("given", "s1", generate={}))
@@ -155,6 +161,7 @@ def test_generate_creates_a_missing_secret_and_never_overwrites_one() -> None:
             created = api.stored("Secret", "mail", "fresh-key")
             assert created is not None
             pem = base64.b64decode(created["data"]["private.key"]).decode()
+            generated.append(pem)
             made = load_private_key(pem, DkimAlgorithm.ED25519_SHA256)
             assert status(api, "DkimKey", "fresh")["fingerprint"] == made.fingerprint
             assert created["metadata"]["annotations"]["mailflow.dev/generated-for"] == (
@@ -170,6 +177,15 @@ def test_generate_creates_a_missing_secret_and_never_overwrites_one() -> None:
         assert len(history) == 1, "the existing Secret was never written"
 
     run(scenario)
+    # Neither the given key nor the generated one reaches a log line of the operator.
+    assert "generated a new key into Secret mail/fresh-key" in caplog.text
+    bodies = [
+        RSA.pem_body,
+        "".join(line for line in generated[0].splitlines() if "-----" not in line),
+    ]
+    for body in bodies:
+        for i in range(0, len(body) - 32, 16):
+            assert body[i : i + 32] not in caplog.text
 
 
 @pytest.fixture(scope="module")
