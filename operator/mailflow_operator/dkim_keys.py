@@ -63,6 +63,16 @@ __all__ = [
 ]
 
 DNS_PUBLISHED: Final = "DnsPublished"
+# Condition reasons.
+PUBLISHED: Final = "Published"
+NOT_PUBLISHED: Final = "NotPublished"
+KEY_MISMATCH: Final = "KeyMismatch"
+REVOKED: Final = "Revoked"
+LOOKUP_FAILED: Final = "LookupFailed"
+NOT_CHECKED: Final = "NotChecked"
+DISABLED: Final = "Disabled"
+SECRET_UNKNOWN: Final = "SecretUnknown"  # noqa: S105 - a condition reason
+READY_REASON: Final = "Ready"
 GENERATED_ANNOTATION: Final = "mailflow.dev/generated-for"
 GENERATED_RSA_BITS: Final = 2048
 
@@ -152,9 +162,9 @@ async def check_dns(
     try:
         answer = await resolver.resolve(check.name, "TXT")
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-        return DnsResult("False", "NotPublished", f"No TXT record at {check.name}")
+        return DnsResult("False", NOT_PUBLISHED, f"No TXT record at {check.name}")
     except dns.exception.DNSException as e:
-        return DnsResult("Unknown", "LookupFailed", f"TXT lookup of {check.name} failed: {e}")
+        return DnsResult("Unknown", LOOKUP_FAILED, f"TXT lookup of {check.name} failed: {e}")
     published = []
     for record in answer:
         text = b"".join(record.strings).decode("ascii", errors="replace")
@@ -165,11 +175,11 @@ async def check_dns(
         }
         published.append("".join(tags.get("p", "").split()))
     if check.public_key in published:
-        return DnsResult("True", "Published", f"{check.name} carries this key's public key")
+        return DnsResult("True", PUBLISHED, f"{check.name} carries this key's public key")
     if any(p == "" for p in published):
-        return DnsResult("False", "Revoked", f"{check.name} has an empty p= (key revoked)")
+        return DnsResult("False", REVOKED, f"{check.name} has an empty p= (key revoked)")
     return DnsResult(
-        "False", "KeyMismatch", f"{check.name} carries another public key than this key's"
+        "False", KEY_MISMATCH, f"{check.name} carries another public key than this key's"
     )
 
 
@@ -198,16 +208,16 @@ def dkim_status(
         bad = next(c for c in conditions if not c.ok)
         conditions.append(Condition(READY, "False", bad.reason, f"{bad.type}: {bad.message}"))
     elif not spec.get("enabled", True):
-        conditions.append(Condition(READY, "False", "Disabled", "enabled is false: signs nothing"))
+        conditions.append(Condition(READY, "False", DISABLED, "enabled is false: signs nothing"))
     elif loaded is None:
         conditions.append(
-            Condition(READY, "Unknown", "SecretUnknown", "The key's Secret is not known yet")
+            Condition(READY, "Unknown", SECRET_UNKNOWN, "The key's Secret is not known yet")
         )
     else:
-        conditions.append(Condition(READY, "True", "Ready", "The relays sign with this key"))
+        conditions.append(Condition(READY, "True", READY_REASON, "The relays sign with this key"))
     if dns_result is None:
         conditions.append(
-            Condition(DNS_PUBLISHED, "Unknown", "NotChecked", "DNS has not been checked yet")
+            Condition(DNS_PUBLISHED, "Unknown", NOT_CHECKED, "DNS has not been checked yet")
         )
     else:
         conditions.append(
