@@ -5,10 +5,11 @@
 #   nsd      -> a real authoritative DNS server, run by the tests on a loopback port
 #   libnet-ssleay-perl, libio-socket-ssl-perl -> STARTTLS for swaks
 #   libmail-dkim-perl -> Mail::DKIM, the independent DKIM verifier of the signing tests
+#   prometheus -> promtool: checks and unit-tests the chart's alert rules and lints /metrics
 # Idempotent and fast when everything is present (no apt call at all). Only acts as root; a
 # non-root developer is told what is missing and the tests that need it are skipped.
 # No daemon is left running: services are kept from starting during the install and any
-# system postfix/nsd that did start is stopped, so nothing listens on port 25 or 53.
+# system postfix/nsd/prometheus that did start is stopped, so nothing listens on 25, 53 or 9090.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -18,15 +19,18 @@ declare -A PROBES=(
     [postfix]=/usr/sbin/smtp-sink
     [swaks]=swaks
     [nsd]=/usr/sbin/nsd
+    [prometheus]=/usr/bin/promtool
     [libnet-ssleay-perl]=perl
     [libio-socket-ssl-perl]=perl
     [libmail-dkim-perl]=perl
 )
-PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl libmail-dkim-perl)
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus libmail-dkim-perl)
 
 present() {
     local package=$1 probe=$2
-    dpkg -s "$package" 2>/dev/null | grep -q '^Status: install ok installed' || return 1
+    # dpkg-query, not `dpkg -s | grep -q`: grep -q stops reading early, and under pipefail the
+    # SIGPIPE that dpkg then gets (a package with a long description) reads as "missing".
+    [[ $(dpkg-query -W -f='${Status}' "$package" 2>/dev/null) == "install ok installed" ]] || return 1
     if [[ $probe == /* ]]; then [[ -x $probe ]]; else command -v "$probe" >/dev/null; fi
 }
 
@@ -96,6 +100,7 @@ for package in "${missing[@]}"; do
     case $package in
         postfix) service=postfix pidfile=/var/spool/postfix/pid/master.pid ;;
         nsd) service=nsd pidfile=/run/nsd/nsd.pid ;;
+        prometheus) service=prometheus pidfile=/run/prometheus/prometheus.pid ;;
         *) continue ;;
     esac
     if [[ -d /run/systemd/system ]] && systemctl is-active --quiet "$service" 2>/dev/null; then

@@ -46,7 +46,13 @@ INSTALL_HINT = "run `make test` as root (or scripts/install-debian-packages.sh) 
 _SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin"]
 )
-_PACKAGES = {"smtp-sink": "postfix", "smtp-source": "postfix", "swaks": "swaks", "nsd": "nsd"}
+_PACKAGES = {
+    "smtp-sink": "postfix",
+    "smtp-source": "postfix",
+    "swaks": "swaks",
+    "nsd": "nsd",
+    "promtool": "prometheus",
+}
 
 
 def tool_path(tool: str) -> str | None:
@@ -55,7 +61,11 @@ def tool_path(tool: str) -> str | None:
 
 
 def require(tool: str) -> str:
-    """The path of `tool`; skips the calling test (saying why) when it is not installed."""
+    """The path of `tool`; skips the calling test (saying why) when it is not installed.
+
+    In CI (``CI=true``) a missing tool fails the test instead: there, `make test` installs
+    every tool, so a missing one is a broken install step, not a machine without it.
+    """
     path = tool_path(tool)
     if path is None:
         missing(tool, _PACKAGES.get(tool, tool))
@@ -64,10 +74,10 @@ def require(tool: str) -> str:
 
 def missing(tool: str, package: str) -> NoReturn:
     """Skip the calling test for want of `tool`; with CI=true, fail it: CI installs every tool."""
-    message = f"{tool} (Debian package {package}) not installed: {INSTALL_HINT}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    reason = f"{tool} (Debian package {package}) not installed: {INSTALL_HINT}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true: {reason}")
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -76,7 +76,8 @@ class FieldError:
     path: str
     message: str
     blocking: bool = field(default=False, compare=False)
-    """A type error or unsupported value: CEL rules cannot meaningfully run after it."""
+    """A wrong type, an unsupported value, a missing required field, a too long string or
+    list: CEL rules do not run after it (kube-apiserver's blocking errors)."""
 
 
 def _show(value: object) -> str:
@@ -114,9 +115,20 @@ def _compiled_rule(rule: str) -> cel.Program:
     return cel.compile(rule)
 
 
+# Go RE2's code point escape, \x{10FFFF}; Python's re spells it \U0010ffff.
+_RE2_CODE_POINT = re.compile(r"(?<!\\)((?:\\\\)*)\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
 @cache
 def _compiled_pattern(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+    r"""A CRD pattern (Go RE2 syntax, as the API server compiles it) as a Python regex.
+
+    Patterns spell non-ASCII ranges as ``\x{80}-\x{FFFF}``: escapes the regex engine reads,
+    so the YAML holds no raw C1 control characters, which YAML parsers refuse when a CRD
+    is re-serialised (``kubectl apply --server-side``, Helm 4's server-side apply)."""
+    return re.compile(
+        _RE2_CODE_POINT.sub(lambda m: f"{m.group(1)}\\U{int(m.group(2), 16):08x}", pattern)
+    )
 
 
 class StructuralSchema:
@@ -125,6 +137,9 @@ class StructuralSchema:
     def __init__(self, raw: Mapping[str, Any], source: str) -> None:
         self.raw = raw
         self.source = source
+        self.has_cel = False
+        """kube-apiserver builds no CEL validator for a schema without rules, and then never
+        says that rules were skipped."""
         self._check(raw, "openAPIV3Schema")
 
     def _check(self, node: Mapping[str, Any], where: str) -> None:
@@ -138,6 +153,7 @@ class StructuralSchema:
             except re.error as e:
                 raise CrdError(self.source, f"{where}.pattern: {e}") from e
         for i, rule in enumerate(node.get("x-kubernetes-validations", [])):
+            self.has_cel = True
             try:
                 _compiled_rule(rule["rule"])
             except (ValueError, KeyError, TypeError) as e:
@@ -170,11 +186,13 @@ class StructuralSchema:
     def validate(self, value: Any) -> list[FieldError]:
         """Every schema and CEL violation in an already defaulted object."""
         errors = list(self._validate(self.raw, value, ""))
-        # As kube-apiserver does: CEL rules run on the whole object unless a type error or
-        # an unsupported enum value makes their input meaningless; then none runs, and
-        # the user is told that more may follow once the existing errors are fixed.
+        # As kube-apiserver does (apiextensions-apiserver's hasBlockingErr): CEL rules run on
+        # the whole object unless a type error, an unsupported enum value, a missing required
+        # field, a too long string or a too long list (the errors that bound CEL's input)
+        # came first; then none runs, and the user is told that more may follow.
         if any(e.blocking for e in errors):
-            errors.append(FieldError("", _CEL_SKIPPED))
+            if self.has_cel:
+                errors.append(FieldError("", _CEL_SKIPPED))
         else:
             errors += self._cel_walk(self.raw, value, "")
         return errors
@@ -219,7 +237,10 @@ class StructuralSchema:
             )
         if isinstance(value, str):
             if "maxLength" in node and len(value) > node["maxLength"]:
-                yield FieldError(path, f"Too long: may not be longer than {node['maxLength']}")
+                # kube-apiserver 1.35's wording (field.TooLong), for a length in characters.
+                yield FieldError(
+                    path, f"Too long: may not be more than {node['maxLength']} bytes", True
+                )
             if "minLength" in node and len(value) < node["minLength"]:
                 yield FieldError(
                     path,
@@ -249,7 +270,9 @@ class StructuralSchema:
                 )
             if "maxItems" in node and len(value) > node["maxItems"]:
                 yield FieldError(
-                    path, f"Too many: {len(value)}: must have at most {node['maxItems']} items"
+                    path,
+                    f"Too many: {len(value)}: must have at most {node['maxItems']} items",
+                    True,
                 )
 
     def _object(
@@ -258,7 +281,7 @@ class StructuralSchema:
         properties: Mapping[str, Any] = node.get("properties", {})
         for name in node.get("required", []):
             if name not in value:
-                yield FieldError(_join(path, name), "Required value")
+                yield FieldError(_join(path, name), "Required value", True)
         for name, child_value in value.items():
             child = properties.get(name)
             if child is None:
@@ -308,7 +331,9 @@ class StructuralSchema:
             message = spec.get("message") or f"failed rule: {rule}"
             prefix = _CEL_REASONS.get(spec.get("reason", ""))
             if prefix is None:
-                yield FieldError(target, f"Invalid value: {_show(_type_name(value))}: {message}")
+                # kube-apiserver 1.35 words a failed rule "Invalid value: <message>" (the
+                # value's type, "object", is no longer shown).
+                yield FieldError(target, f"Invalid value: {message}")
             else:
                 yield FieldError(target, f"{prefix}: {message}")
 
@@ -324,13 +349,14 @@ def _has_type(value: object, expected: str) -> bool:
 def _validate_metadata(metadata: Mapping[str, Any]) -> Iterator[FieldError]:
     name = metadata.get("name")
     if not name:
-        yield FieldError("metadata.name", "Required value: name is required")
+        yield FieldError("metadata.name", "Required value: name or generateName is required", True)
     elif not isinstance(name, str) or len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
         yield FieldError(
             "metadata.name",
             f"Invalid value: {_show(name)}: a lowercase RFC 1123 subdomain must consist of lower "
             "case alphanumeric characters, '-' or '.', and must start and end with an "
-            "alphanumeric character",
+            "alphanumeric character (e.g. 'example.com', regex used for validation is "
+            "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
         )
     namespace = metadata.get("namespace")
     if namespace is not None and (

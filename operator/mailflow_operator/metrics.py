@@ -45,10 +45,35 @@ class OperatorMetrics:
             registry=self.registry,
         )
 
+        self.ready = Gauge(
+            "mailflow_operator_object_ready",
+            "1 when the object's Ready condition is True (accepted, references resolved, "
+            "served by every ready relay), 0 otherwise",
+            ["kind", "namespace", "name"],
+            registry=self.registry,
+        )
+        self.relays_ready = Gauge(
+            "mailflow_operator_relays_ready",
+            "Ready relay pods that the operator sees",
+            registry=self.registry,
+        )
+        self.relays_synced = Gauge(
+            "mailflow_operator_relays_synced",
+            "Ready relay pods that serve the published routing generation",
+            registry=self.registry,
+        )
+
     def forget(self, kind: str, namespace: str, name: str) -> None:
         for gauge in (self.probe_ok, self.certificate_days, self.certificate_expiring):
             with contextlib.suppress(KeyError):
                 gauge.remove(kind, namespace, name)
+
+    def keep_ready_only(self, present: set[tuple[str, str, str]]) -> None:
+        """Drop the Ready series of objects that are gone, so dashboards do not show ghosts."""
+        for labels in {tuple(s.labels.values()) for m in self.ready.collect() for s in m.samples}:
+            if labels not in present:
+                with contextlib.suppress(KeyError):
+                    self.ready.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -331,12 +331,18 @@ class Reconciler:
             logger.info("routing generation %d published", published.document.generation)
 
         ready_pods = [p for p in self.store.pods.values() if p.ready]
+        self.metrics.relays_ready.set(len(ready_pods))
+        self.metrics.relays_synced.set(
+            sum(1 for p in ready_pods if (p.generation or 0) >= published.document.generation)
+        )
+        present: set[tuple[str, str, str]] = set()
         failed: list[str] = []
         for kind, invalid in ((CONNECTOR_KIND, bad_connectors), (PROFILE_KIND, bad_profiles)):
             table = self.store.connectors if kind == CONNECTOR_KIND else self.store.profiles
             for ref, raw in list(table.items()):
                 if ref.namespace not in self.settings.namespaces:
                     continue
+                present.add((kind, ref.namespace, ref.name))
                 try:
                     await self._update_status(
                         kind, ref, raw, compiled, invalid.get(ref), ready_pods
@@ -347,6 +353,7 @@ class Reconciler:
                     logger.warning("status of %s %s not written: %s", kind, ref, e)
                     failed.append(f"{kind} {ref}")
         failed += await self._update_dkim_statuses(compiled, bad_keys)
+        self.metrics.keep_ready_only(present)
         self._schedule_probes(compiled.document)
         self._schedule_dns_checks()
         self.passes += 1
@@ -466,6 +473,9 @@ class Reconciler:
             programmed(config_generation, relays, str(self.settings.relay_selector)),
         ]
         conditions.append(ready(conditions))
+        self.metrics.ready.labels(kind, ref.namespace, ref.name).set(
+            1.0 if conditions[-1].ok else 0.0
+        )
         conditions += kstatus(conditions)
         conditions += self._probe_conditions(kind, ref)
 

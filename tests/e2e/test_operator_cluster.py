@@ -1,4 +1,6 @@
-"""The operator against a real cluster: runs only when KUBECONFIG points at one.
+"""The operator against a real cluster: the one KUBECONFIG points at, else the test run's own
+control plane (tests/controlplane.py: etcd, kube-apiserver and kube-controller-manager on
+127.0.0.1, built from tools/).
 
 It installs the CRDs, runs `mailflow operator` as a process with the kubeconfig's
 credentials, applies the examples into a fresh namespace and waits for every connector
@@ -23,18 +25,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not os.environ.get("KUBECONFIG"),
-        reason="KUBECONFIG is not set: the end-to-end suite needs a real cluster",
-    ),
-]
+pytestmark = pytest.mark.slow
+
+_cluster: dict[str, str] = {}
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest) -> dict[str, str]:
+    """kubectl and KUBECONFIG: the user's cluster when KUBECONFIG is set, else ours."""
+    if os.environ.get("KUBECONFIG"):
+        _cluster.update(kubectl="kubectl", kubeconfig=os.environ["KUBECONFIG"])
+    else:
+        plane = request.getfixturevalue("control_plane")
+        _cluster.update(
+            kubectl=str(plane.binaries.path("kubectl")), kubeconfig=str(plane.kubeconfig)
+        )
+    return _cluster
 
 
 def kubectl(*args: str, stdin: str | None = None) -> str:
     result = subprocess.run(
-        ["kubectl", *args], input=stdin, capture_output=True, text=True, check=True, timeout=60
+        [_cluster["kubectl"], "--kubeconfig", _cluster["kubeconfig"], *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     return result.stdout
 
@@ -44,7 +60,7 @@ def get(kind: str, namespace: str, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def namespace() -> Iterator[str]:
+def namespace(cluster: dict[str, str]) -> Iterator[str]:
     name = f"mailflow-e2e-{uuid.uuid4().hex[:8]}"
     kubectl("apply", "-f", str(ROOT / "crds"))
     kubectl("create", "namespace", name)
@@ -54,18 +70,21 @@ def namespace() -> Iterator[str]:
         kubectl("delete", "namespace", name, "--wait=false")
 
 
-def test_examples_become_accepted_and_the_routing_secret_is_published(namespace: str) -> None:
+def test_examples_become_accepted_and_the_routing_secret_is_published(
+    cluster: dict[str, str], namespace: str
+) -> None:
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         text = path.read_text().replace("namespace: mail", f"namespace: {namespace}")
         kubectl("apply", "-n", namespace, "-f", "-", stdin=text)
     operator = subprocess.Popen(
         [
-            sys.executable, "-m", "mailflow_cli.main", "operator",
+            str(Path(sys.executable).parent / "mailflow"), "operator",
             "--namespace", namespace,
             "--routing-secret", f"{namespace}/mailflow-routing",
             "--relay-selector", "app.kubernetes.io/name=mailflow-relay",
             "--probe-interval", "0",
         ],
+        env={**os.environ, "KUBECONFIG": cluster["kubeconfig"]},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

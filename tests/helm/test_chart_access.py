@@ -39,13 +39,13 @@ def test_relay_role_reads_only_its_secrets_and_patches_only_relay_pods(default: 
             "apiGroups": [""],
             "resources": ["secrets"],
             "resourceNames": ["mailflow-routing"],
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["get"],
         },
         {
             "apiGroups": [""],
             "resources": ["pods"],
             "resourceNames": ["mailflow-relay-0", "mailflow-relay-1"],
-            "verbs": ["get", "patch"],
+            "verbs": ["patch"],
         },
     ]
     assert bound_roles(default, "mailflow-relay") == {("Role", "mail", "mailflow-relay")}
@@ -73,15 +73,15 @@ OPERATOR_NAMESPACE_RULES = [
     {
         "apiGroups": ["mailflow.dev"],
         "resources": ["outboundconnectors", "multismtpprofiles", "dkimkeys"],
-        "verbs": ["get", "list", "watch"],
+        "verbs": ["list", "watch"],
     },
     {
         "apiGroups": ["mailflow.dev"],
         "resources": ["outboundconnectors/status", "multismtpprofiles/status", "dkimkeys/status"],
-        "verbs": ["get", "patch"],
+        "verbs": ["patch"],
     },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    {"apiGroups": [""], "resources": ["secrets", "pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets", "pods"], "verbs": ["list", "watch"]},
 ]
 
 
@@ -91,7 +91,7 @@ OPERATOR_ROUTING_RULES = [
         "apiGroups": [""],
         "resources": ["secrets"],
         "resourceNames": ["mailflow-routing"],
-        "verbs": ["get", "update", "patch"],
+        "verbs": ["get", "patch"],
     },
     # Recreating it when deleted: RBAC cannot limit create by name, so a rule of its own.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},

@@ -93,9 +93,11 @@ class DeliverySettings:
     """Consecutive failures after which a server goes to the back of the line."""
     down_for: float = 60.0
     """Seconds a failing server stays at the back before it is tried first again."""
-    idle_connections_per_target: int = 4
+    idle_connections_per_target: int = 16
     """Connections kept open after a delivery, for the next message to the same target and
-    route (0: close after each delivery). Reuse spares a TCP and TLS handshake per message."""
+    route (0: close after each delivery). Reuse spares a TCP and TLS handshake per message.
+    The default matches the relay's default worker count, so that every worker busy on one
+    destination finds a connection to reuse."""
     idle_connection_seconds: float = 5.0
     """How long an unused connection is kept."""
     max_messages_per_connection: int = 100

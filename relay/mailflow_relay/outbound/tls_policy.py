@@ -33,7 +33,9 @@ exactly one label.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
+import os
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,14 +101,33 @@ _EXPIRED_CODES = frozenset({9, 10})  # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
 
 
 def client_context(policy: TlsPolicy) -> ssl.SSLContext:
-    """The context for STARTTLS to a next hop under ``policy``."""
+    """The context for STARTTLS to a next hop under ``policy``, shared by every connection.
+
+    Building a verifying context loads a CA bundle (the system's: tens of milliseconds of
+    CPU), so contexts are cached by what they depend on: whether the chain is checked,
+    the connector's CA bundle, and where the system roots come from (``SSL_CERT_FILE``,
+    ``SSL_CERT_DIR``). Nothing per connection lives in the context: names are checked by
+    :func:`check_certificate` and SNI is given per connection.
+    """
+    return _context_for(
+        policy.mode.verifies_chain,
+        policy.ca_bundle,
+        os.environ.get("SSL_CERT_FILE"),
+        os.environ.get("SSL_CERT_DIR"),
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _context_for(
+    verifies_chain: bool, ca_bundle: str | None, cert_file: str | None, cert_dir: str | None
+) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False  # names are checked by check_certificate, per mode
-    if policy.mode.verifies_chain:
+    if verifies_chain:
         context.verify_mode = ssl.CERT_REQUIRED
-        if policy.ca_bundle:
-            context.load_verify_locations(cadata=policy.ca_bundle)
+        if ca_bundle:
+            context.load_verify_locations(cadata=ca_bundle)
         else:
             context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:

@@ -16,6 +16,7 @@ Patterns follow the hosted "outbound connector" model:
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -36,8 +37,14 @@ MAX_DOMAIN_LENGTH = 253
 CATCH_ALL_SPELLINGS = frozenset({"*", "*.*"})
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_domain(text: str) -> str:
-    """Return the canonical (lower-case A-label, no trailing dot) form of a domain."""
+    """Return the canonical (lower-case A-label, no trailing dot) form of a domain.
+
+    Cached: every recipient of every message goes through here (IDNA with UTS 46 is most
+    of the router's cost), and mail comes to a few domains again and again. The cache is
+    bounded; invalid input raises and is not cached.
+    """
     candidate = text.strip()
     if candidate.endswith("."):
         candidate = candidate[:-1]  # the root label; only one may be written

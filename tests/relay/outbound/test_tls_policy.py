@@ -250,3 +250,32 @@ def test_the_sni_sent_is_the_one_the_server_sees(certs: Certificates) -> None:
             to_server.write(client_out.read())
             client_in.write(to_client.read())
     assert seen == [RECIPIENT_DOMAIN]
+
+
+def test_client_contexts_are_built_once_per_chain_policy_and_shared(
+    monkeypatch: pytest.MonkeyPatch, pki: Pki
+) -> None:
+    ca = pki.ca("Cache CA")
+    bundle = ca.pem
+    trusted = client_context(TlsPolicy(TlsMode.TRUSTED_CA))
+    # The same chain rules give the same context, whatever the name rules are.
+    assert client_context(TlsPolicy(TlsMode.NAME_MATCH, certificate_name="*.x.test")) is trusted
+    assert client_context(TlsPolicy(TlsMode.DOMAIN_MATCH)) is trusted
+    # No chain check: one context for Opportunistic and SelfSigned alike, verifying nothing.
+    plain = client_context(TlsPolicy(TlsMode.OPPORTUNISTIC))
+    assert (
+        client_context(TlsPolicy(TlsMode.SELF_SIGNED, pinned_fingerprints=("sha256/x",))) is plain
+    )
+    assert plain.verify_mode is ssl.CERT_NONE
+    assert trusted.verify_mode is ssl.CERT_REQUIRED
+    # A connector's own CA bundle is a context of its own, trusting only that CA.
+    own = client_context(TlsPolicy(TlsMode.TRUSTED_CA, ca_bundle=bundle))
+    assert own is not trusted
+    assert len(own.get_ca_certs()) == 1
+    # System roots moved (SSL_CERT_FILE): a new context, so new roots take effect.
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca.issued.cert_file))
+    moved = client_context(TlsPolicy(TlsMode.TRUSTED_CA))
+    assert moved is not trusted
+    assert [c["subject"] for c in moved.get_ca_certs()] == [
+        c["subject"] for c in own.get_ca_certs()
+    ]
