@@ -215,7 +215,18 @@ def dkim_status(
         )
     else:
         conditions.append(Condition(READY, "True", READY_REASON, "The relays sign with this key"))
-    if dns_result is None:
+    before = next((c for c in old.get("conditions") or [] if c.get("type") == DNS_PUBLISHED), None)
+    if dns_result is None and before is not None:
+        # No check yet in this run (a restart): keep what the last check said, unchanged.
+        conditions.append(
+            Condition(
+                DNS_PUBLISHED,
+                str(before.get("status")),
+                str(before.get("reason")),
+                str(before.get("message")),
+            )
+        )
+    elif dns_result is None:
         conditions.append(
             Condition(DNS_PUBLISHED, "Unknown", NOT_CHECKED, "DNS has not been checked yet")
         )
