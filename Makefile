@@ -22,10 +22,11 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm.sh
-	@echo "==> Debian packages for the tests on real sockets (postfix, swaks, nsd)"
+$(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm.sh scripts/install-test-verifiers.sh tests/verifiers/package-lock.json
+	@echo "==> Debian packages for the tests on real sockets (postfix, swaks, nsd, Mail::DKIM)"
 	bash scripts/install-debian-packages.sh
 	bash scripts/install-helm.sh
+	bash scripts/install-test-verifiers.sh
 	@echo "==> creating $(VENV) with $(PYTHON)"
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	$(PYTHON) -m venv $(VENV)

@@ -8,7 +8,10 @@ counted every message — not just until injection ends:
 2. **postfix**: smtp-source → a private Postfix (default durability: ``250`` after the
    queue file's fsync; ``smtp_tls_security_level = may``) → sink;
 3. **mailflow**: smtp-source → ``mailflow relay`` (standalone, durable spool, one
-   smart-host connector with Opportunistic TLS, ``--idle-connections 4``) → sink.
+   smart-host connector with Opportunistic TLS, ``--idle-connections 4``) → sink;
+   ``mailflow-dkim-rsa`` / ``mailflow-dkim-ed25519`` (not run by default: ``--relays``):
+   the same, signing every message at acceptance with a DkimKey (RSA-2048 or Ed25519) for
+   the sender's domain.
 
 Table 1 delivers to Postfix's smtp-sink (no STARTTLS: both relays send in plaintext).
 Table 2 delivers to a STARTTLS-capable sink (``tls_sink.py``), so both relays encrypt
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import shutil
@@ -37,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import control_plane
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from postfix_instance import PostfixInstance
 from procstat import TreeSampler
 from report import ControlPlaneResult, RunResult, Table, format_control_plane, format_table, to_json
@@ -194,11 +200,47 @@ def postfix_relay(sink: Sink, folder: Path, load: Load) -> Iterator[tuple[int, i
         yield port, instance.master_pid()
 
 
+DKIM_KEY = """\
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: bench-dkim, namespace: bench}}
+stringData:
+  private.key: |
+{pem}
+---
+apiVersion: mailflow.dev/v1alpha1
+kind: DkimKey
+metadata: {{name: bench-dkim, namespace: bench}}
+spec:
+  domain: source.bench.test
+  selector: bench
+  algorithm: {algorithm}
+  privateKey: {{secretRef: {{name: bench-dkim}}}}
+"""
+
+
+def dkim_key(algorithm: str) -> str:
+    """A DkimKey for smtp-source's sender domain, with a key made now."""
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RSA-SHA256"
+        else ed25519.Ed25519PrivateKey.generate()
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    indented = "\n".join("    " + line for line in pem.splitlines())
+    return DKIM_KEY.format(pem=indented, algorithm=algorithm)
+
+
 @contextlib.contextmanager
-def mailflow_relay(sink: Sink, folder: Path, load: Load) -> Iterator[tuple[int, int | None]]:
+def mailflow_relay(
+    sink: Sink, folder: Path, load: Load, *, dkim: str | None = None
+) -> Iterator[tuple[int, int | None]]:
     port = free_port()
     manifests = folder / "connector.yaml"
-    manifests.write_text(CONNECTOR.format(port=sink.port))
+    manifests.write_text(CONNECTOR.format(port=sink.port) + (dkim_key(dkim) if dkim else ""))
     mailflow = Path(sys.executable).parent / "mailflow"
     command = [str(mailflow), "relay", "--manifests", str(manifests)]
     command += ["--listen", f"{LOCALHOST}:{port}", "--spool", str(folder / "spool")]
@@ -221,6 +263,8 @@ RELAYS: dict[
     "floor": no_relay,
     "postfix": postfix_relay,
     "mailflow": mailflow_relay,
+    "mailflow-dkim-rsa": functools.partial(mailflow_relay, dkim="RSA-SHA256"),
+    "mailflow-dkim-ed25519": functools.partial(mailflow_relay, dkim="Ed25519-SHA256"),
 }
 
 

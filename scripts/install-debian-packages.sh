@@ -4,6 +4,7 @@
 #   swaks    -> the Swiss Army Knife for SMTP (scripted client)
 #   nsd      -> a real authoritative DNS server, run by the tests on a loopback port
 #   libnet-ssleay-perl, libio-socket-ssl-perl -> STARTTLS for swaks
+#   libmail-dkim-perl -> Mail::DKIM, the independent DKIM verifier of the signing tests
 #   prometheus -> promtool: checks and unit-tests the chart's alert rules and lints /metrics
 #   nmap     -> an independent open-relay check (--script smtp-open-relay), tests/security
 #   testssl.sh -> the listener's STARTTLS protocols and ciphers, tests/security
@@ -25,8 +26,9 @@ declare -A PROBES=(
     [libio-socket-ssl-perl]=perl
     [nmap]=nmap
     [testssl.sh]=testssl
+    [libmail-dkim-perl]=perl
 )
-PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus nmap testssl.sh)
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus nmap testssl.sh libmail-dkim-perl)
 
 present() {
     local package=$1 probe=$2

@@ -34,10 +34,12 @@ __all__ = ["Cluster", "OperatorThread", "cluster"]
 CRD_RESOURCES = {
     "mailflow.dev/v1alpha1/outboundconnectors": ("OutboundConnector", "outboundconnector"),
     "mailflow.dev/v1alpha1/multismtpprofiles": ("MultiSmtpProfile", "multismtpprofile"),
+    "mailflow.dev/v1alpha1/dkimkeys": ("DkimKey", "dkimkey"),
 }
 PLURALS = {
     "OutboundConnector": "mailflow.dev/v1alpha1/outboundconnectors",
     "MultiSmtpProfile": "mailflow.dev/v1alpha1/multismtpprofiles",
+    "DkimKey": "mailflow.dev/v1alpha1/dkimkeys",
     "Secret": "v1/secrets",
     "Pod": "v1/pods",
 }

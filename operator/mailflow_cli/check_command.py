@@ -104,12 +104,12 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     assert result.compiled is not None
     document = result.compiled.document
     if args.output == "json":
-        body = explain_json(document, sender, args.recipients, client)
+        body = explain_json(document, sender, args.recipients, client, args.header_from or "")
         body["problems"] = [p.to_json() for p in result.problems]
         json.dump(body, out, indent=2, ensure_ascii=False)
         out.write("\n")
     else:
-        out.write(explain_text(document, sender, args.recipients, client))
+        out.write(explain_text(document, sender, args.recipients, client, args.header_from or ""))
         if result.problems:
             err.write(
                 f"warning: {len(result.problems)} problem(s) in the manifests; objects with schema "

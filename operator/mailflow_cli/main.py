@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMTP AUTH user the client logged in as (for spec.clients.users)",
     )
     explain.add_argument(
+        "--header-from",
+        dest="header_from",
+        default=None,
+        metavar="ADDRESS",
+        help="the message's From: header, which decides the DKIM keys (default: --from)",
+    )
+    explain.add_argument(
         "--default-route",
         choices=[a.value for a in DefaultAction],
         default=DefaultAction.RECIPIENT_MX.value,

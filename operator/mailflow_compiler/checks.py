@@ -23,11 +23,13 @@ from mailflow_compiler.compiler import (
     secret_values,
 )
 from mailflow_compiler.crds import CrdKind, kinds_of, load_crds
+from mailflow_compiler.dkim import DKIM_KEY_KIND
 from mailflow_compiler.errors import CrdError
 from mailflow_compiler.manifests import (
     API_GROUP,
     Manifest,
     RawConnector,
+    RawDkimKey,
     RawProfile,
     RawSecret,
 )
@@ -48,7 +50,7 @@ class CheckResult:
     notes: list[str] = field(default_factory=list)
     compiled: Compiled | None = None
     checked: int = 0
-    """Mailflow objects checked (connectors and profiles)."""
+    """Mailflow objects checked (connectors, profiles and DKIM keys)."""
     secrets_given: bool = False
     invalid: int = 0
     """Documents that did not parse or objects the schema refused (left out of the document)."""
@@ -62,6 +64,7 @@ class _Checker:
         self.result = CheckResult()
         self.connectors: list[RawConnector] = []
         self.profiles: list[RawProfile] = []
+        self.dkim_keys: list[RawDkimKey] = []
         self.secrets: dict[ObjectRef, dict[str, str]] = {}
         self.where: dict[tuple[str, ObjectRef], Manifest] = {}
 
@@ -203,6 +206,8 @@ class _Checker:
             self.connectors.append(cast(RawConnector, body))
         elif crd.kind == PROFILE_KIND:
             self.profiles.append(cast(RawProfile, body))
+        elif crd.kind == DKIM_KEY_KIND:
+            self.dkim_keys.append(cast(RawDkimKey, body))
 
     def duplicate(self, manifest: Manifest, kind: str, ref: ObjectRef) -> bool:
         first = self.where.get((kind, ref))
@@ -257,6 +262,7 @@ def check_manifests(
         checker.secrets if resolve else None,
         default_route=default_route,
         default_namespace=default_namespace,
+        dkim_keys=checker.dkim_keys,
     )
     result.compiled = compiled
     for finding in compiled.findings:

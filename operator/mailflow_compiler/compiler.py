@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from mailflow_compiler.manifests import RawConnector, RawProfile, RawSecret
+from mailflow_compiler.dkim import DKIM_KEY_KIND, compile_dkim_keys
+from mailflow_compiler.manifests import RawConnector, RawDkimKey, RawProfile, RawSecret
 from mailflow_relay.errors import InvalidDomainError
 from mailflow_relay.routing.document import (
     Balancing,
@@ -285,6 +286,7 @@ class _ConnectorCompiler:
             auth=auth,
             unresolved=tuple(self.unresolved),
             clients=self.clients(),
+            dkim_sign=bool((spec.get("dkim") or {}).get("sign", True)),
         )
 
     def clients(self) -> ClientScope | None:
@@ -373,6 +375,7 @@ def compile_routing(
     generation: int = 1,
     default_route: DefaultRoute | None = None,
     default_namespace: str = "default",
+    dkim_keys: Sequence[RawDkimKey] = (),
 ) -> Compiled:
     """Compile resources into a routing document and the findings about them.
 
@@ -392,11 +395,17 @@ def compile_routing(
         findings.extend(compiler.findings)
 
     conflicts = _resolve_conflicts(compiled, connectors, default_namespace, findings)
+    keys, key_findings = compile_dkim_keys(dkim_keys, secrets, default_namespace=default_namespace)
+    findings.extend(
+        Finding(DKIM_KEY_KIND, f.ref, f.path, f.message, f.condition, f.reason)
+        for f in key_findings
+    )
     document = RoutingDocument(
         generation=generation,
         connectors=tuple(sorted(compiled, key=lambda c: c.ref)),
         conflicts=tuple(conflicts),
         default_route=default_route or DefaultRoute(),
+        dkim_keys=tuple(keys),
     )
     return Compiled(document=document, findings=tuple(sorted(findings)))
 

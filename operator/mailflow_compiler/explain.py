@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mailflow_compiler.dkim_explain import dkim_json, dkim_lines
 from mailflow_relay.routing.document import (
     Destination,
     ProfilePool,
@@ -95,11 +96,14 @@ def explain_json(
     sender: str,
     recipients: Sequence[str],
     client: Client | None = None,
+    header_from: str = "",
 ) -> dict[str, object]:
     router = Router(document)
+    decisions = [router.route_for(recipient, sender, client) for recipient in recipients]
     return {
         "sender": sender,
         "client": None if client is None else str(client),
+        "dkim": dkim_json(document, header_from or sender, decisions),
         "generation": document.generation,
         "checksum": document.checksum,
         "recipients": [
@@ -114,6 +118,7 @@ def explain_text(
     sender: str,
     recipients: Sequence[str],
     client: Client | None = None,
+    header_from: str = "",
 ) -> str:
     router = Router(document)
     lines: list[str] = []
@@ -154,4 +159,6 @@ def explain_text(
                     f"{candidate.outcome}"
                 )
         lines.append("")
+    decisions = [router.route_for(recipient, sender, client) for recipient in recipients]
+    lines.extend(dkim_lines(document, header_from or sender, decisions))
     return "\n".join(lines)

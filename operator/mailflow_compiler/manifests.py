@@ -25,6 +25,7 @@ __all__ = [
     "API_VERSION",
     "Manifest",
     "RawConnector",
+    "RawDkimKey",
     "RawMetadata",
     "RawProfile",
     "RawSecret",
@@ -85,6 +86,11 @@ class RawConnectorSpec(TypedDict, total=False):
     destination: RawDestination
     tls: RawTls
     auth: dict[str, RawSecretRef]
+    dkim: RawConnectorDkim
+
+
+class RawConnectorDkim(TypedDict, total=False):
+    sign: bool
 
 
 class RawConnector(TypedDict):
@@ -110,6 +116,26 @@ class RawProfile(TypedDict):
     kind: str
     metadata: RawMetadata
     spec: RawProfileSpec
+
+
+class RawDkimKeySpec(TypedDict, total=False):
+    enabled: bool
+    domain: str
+    subdomains: bool
+    selector: str
+    algorithm: str
+    privateKey: dict[str, RawSecretRef]
+    signedHeaders: list[str]
+    canonicalization: str
+    expireAfter: str
+    generate: dict[str, object]
+
+
+class RawDkimKey(TypedDict):
+    apiVersion: str
+    kind: str
+    metadata: RawMetadata
+    spec: RawDkimKeySpec
 
 
 class RawSecret(TypedDict, total=False):

@@ -43,7 +43,15 @@ from mailflow_compiler.compiler import (
     secret_values,
 )
 from mailflow_compiler.crds import load_crds
-from mailflow_compiler.manifests import API_VERSION, RawConnector, RawProfile, RawSecret
+from mailflow_compiler.dkim import DKIM_KEY_KIND
+from mailflow_compiler.manifests import (
+    API_VERSION,
+    RawConnector,
+    RawDkimKey,
+    RawProfile,
+    RawSecret,
+)
+from mailflow_operator import dkim_keys
 from mailflow_operator.kubeclient import KubeClient, KubeError
 from mailflow_operator.metrics import OperatorMetrics
 from mailflow_operator.probes import ProbeResult, probe_server, summarize
@@ -90,7 +98,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONFIG_GENERATION_ANNOTATION = POD_GENERATION_ANNOTATION
-PLURALS = {CONNECTOR_KIND: "outboundconnectors", PROFILE_KIND: "multismtpprofiles"}
+PLURALS = {
+    CONNECTOR_KIND: "outboundconnectors",
+    PROFILE_KIND: "multismtpprofiles",
+    DKIM_KEY_KIND: "dkimkeys",
+}
 _SKIPPED_SECRET_TYPES = frozenset(
     {"kubernetes.io/service-account-token", "helm.sh/release.v1", "kubernetes.io/dockercfg"}
 )
@@ -113,6 +125,9 @@ class ReconcileSettings:
     """Changes that arrive within this many seconds are compiled together."""
     retry_delay: float = 2.0
     """After a failed pass (the API server refused or was unreachable)."""
+    dns_servers: tuple[str, ...] = ()
+    """DNS servers for the DkimKeys' ``DnsPublished`` check; empty: the system's resolver."""
+    dns_port: int = 53
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,8 @@ class Reconciler:
         self._probe_results: dict[tuple[str, ObjectRef], ProbeResult] = {}
         self._task_group: asyncio.TaskGroup | None = None
         self._failures = 0
+        self._dns_checks: dict[ObjectRef, tuple[dkim_keys.DnsCheck, asyncio.Task[None]]] = {}
+        self._dns_results: dict[ObjectRef, dkim_keys.DnsResult] = {}
 
     # --- input from the watches ------------------------------------------------------------
 
@@ -216,9 +233,10 @@ class Reconciler:
                         delay = min(60.0, self.settings.retry_delay * 2 ** (self._failures - 1))
                         logger.warning("reconcile failed, retrying in %.0fs: %s", delay, e)
                         group.create_task(self._poke_later(delay), name="mailflow reconcile retry")
-                for _, task in self._probes.values():
+                for _, task in [*self._probes.values(), *self._dns_checks.values()]:
                     task.cancel()
                 self._probes.clear()
+                self._dns_checks.clear()
         finally:
             self._task_group = None
             await self.client.close()
@@ -269,7 +287,7 @@ class Reconciler:
     def _checked(self, kind: str) -> tuple[list[dict[str, Any]], dict[ObjectRef, list[str]]]:
         """Bodies with CRD defaults applied, and schema errors of those that are invalid."""
         crd = self._crds[kind]
-        table = self.store.connectors if kind == CONNECTOR_KIND else self.store.profiles
+        table = self.store.table(kind)
         valid: list[dict[str, Any]] = []
         invalid: dict[ObjectRef, list[str]] = {}
         for ref, raw in sorted(table.items()):
@@ -288,11 +306,14 @@ class Reconciler:
         self.metrics.reconciles.inc()
         connectors, bad_connectors = self._checked(CONNECTOR_KIND)
         profiles, bad_profiles = self._checked(PROFILE_KIND)
+        keys, bad_keys = self._checked(DKIM_KEY_KIND)
+        await self._generate_keys(keys)
         compiled = compile_routing(
             cast(list[RawConnector], connectors),
             cast(list[RawProfile], profiles),
             self.store.secrets,
             default_route=self.settings.default_route,
+            dkim_keys=cast(list[RawDkimKey], keys),
         )
         # The generation only grows, also when the Secret was deleted or emptied: never
         # below what this operator published or what a relay already serves.
@@ -331,8 +352,10 @@ class Reconciler:
                     # every other object without status: go on, and retry the pass.
                     logger.warning("status of %s %s not written: %s", kind, ref, e)
                     failed.append(f"{kind} {ref}")
+        failed += await self._update_dkim_statuses(compiled, bad_keys)
         self.metrics.keep_ready_only(present)
         self._schedule_probes(compiled.document)
+        self._schedule_dns_checks()
         self.passes += 1
         if failed:
             raise KubeError("PATCH", "status", 0, f"not written for {', '.join(failed)}")
@@ -523,6 +546,107 @@ class Reconciler:
                 message=condition["message"],
             )
 
+    # --- DkimKeys --------------------------------------------------------------------------
+
+    async def _generate_keys(self, keys: list[dict[str, Any]]) -> None:
+        """Create the missing Secrets of keys with ``generate: {}``; never touch one that exists."""
+        for body in keys:
+            ref = ref_of(body)
+            if not dkim_keys.wants_generated_secret(body, self.store.secrets, ref.namespace):
+                continue
+            secret = dkim_keys.generated_secret(body, ref.namespace)
+            name = secret["metadata"]["name"]
+            try:
+                await self.client.create("v1", "secrets", ref.namespace, secret)
+            except KubeError as e:
+                if e.status == 409:  # it exists after all, and stays as it is
+                    logger.info("DkimKey %s: Secret %s exists; not generated", ref, name)
+                else:  # e.g. 403: no RBAC to create Secrets here (docs/dkim.md)
+                    logger.warning("DkimKey %s: Secret %s not generated: %s", ref, name, e)
+                continue
+            logger.info(
+                "DkimKey %s: generated a new key into Secret %s/%s", ref, ref.namespace, name
+            )
+            self.store.secrets[ObjectRef(ref.namespace, name)] = self._value("Secret", secret)
+
+    async def _update_dkim_statuses(
+        self, compiled: Compiled, invalid: dict[ObjectRef, list[str]]
+    ) -> list[str]:
+        failed: list[str] = []
+        for ref, raw in list(self.store.dkim_keys.items()):
+            if ref.namespace not in self.settings.namespaces:
+                continue
+            loaded = dkim_keys.loaded_key(raw, self.store.secrets, ref.namespace)
+            status = dkim_keys.dkim_status(
+                raw,
+                compiled.findings_for(DKIM_KEY_KIND, ref),
+                invalid.get(ref, []),
+                loaded,
+                self._dns_results.get(ref),
+            )
+            old = dict(raw.get("status") or {})
+            if status == old:
+                continue
+            patch: dict[str, Any] = {**status, **{k: None for k in old if k not in status}}
+            try:
+                await self.client.merge_patch(
+                    API_VERSION, PLURALS[DKIM_KEY_KIND], ref.namespace, ref.name,
+                    {"status": patch}, subresource="status",
+                )  # fmt: skip
+            except KubeError as e:
+                logger.warning("status of %s %s not written: %s", DKIM_KEY_KIND, ref, e)
+                failed.append(f"{DKIM_KEY_KIND} {ref}")
+                continue
+            raw["status"] = status
+            await self._post_events(
+                raw, DKIM_KEY_KIND, old.get("conditions") or [], status["conditions"]
+            )
+        return failed
+
+    def _schedule_dns_checks(self) -> None:
+        if self._task_group is None:
+            return
+        wanted: dict[ObjectRef, dkim_keys.DnsCheck] = {}
+        if self.settings.probe_interval > 0:
+            for ref, raw in self.store.dkim_keys.items():
+                loaded = dkim_keys.loaded_key(raw, self.store.secrets, ref.namespace)
+                check = dkim_keys.dns_check_for(raw, loaded)
+                if check is not None and ref.namespace in self.settings.namespaces:
+                    wanted[ref] = check
+        for ref, (check, task) in list(self._dns_checks.items()):
+            if wanted.get(ref) != check:
+                task.cancel()
+                del self._dns_checks[ref]
+                self._dns_results.pop(ref, None)
+        for ref, check in wanted.items():
+            if ref not in self._dns_checks:
+                task = self._task_group.create_task(
+                    self._dns_loop(ref, check), name=f"mailflow DNS check DkimKey {ref}"
+                )
+                self._dns_checks[ref] = (check, task)
+
+    async def _dns_loop(self, ref: ObjectRef, check: dkim_keys.DnsCheck) -> None:
+        interval = self.settings.probe_interval
+        await asyncio.sleep(random.uniform(0, min(interval, 1.0)))  # noqa: S311 - not crypto
+        while True:
+            result = await dkim_keys.check_dns(
+                check,
+                self.settings.dns_servers,
+                self.settings.dns_port,
+                self.settings.probe_timeout,
+            )
+            if self._dns_results.get(ref) != result:
+                logger.info(
+                    "DkimKey %s: %s %s: %s",
+                    ref,
+                    dkim_keys.DNS_PUBLISHED,
+                    result.status,
+                    result.message,
+                )
+                self._dns_results[ref] = result
+                self.poke()
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311
+
     # --- probes ----------------------------------------------------------------------------
 
     def _probe_conditions(self, kind: str, ref: ObjectRef) -> list[Condition]:
@@ -646,7 +770,14 @@ def _event_for(condition: Mapping[str, Any]) -> str | None:
     kind, status, reason = condition["type"], condition["status"], condition["reason"]
     if kind in (ACCEPTED, PROGRAMMED) and status == "True":
         return "Normal"
-    if kind in (ACCEPTED, RESOLVED_REFS, DESTINATION_REACHABLE, TLS_VERIFIED) and status == "False":
+    watched = (
+        ACCEPTED,
+        RESOLVED_REFS,
+        DESTINATION_REACHABLE,
+        TLS_VERIFIED,
+        dkim_keys.DNS_PUBLISHED,
+    )
+    if kind in watched and status == "False":
         return "Warning"
     if reason == "CertificateExpiringSoon":
         return "Warning"

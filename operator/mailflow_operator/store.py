@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailflow_compiler.compiler import CONNECTOR_KIND, PROFILE_KIND
+from mailflow_compiler.dkim import DKIM_KEY_KIND
 from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION
 from mailflow_relay.routing.document import ObjectRef
 
@@ -31,6 +32,7 @@ class Store:
 
     connectors: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
     profiles: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
+    dkim_keys: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
     secrets: dict[ObjectRef, dict[str, str]] = field(default_factory=dict)
     pods: dict[ObjectRef, PodState] = field(default_factory=dict)
     deleted: set[tuple[str, ObjectRef]] = field(default_factory=set)
@@ -40,6 +42,7 @@ class Store:
         tables: dict[str, dict[ObjectRef, Any]] = {
             CONNECTOR_KIND: self.connectors,
             PROFILE_KIND: self.profiles,
+            DKIM_KEY_KIND: self.dkim_keys,
             "Secret": self.secrets,
             "Pod": self.pods,
         }

@@ -51,3 +51,16 @@ def require_positive(owner: object, *names: str, allow_zero: tuple[str, ...] = (
         if value is not None and value < floor:
             kind = "0 or more" if name in allow_zero else "more than 0"
             raise SettingsError(name, f"{value!r}: must be {kind}")
+
+
+class DkimKeyError(MailflowRelayError, ValueError):
+    """A DKIM key that cannot sign: it does not parse, or is not what the DkimKey declares.
+
+    The message names the key (``namespace/name``) and what is wrong with it; it never holds
+    any part of the key itself, so it may go into logs, status conditions and CLI output.
+    """
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"DkimKey {key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason

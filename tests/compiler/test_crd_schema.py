@@ -325,7 +325,8 @@ CASES: list[tuple[str, Body, str, str]] = [
         {**connector(), "apiVersion": "mailflow.dev/v1"},
         "apiVersion",
         'no matches for kind "OutboundConnector" in version "mailflow.dev/v1": did you mean '
-        "apiVersion: mailflow.dev/v1alpha1? known: mailflow.dev/v1alpha1/MultiSmtpProfile, mailflow.dev/v1alpha1/OutboundConnector",
+        "apiVersion: mailflow.dev/v1alpha1? known: mailflow.dev/v1alpha1/DkimKey, "
+        "mailflow.dev/v1alpha1/MultiSmtpProfile, mailflow.dev/v1alpha1/OutboundConnector",
     ),
     # --- words instead of regexes, and near misses -----------------------------------------
     (

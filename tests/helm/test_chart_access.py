@@ -72,12 +72,12 @@ def test_no_role_grants_wildcards_or_escalation(production: Rendered) -> None:
 OPERATOR_NAMESPACE_RULES = [
     {
         "apiGroups": ["mailflow.dev"],
-        "resources": ["outboundconnectors", "multismtpprofiles"],
+        "resources": ["outboundconnectors", "multismtpprofiles", "dkimkeys"],
         "verbs": ["list", "watch"],
     },
     {
         "apiGroups": ["mailflow.dev"],
-        "resources": ["outboundconnectors/status", "multismtpprofiles/status"],
+        "resources": ["outboundconnectors/status", "multismtpprofiles/status", "dkimkeys/status"],
         "verbs": ["patch"],
     },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},

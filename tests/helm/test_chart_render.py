@@ -142,7 +142,11 @@ def test_chart_crds_are_identical_to_the_repository_crds() -> None:
 
 def test_crds_are_rendered_with_include_crds(default: Rendered) -> None:
     names = {c["metadata"]["name"] for c in default.of_kind("CustomResourceDefinition")}
-    assert names == {"outboundconnectors.mailflow.dev", "multismtpprofiles.mailflow.dev"}
+    assert names == {
+        "outboundconnectors.mailflow.dev",
+        "multismtpprofiles.mailflow.dev",
+        "dkimkeys.mailflow.dev",
+    }
 
 
 def schema_paths(schema: dict[str, Any], prefix: str = "") -> set[str]:

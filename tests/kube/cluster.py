@@ -18,7 +18,11 @@ from controlplane import ROOT, ControlPlane
 T = TypeVar("T")
 GROUP = "mailflow.dev"
 VERSION = "v1alpha1"
-PLURALS = {"OutboundConnector": "outboundconnectors", "MultiSmtpProfile": "multismtpprofiles"}
+PLURALS = {
+    "OutboundConnector": "outboundconnectors",
+    "MultiSmtpProfile": "multismtpprofiles",
+    "DkimKey": "dkimkeys",
+}
 
 
 def api_client(kubeconfig: Path) -> kubernetes.client.ApiClient:

@@ -57,7 +57,47 @@ def _schema_cases() -> list[tuple[str, Body]]:
     cases = [(str(c[0]), copy.deepcopy(c[1])) for c in module.CASES]
     cases.append(("minimal valid connector", module.connector()))
     cases.append(("minimal valid profile", module.profile()))
+    cases += _dkim_key_cases()
     return cases
+
+
+def _dkim_key(**spec: Any) -> Body:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DkimKey",
+        "metadata": {"name": "contoso-s1", "namespace": NAMESPACE},
+        "spec": {
+            "domain": "contoso.com",
+            "selector": "s1",
+            "privateKey": {"secretRef": {"name": "dkim-contoso-s1"}},
+            **spec,
+        },
+    }
+
+
+def _dkim_key_cases() -> list[tuple[str, Body]]:
+    """DkimKey bodies: the schema and CEL rules, judged offline and by the API server."""
+    return [
+        ("minimal valid DKIM key", _dkim_key()),
+        (
+            "DKIM key with every field",
+            _dkim_key(
+                algorithm="Ed25519-SHA256",
+                subdomains=True,
+                signedHeaders=["from", "Subject"],
+                canonicalization="simple/relaxed",
+                expireAfter="30d",
+                enabled=False,
+                generate={},
+            ),
+        ),
+        ("DKIM signedHeaders without From", _dkim_key(signedHeaders=["Subject", "To"])),
+        ("DKIM algorithm unknown", _dkim_key(algorithm="RSA-SHA1")),
+        ("DKIM expireAfter not a duration", _dkim_key(expireAfter="2w")),
+        ("DKIM selector with capitals", _dkim_key(selector="S_1")),
+        ("DKIM domain wildcard", _dkim_key(domain="*.contoso.com")),
+        ("DKIM canonicalization unknown", _dkim_key(canonicalization="relaxed")),
+    ]
 
 
 @dataclass(frozen=True)
@@ -258,10 +298,14 @@ def mail_namespace(admin: kubernetes.client.ApiClient, crds: list[str]) -> str:
     return NAMESPACE
 
 
-def test_the_api_server_accepts_both_crds(
+def test_the_api_server_accepts_every_crd(
     admin: kubernetes.client.ApiClient, crds: list[str]
 ) -> None:
-    assert sorted(crds) == [f"multismtpprofiles.{GROUP}", f"outboundconnectors.{GROUP}"]
+    assert sorted(crds) == [
+        f"dkimkeys.{GROUP}",
+        f"multismtpprofiles.{GROUP}",
+        f"outboundconnectors.{GROUP}",
+    ]
     api = kubernetes.client.ApiextensionsV1Api(admin)
     for name in crds:
         crd = api.read_custom_resource_definition(name)

@@ -13,6 +13,7 @@ audit log.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from kubernetes.client.exceptions import ApiException
 
 from controlplane import ROOT, ControlPlane, free_port
@@ -41,6 +44,7 @@ ROUTING_SECRET = "mailflow-routing"
 CONNECTORS = "outboundconnectors"
 FORBIDDEN = re.compile(r"\b403\b")
 PROFILES = "multismtpprofiles"
+DKIM_KEYS = "dkimkeys"
 
 
 @dataclass
@@ -355,6 +359,53 @@ def test_a_deleted_connector_leaves_the_routing_document(
         GROUP, VERSION, NAMESPACE, CONNECTORS, "short-lived"
     )
     wait_for("short-lived to leave the document", lambda: "short-lived" not in routed_names(admin))
+
+
+def test_a_dkim_key_is_ready_shows_its_dns_record_and_reaches_the_relays(
+    control_plane: ControlPlane, admin: kubernetes.client.ApiClient, operator: Operator
+) -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    spki = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    fingerprint = "sha256/" + hashlib.sha256(spki).hexdigest()
+    apply(
+        control_plane,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "dkim-contoso-s2026", "namespace": NAMESPACE},
+            "stringData": {"private.key": pem},
+        },
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "DkimKey",
+            "metadata": {"name": "contoso-s2026", "namespace": NAMESPACE},
+            "spec": {
+                "domain": "contoso.com",
+                "selector": "s2026",
+                "privateKey": {"secretRef": {"name": "dkim-contoso-s2026"}},
+            },
+        },
+    )
+    body = wait_settled(admin, DKIM_KEYS, "contoso-s2026")
+    assert conditions(body)["Ready"] == ("True", "Ready")
+    assert conditions(body)["DnsPublished"] == ("Unknown", "NotChecked")  # probes are off
+    status = body["status"]
+    assert status["fingerprint"] == fingerprint
+    record = status["dnsRecord"]
+    assert record["name"] == "s2026._domainkey.contoso.com"
+    public = base64.b64encode(spki).decode()
+    assert "".join(record["strings"]) == f"v=DKIM1; k=rsa; p={public}"
+    keys = wait_for("the key in the routing document", lambda: routing(admin)[0].get("dkimKeys"))
+    assert [(k["ref"], k["fingerprint"]) for k in keys] == [
+        (f"{NAMESPACE}/contoso-s2026", fingerprint)
+    ]
+    body_lines = "".join(line for line in pem.splitlines() if "-----" not in line)
+    assert body_lines[:40] not in json.dumps(status)
 
 
 def test_a_deleted_routing_secret_is_written_again(

@@ -173,6 +173,14 @@ class RelayMetrics:
             "Recipient outcomes kept in memory because the spool could not write them yet.",
             registry=self.registry,
         )
+        self.dkim = Counter(
+            "mailflow_dkim_signing",
+            "DKIM signing decisions at acceptance, by key domain, selector and outcome (signed, "
+            "skipped_no_key, skipped_opt_out, skipped_no_from, skipped_already_signed, error); "
+            "domain and selector are empty when no key applies.",
+            ["domain", "selector", "outcome"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

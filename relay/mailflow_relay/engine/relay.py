@@ -40,6 +40,7 @@ from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
+from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.errors import (
     InvalidAddressError,
     RoutingDocumentError,
@@ -172,6 +173,7 @@ class Relay:
         self.metrics = RelayMetrics()
         self.router = Router(document)
         self.document = document
+        self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.metrics.config_generation.set(document.generation)
         self.left_out: tuple[str, ...] = ()
         """Objects the document in force was compiled without (``--skip-invalid-objects``)."""
@@ -253,6 +255,7 @@ class Relay:
         names the objects the document was compiled without, for ``/readyz``.
         """
         self.router = Router(document)
+        self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.document = document
         self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
@@ -370,14 +373,22 @@ class Relay:
                 origin.arrival.isoformat(),
                 origin.client or "-",
             )
+        client = origin.client if origin is not None else message.client_address
+        user = origin.user if origin is not None else message.authenticated_user
         store = asyncio.create_task(
             self._io(
                 self.spool.store_with_header,
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
-                message.with_received,
-                client=origin.client if origin is not None else message.client_address,
-                user=origin.user if origin is not None else message.authenticated_user,
+                functools.partial(
+                    self._received_and_signed,
+                    message,
+                    self.router,
+                    self.signer,
+                    Client(client or None, user),
+                ),
+                client=client,
+                user=user,
                 arrived=origin.arrival if origin is not None else None,
             ),
             name="mailflow-store",
@@ -397,6 +408,17 @@ class Relay:
             raise
         self._queued_message(stored, message.client_address)
         return stored.queue_id
+
+    @staticmethod
+    def _received_and_signed(
+        message: AcceptedMessage, router: Router, signer: DkimSigner, client: Client, queue_id: str
+    ) -> bytes:
+        """The stored form: ``Received:``, then DKIM (in the spool thread; see :mod:`.signing`)."""
+        opted_out = every_route_opts_out(
+            router.route_for(rcpt, message.mail_from, client)
+            for rcpt in dict.fromkeys(message.rcpt_tos)
+        )
+        return signer.sign(message.with_received(queue_id), queue_id=queue_id, opted_out=opted_out)
 
     async def _io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -30,7 +30,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
-from mailflow_relay.errors import InvalidDomainError, RoutingDocumentError
+from mailflow_relay.errors import DkimKeyError, InvalidDomainError, RoutingDocumentError
+from mailflow_relay.routing.dkim_keys import (
+    NEVER_SIGNED,
+    DkimAlgorithm,
+    DkimCanonicalization,
+    DkimKey,
+    load_private_key,
+)
 from mailflow_relay.routing.domains import DomainPattern
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -45,6 +52,7 @@ __all__ = [
     "DefaultAction",
     "DefaultRoute",
     "Destination",
+    "DkimKey",
     "ObjectRef",
     "ProfilePool",
     "RecipientMx",
@@ -238,6 +246,8 @@ class Connector:
     deferred, never sent elsewhere."""
     clients: ClientScope | None = None
     """None: every submitting client. Otherwise only mail from these clients."""
+    dkim_sign: bool = True
+    """False (``dkim: {sign: false}``): the next hop signs; see :mod:`mailflow_relay.engine.signing`."""
 
 
 @dataclass(frozen=True)
@@ -268,11 +278,15 @@ class RoutingDocument:
     connectors: tuple[Connector, ...]
     conflicts: tuple[Conflict, ...] = ()
     default_route: DefaultRoute = DefaultRoute()
+    dkim_keys: tuple[DkimKey, ...] = ()
+    """Enabled DKIM keys with their private keys (this document lives in a Secret; never log
+    :meth:`to_json`)."""
 
     def __post_init__(self) -> None:
         # One value, one order: documents built from the same parts in any order are equal
         # and serialise to the same bytes.
         object.__setattr__(self, "connectors", tuple(sorted(self.connectors, key=_by_ref)))
+        object.__setattr__(self, "dkim_keys", tuple(sorted(self.dkim_keys, key=_dkim_order)))
         object.__setattr__(self, "conflicts", tuple(sorted(self.conflicts, key=_conflict_key)))
 
     def to_json(self) -> str:
@@ -309,6 +323,7 @@ class RoutingDocument:
             connectors=tuple(_read_connector(r) for r in top.items("connectors")),
             conflicts=tuple(_read_conflict(r) for r in top.items("conflicts")),
             default_route=_read_default_route(top.child("defaultRoute")),
+            dkim_keys=tuple(_read_dkim_key(r) for r in top.optional_items("dkimKeys")),
         )
         expected = top.text("checksum")
         if expected != document.checksum:
@@ -329,7 +344,7 @@ def _checksum(body: Mapping[str, object]) -> str:
 
 def _document_body(document: RoutingDocument) -> dict[str, object]:
     scoped = any(c.clients is not None for c in document.connectors)
-    return {
+    body: dict[str, object] = {
         "apiVersion": ROUTING_API_VERSION_CLIENTS if scoped else ROUTING_API_VERSION,
         "connectors": [_connector_dict(c) for c in document.connectors],
         "conflicts": [_conflict_dict(c) for c in document.conflicts],
@@ -337,6 +352,30 @@ def _document_body(document: RoutingDocument) -> dict[str, object]:
             "action": document.default_route.action.value,
             "tls": _tls_dict(document.default_route.tls),
         },
+    }
+    # Written only when present: a document without DKIM keeps its bytes and checksum, and an
+    # older relay, which does not read this field, refuses a document with it (checksum).
+    if document.dkim_keys:
+        body["dkimKeys"] = [_dkim_key_dict(k) for k in document.dkim_keys]
+    return body
+
+
+def _dkim_order(key: DkimKey) -> tuple[str, str, str]:
+    return (key.domain, key.selector, key.ref)
+
+
+def _dkim_key_dict(key: DkimKey) -> dict[str, object]:
+    return {
+        "ref": key.ref,
+        "domain": key.domain,
+        "subdomains": key.subdomains,
+        "selector": key.selector,
+        "algorithm": key.algorithm.value,
+        "privateKey": key.private_key,
+        "fingerprint": key.fingerprint,
+        "signedHeaders": list(key.signed_headers),
+        "canonicalization": key.canonicalization.value,
+        "expireAfter": key.expire_after,
     }
 
 
@@ -397,6 +436,8 @@ def _connector_dict(connector: Connector) -> dict[str, object]:
         "unresolved": list(connector.unresolved),
         # Only when set: documents without client scopes keep their bytes and checksum.
         **({} if connector.clients is None else {"clients": _clients_dict(connector.clients)}),
+        # Only the opt-out is written, so documents without it keep their bytes (see above).
+        **({} if connector.dkim_sign else {"dkim": {"sign": False}}),
     }
 
 
@@ -444,6 +485,12 @@ class _Reader:
 
     def boolean(self, key: str) -> bool:
         return bool(self._get(key, bool, "a boolean"))
+
+    def optional_items(self, key: str) -> list[_Reader]:
+        return self.items(key) if key in self.raw else []
+
+    def optional_child(self, key: str) -> _Reader | None:
+        return self.child(key) if key in self.raw else None
 
     def items(self, key: str) -> list[_Reader]:
         items = self._get(key, list, "a list")
@@ -531,6 +578,7 @@ def _read_connector(r: _Reader) -> Connector:
         else SmtpCredentials(auth.text("username"), auth.text("password")),
         unresolved=tuple(r.texts("unresolved")),
         clients=_read_clients(r),
+        dkim_sign=_read_dkim_sign(r.optional_child("dkim")),
     )
 
 
@@ -548,6 +596,43 @@ def _read_clients(r: _Reader) -> ClientScope | None:
     if not networks and not users:
         raise RoutingDocumentError(scope.path, "expected at least one network or user")
     return ClientScope(tuple(networks), users)
+
+
+def _read_dkim_sign(r: _Reader | None) -> bool:
+    return True if r is None else r.boolean("sign")
+
+
+def _read_dkim_key(r: _Reader) -> DkimKey:
+    algorithm = r.choice("algorithm", DkimAlgorithm)
+    expire = r._get("expireAfter", (int, type(None)), "an integer or null")
+    if expire is not None and expire < 1:
+        raise RoutingDocumentError(r._at("expireAfter"), "expected a positive number of seconds")
+    key = DkimKey(
+        ref=r.text("ref"),
+        domain=r.text("domain"),
+        subdomains=r.boolean("subdomains"),
+        selector=r.text("selector"),
+        algorithm=algorithm,
+        private_key=r.text("privateKey"),
+        fingerprint=r.text("fingerprint"),
+        signed_headers=tuple(r.texts("signedHeaders")),
+        canonicalization=r.choice("canonicalization", DkimCanonicalization),
+        expire_after=expire,
+    )
+    # A key that cannot sign refuses the whole document (fail closed): the generation in force
+    # keeps signing. The error names the key and never quotes it.
+    try:
+        loaded = load_private_key(key.private_key, algorithm, ref=key.ref)
+    except DkimKeyError as e:
+        raise RoutingDocumentError(r._at("privateKey"), str(e)) from None
+    if loaded.fingerprint != key.fingerprint:
+        raise RoutingDocumentError(r._at("fingerprint"), "does not match the private key")
+    if "from" not in (h.lower() for h in key.signed_headers):
+        raise RoutingDocumentError(r._at("signedHeaders"), "must include From")
+    refused = sorted({h.lower() for h in key.signed_headers} & NEVER_SIGNED)
+    if refused:
+        raise RoutingDocumentError(r._at("signedHeaders"), f"must not include {', '.join(refused)}")
+    return key
 
 
 def _patterns(r: _Reader, key: str) -> tuple[DomainPattern, ...]:
