@@ -250,6 +250,23 @@ def test_examples_reconcile_into_the_routing_secret(
     operator.assert_never_forbidden()
 
 
+def test_kubectl_get_tells_the_truth(control_plane: ControlPlane, operator: Operator) -> None:
+    """The CRD's printer columns, as the API server renders them for `kubectl get`."""
+    result = subprocess.run(
+        [str(control_plane.binaries.path("kubectl")), "--kubeconfig",
+         str(control_plane.kubeconfig), "get", CONNECTORS, "-n", NAMESPACE],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["NAME", "READY", "DESTINATION", "TLS", "RELAYS", "AGE"]
+    by_name = {row.split()[0]: row.split() for row in rows}
+    row = by_name["all-via-compliance"]
+    assert row[1] == "False"  # no relay serves it here
+    assert "compliance.contoso.com" in row[2]
+    assert row[3] == "NameMatch"
+    assert row[4] == "0/0"
+
+
 def test_a_spec_change_is_observed_and_published(
     admin: kubernetes.client.ApiClient, operator: Operator
 ) -> None:
