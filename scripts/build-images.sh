@@ -18,10 +18,13 @@
 # commit's time), DEBIAN_MIRROR, PYTHON (the venv's python, for pip wheel).
 # Needs root (mmdebstrap and buildah with vfs storage and chroot isolation); missing tools are
 # installed from Debian packages (scripts/install-image-tools.sh). Any failure exits non-zero.
+# One compound command, read whole before it runs: editing the file mid-build is harmless.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+NICE=(nice -n 10)
 start=$(date +%s)
 step() { echo "==> [images $(($(date +%s) - start))s] $*"; }
 die() {
@@ -29,13 +32,30 @@ die() {
     exit 1
 }
 
+PYTHON=${PYTHON:-.venv/bin/python}
+[[ -x $PYTHON ]] || die "no $PYTHON: run 'make venv' first (it builds the wheels)"
+
+if [[ ${1:-} == --lock ]]; then
+    # images/constraints.txt: the newest releases that pyproject.toml allows, binary wheels only.
+    lock=$(mktemp -d)
+    trap 'rm -rf "$lock"' EXIT
+    step "lock: resolving the runtime dependencies (pip wheel, binary wheels only)"
+    "${NICE[@]}" "$PYTHON" -m pip wheel --quiet --progress-bar off --disable-pip-version-check \
+        --only-binary :all: --wheel-dir "$lock" .
+    {
+        sed -n '/^#/p' images/constraints.txt
+        (cd "$lock" && ls *.whl) | grep -v '^mailflow-' |
+            sed -E 's/^([^-]+)-([^-]+)-.*/\1==\2/' | tr 'A-Z_' 'a-z-' | LC_ALL=C sort
+    } >images/constraints.txt.part
+    mv -f images/constraints.txt.part images/constraints.txt
+    echo "==> images/constraints.txt: $(grep -vc '^#' images/constraints.txt) pinned dependencies"
+    exit 0
+fi
+
 if ((EUID != 0)); then
     die "needs root (mmdebstrap, buildah with vfs storage and chroot isolation); run it as root, or build with Docker: docker build -f relay/Dockerfile . (docs/install.md)"
 fi
 bash scripts/install-image-tools.sh
-
-PYTHON=${PYTHON:-.venv/bin/python}
-[[ -x $PYTHON ]] || die "no $PYTHON: run 'make venv' first (it builds the wheels)"
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
 [[ -n $VERSION ]] || die "no version in pyproject.toml"
 PREFIX=${IMAGE_PREFIX-ghcr.io/mailflow/}
@@ -47,7 +67,6 @@ SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || 
 export SOURCE_DATE_EPOCH
 # The installer that puts the wheels into the image's venv (run from its wheel, then removed).
 INSTALLER=installer==0.7.0
-NICE=(nice -n 10)
 
 
 [[ -n $WORK && $WORK != / && $WORK != . ]] || die "IMAGES_WORK must be a folder of its own"
@@ -111,7 +130,8 @@ include=$(
     echo "${packages[*]}"
 )
 # No documentation, manual pages or translations (copyright files stay); the merged /usr of
-# bookworm without the usrmerge package (which would pull in perl).
+# bookworm without the usrmerge package (which would pull in perl). The build host's
+# resolv.conf and hostname do not stay in the image (the runtime mounts its own).
 "${NICE[@]}" mmdebstrap --quiet --mode=root --variant=essential --format=tar \
     --include="$include" \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
@@ -124,6 +144,8 @@ include=$(
     --customize-hook='chroot "$1" dpkg-query -W -f="\${Package}=\${Version}\n" > "$1/tmp/packages.txt"' \
     --customize-hook='copy-out /tmp/packages.txt '"$WORK" \
     --customize-hook='rm -f "$1/tmp/packages.txt" "$1"/var/log/*.log "$1"/var/log/apt/* "$1"/var/cache/ldconfig/aux-cache "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old' \
+    --customize-hook='printf "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n" >"$1/etc/hosts"' \
+    --customize-hook='rm -f "$1/etc/resolv.conf" "$1/etc/hostname"; : >"$1/etc/resolv.conf"; : >"$1/etc/hostname"; chmod 0644 "$1/etc/hosts" "$1/etc/resolv.conf" "$1/etc/hostname"' \
     bookworm "$WORK/base.tar" \
     "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" \
     "deb $SECURITY_MIRROR bookworm-security main" >"$WORK/mmdebstrap.log" 2>&1 || {
@@ -173,6 +195,10 @@ for component in operator relay; do
         $spool
         rm -rf /var/log/*.log /var/cache/ldconfig/aux-cache /etc/*- /var/lib/dpkg/*-old
     "
+    # The mount points of the run above are not part of the image either.
+    root=$(bah mount "$ctr")
+    rmdir "$root/mnt/wheels" "$root/mnt/tools"
+    bah umount "$ctr" >/dev/null
     workdir=/tmp
     ports=(--port 8080)
     volume=()
@@ -185,7 +211,6 @@ for component in operator relay; do
         --label org.opencontainers.image.title="${TITLE[$component]}" \
         --label org.opencontainers.image.description="${DESCRIPTION[$component]}" \
         --label org.opencontainers.image.licenses=Apache-2.0 \
-        --label org.opencontainers.image.version="$VERSION" \
         --env PATH=/opt/mailflow/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         --env PYTHONDONTWRITEBYTECODE=1 --env PYTHONUNBUFFERED=1 \
         --user 10001:10001 --workingdir "$workdir" "${ports[@]}" "${volume[@]}" \
@@ -234,3 +259,5 @@ for component in operator relay; do
     echo "    $name  $size unpacked, archive $(du -h "$archive" | cut -f1)  $(grep -F "$name@" "$OUT/digests.txt" | cut -d@ -f2)"
 done
 echo "==> images built in $(($(date +%s) - start))s: $OUT (digests.txt, SHA256SUMS)"
+exit 0
+}
