@@ -200,11 +200,11 @@ for component in operator relay; do
     rmdir "$root/mnt/wheels" "$root/mnt/tools"
     bah umount "$ctr" >/dev/null
     workdir=/tmp
-    ports=(--port 8080)
+    ports=(--port 8080/tcp)
     volume=()
     if [[ $component == relay ]]; then
         workdir=/var/spool/mailflow
-        ports=(--port 2525 --port 9090)
+        ports=(--port 2525/tcp --port 9090/tcp)
         volume=(--volume /var/spool/mailflow)
     fi
     bah config \
