@@ -160,6 +160,10 @@ bah() { "${NICE[@]}" buildah "${STORAGE[@]}" "$@"; }
 step "base image: the root filesystem as one layer"
 base=$(bah from --quiet scratch)
 bah add --quiet "$base" "$WORK/base.tar" /
+# apt is not in the image: neither are its state and cache folders, which mmdebstrap leaves.
+root=$(bah mount "$base")
+rm -rf "$root/var/lib/apt" "$root/var/cache/apt"
+bah umount "$base" >/dev/null
 bah config --os linux --arch amd64 --created-by "mmdebstrap bookworm (images/debian-packages.txt)" "$base"
 bah commit --quiet --rm --timestamp "$SOURCE_DATE_EPOCH" "$base" localhost/mailflow-base:build >/dev/null
 
