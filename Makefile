@@ -11,13 +11,14 @@ STAMP := $(VENV)/.installed
 .PHONY: help venv lint test demo bench soak clean
 
 help:
-	@echo "make demo   - validate the examples and explain their routes"
-	@echo "make test   - install everything, lint (ruff, mypy --strict, import contracts), run all tests"
-	@echo "make lint   - ruff, mypy --strict and the import contract"
-	@echo "make bench  - relay vs Postfix end to end, and the control plane at scale (BENCH_ARGS=...)"
-	@echo "make soak   - long-running suites (not yet)"
-	@echo "make images - build both images into dist/images (no daemon, no registry; root)"
-	@echo "make test-images - run the built images as the chart does, and check reproducibility"
+	@echo "make demo    - validate the examples, explain their routes, deliver through every example connector"
+	@echo "make test    - install everything, lint (ruff, mypy --strict, import contracts), run all tests"
+	@echo "make lint    - ruff, mypy --strict and the import contracts"
+	@echo "make bench   - relay vs Postfix end to end, and the control plane at scale (BENCH_ARGS=...)"
+	@echo "make soak    - long-running suites: SIGKILL the relay under traffic, again and again"
+	@echo "make images  - build both images into dist/images: no daemon, no registry (as root)"
+	@echo "make test-images - run the built images as the chart does; a second build gives the same digests"
+	@echo "make clean   - remove the venv and the tool caches"
 
 venv: $(STAMP)
 
@@ -35,8 +36,8 @@ $(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm
 
 lint: venv
 	@echo "==> ruff"
-	$(BIN)/ruff check operator relay tests bench
-	$(BIN)/ruff format --check operator relay tests bench
+	$(BIN)/ruff check operator relay tests bench examples
+	$(BIN)/ruff format --check operator relay tests bench examples
 	@echo "==> mypy --strict"
 	$(BIN)/mypy
 	@echo "==> import contracts"

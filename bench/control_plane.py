@@ -35,10 +35,10 @@ from typing import Any
 
 from report import ControlPlaneResult, format_control_plane
 
-from mailflow_operator.compiler import compile_routing
-from mailflow_operator.manifests import RawConnector
-from mailflow_relay.router import Router
-from mailflow_relay.routing import ObjectRef, RoutingDocument
+from mailflow_compiler.compiler import compile_routing
+from mailflow_compiler.manifests import RawConnector
+from mailflow_relay.routing.document import ObjectRef, RoutingDocument
+from mailflow_relay.routing.router import Router
 
 __all__ = [
     "compile_times",

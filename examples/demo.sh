@@ -25,4 +25,4 @@ echo "==> and a broken folder gets one line per problem (exit 1 is expected here
 $MAILFLOW validate tests/fixtures/broken/ || echo "(mailflow validate exited $?)"
 echo
 echo "==> real delivery: mailflow relay with the examples, destination servers on loopback"
-.venv/bin/python -m mailflow_operator.demo
+.venv/bin/python examples/demo.py

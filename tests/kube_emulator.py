@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -29,7 +29,7 @@ import kmock
 from mailflow_operator.reconcile import Reconciler
 from mailflow_operator.runner import OperatorConfig, run_operator
 
-__all__ = ["Cluster", "OperatorThread", "cluster", "eventually"]
+__all__ = ["Cluster", "OperatorThread", "cluster"]
 
 CRD_RESOURCES = {
     "mailflow.dev/v1alpha1/outboundconnectors": ("OutboundConnector", "outboundconnector"),
@@ -201,20 +201,3 @@ class OperatorThread:
         assert not self.thread.is_alive(), "the operator did not stop"
         if self.error is not None:
             raise self.error
-
-
-async def eventually(
-    check: Callable[[], Any], *, within: float = 30.0, what: str = "condition"
-) -> Any:
-    """Poll ``check`` until it returns something truthy without raising AssertionError."""
-    deadline = time.monotonic() + within
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (AssertionError, KeyError, TypeError) as e:
-            last = e
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")

@@ -17,16 +17,17 @@ from typing import Any
 import aiosmtplib
 import kubernetes
 
-from kube_emulator import Cluster, OperatorThread, cluster, eventually
+from kube_emulator import Cluster, OperatorThread, cluster
 from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig
 from mailflow_operator.selectors import LabelSelector
-from mailflow_relay.cluster import RoutingSecretSource
-from mailflow_relay.delivery import DeliverySettings
-from mailflow_relay.listener import ListenerSettings
-from mailflow_relay.relay import Relay, RelaySettings
-from mailflow_relay.routing import ObjectRef
-from mailflow_relay.sink import SmtpSink
+from mailflow_relay.engine.relay import Relay, RelaySettings
+from mailflow_relay.hosting.cluster import RoutingSecretSource
+from mailflow_relay.inbound.listener import ListenerSettings
+from mailflow_relay.outbound.deliverer import DeliverySettings
+from mailflow_relay.routing.document import ObjectRef
+from mailflow_relay.testing.sink import SmtpSink
+from support import until
 
 RELAYS = "mailflow-system"
 
@@ -125,22 +126,22 @@ def test_a_connector_applied_to_the_cluster_carries_mail_and_reports_ready(tmp_p
                 follower = asyncio.create_task(source.follow(relay))
                 try:
                     await relay.ready.wait()
-                    await eventually(
+                    await until(
                         lambda: condition(api, "Ready").get("status") == "True",
                         what="Ready=True",
                         within=15,
                     )
                     assert condition(api, "Programmed")["status"] == "True"
                     await send(relay, "first")
-                    await eventually(lambda: len(first.messages) == 1, what="mail via generation 1")
+                    await until(lambda: len(first.messages) == 1, what="mail via generation 1")
 
                     await api.apply(connector(second.port, description="moved"))
-                    await eventually(
+                    await until(
                         lambda: relay.document.generation == 2,
                         what="the relay on generation 2",
                         within=15,
                     )
-                    await eventually(
+                    await until(
                         lambda: (
                             condition(api, "Programmed").get("status") == "True"
                             and condition(api, "Programmed").get("observedGeneration") == 2
@@ -149,9 +150,7 @@ def test_a_connector_applied_to_the_cluster_carries_mail_and_reports_ready(tmp_p
                         within=15,
                     )
                     await send(relay, "second")
-                    await eventually(
-                        lambda: len(second.messages) == 1, what="mail via generation 2"
-                    )
+                    await until(lambda: len(second.messages) == 1, what="mail via generation 2")
                     assert len(first.messages) == 1
                 finally:
                     relay.stop()

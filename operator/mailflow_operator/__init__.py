@@ -1,8 +1,3 @@
-"""Mailflow's operator and command-line tools.
-
-Compiles OutboundConnector and MultiSmtpProfile resources into the relays' routing
-document (the format is :mod:`mailflow_relay.routing`), validates manifests offline
-against the CRDs in ``crds/``, and explains routing decisions.
-"""
-
-__version__ = "0.1.0"
+"""The Kubernetes operator (kopf): watches connectors, profiles and Secrets, publishes the
+routing document through :mod:`mailflow_compiler`, and reports status, conditions, events
+and probes back onto each resource."""

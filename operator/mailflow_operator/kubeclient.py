@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from mailflow_operator.errors import MailflowError
+from mailflow_compiler.errors import MailflowError
 
 __all__ = ["KubeClient", "KubeError", "Login"]
 

@@ -2,7 +2,7 @@
 
 A probe does what delivery does up to the point of sending mail — connect, EHLO,
 STARTTLS, check the certificate with exactly the connector's TLS mode (the relay's own
-:mod:`mailflow_relay.tls_policy`: the same context, the same SNI, the same checks) —
+:mod:`mailflow_relay.outbound.tls_policy`: the same context, the same SNI, the same checks) —
 then says QUIT. Its result becomes the ``DestinationReachable`` and ``TLSVerified``
 conditions and ``status.certificate``.
 
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from mailflow_relay.delivery import ssl_cause
-from mailflow_relay.routing import ServerAddress, TlsMode, TlsPolicy
-from mailflow_relay.tls_policy import (
+from mailflow_relay.outbound.deliverer import ssl_cause
+from mailflow_relay.outbound.tls_policy import (
     CertificateInfo,
     TlsPolicyError,
     check_certificate,
@@ -32,6 +31,7 @@ from mailflow_relay.tls_policy import (
     client_context,
     server_name_for,
 )
+from mailflow_relay.routing.document import ServerAddress, TlsMode, TlsPolicy
 
 __all__ = ["ProbeResult", "ServerProbe", "probe_server", "summarize"]
 

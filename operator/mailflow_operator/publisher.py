@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailflow_operator.kubeclient import KubeClient
-from mailflow_relay.routing import ObjectRef, RoutingDocument
+from mailflow_relay.routing.contract import (
+    CHECKSUM_ANNOTATION,
+    PUBLISHED_BY_LABEL,
+    ROUTING_KEY,
+    SECRET_GENERATION_ANNOTATION,
+)
+from mailflow_relay.routing.document import ObjectRef, RoutingDocument
 
 __all__ = [
     "CHECKSUM_ANNOTATION",
@@ -34,9 +40,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ROUTING_KEY = "routing.json"
-GENERATION_ANNOTATION = "mailflow.dev/generation"
-CHECKSUM_ANNOTATION = "mailflow.dev/checksum"
+GENERATION_ANNOTATION = SECRET_GENERATION_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ async def publish(
         },
         # Not app.kubernetes.io/managed-by: the chart renders that label (Helm) and GitOps
         # tools would see every publish as drift.
-        "labels": {"mailflow.dev/published-by": "mailflow-operator"},
+        "labels": {PUBLISHED_BY_LABEL: "mailflow-operator"},
     }
     if secret is None:
         metadata |= {"name": target.name, "namespace": target.namespace}

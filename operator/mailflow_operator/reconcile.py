@@ -35,16 +35,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from mailflow_operator.compiler import (
+from mailflow_compiler.compiler import (
     CONNECTOR_KIND,
     PROFILE_KIND,
     Compiled,
     compile_routing,
     secret_values,
 )
-from mailflow_operator.crds import load_crds
+from mailflow_compiler.crds import load_crds
+from mailflow_compiler.manifests import API_VERSION, RawConnector, RawProfile, RawSecret
 from mailflow_operator.kubeclient import KubeClient, KubeError
-from mailflow_operator.manifests import API_VERSION, RawConnector, RawProfile, RawSecret
 from mailflow_operator.metrics import OperatorMetrics
 from mailflow_operator.probes import ProbeResult, probe_server, summarize
 from mailflow_operator.publisher import publish, stored_routing
@@ -65,8 +65,9 @@ from mailflow_operator.status import (
     ready,
     resolved_refs,
 )
-from mailflow_relay.domains import DomainPattern
-from mailflow_relay.routing import (
+from mailflow_operator.store import PodState, Store, pod_state, ref_of
+from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION
+from mailflow_relay.routing.document import (
     Connector,
     DefaultRoute,
     ObjectRef,
@@ -76,6 +77,7 @@ from mailflow_relay.routing import (
     SmartHost,
     TlsPolicy,
 )
+from mailflow_relay.routing.domains import DomainPattern
 
 __all__ = [
     "CONFIG_GENERATION_ANNOTATION",
@@ -87,7 +89,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIG_GENERATION_ANNOTATION = "mailflow.dev/config-generation"
+CONFIG_GENERATION_ANNOTATION = POD_GENERATION_ANNOTATION
 PLURALS = {CONNECTOR_KIND: "outboundconnectors", PROFILE_KIND: "multismtpprofiles"}
 _SKIPPED_SECRET_TYPES = frozenset(
     {"kubernetes.io/service-account-token", "helm.sh/release.v1", "kubernetes.io/dockercfg"}
@@ -111,52 +113,6 @@ class ReconcileSettings:
     """Changes that arrive within this many seconds are compiled together."""
     retry_delay: float = 2.0
     """After a failed pass (the API server refused or was unreachable)."""
-
-
-@dataclass
-class _Pod:
-    ready: bool
-    generation: int | None
-
-
-@dataclass
-class Store:
-    """What the watches have seen: raw bodies and decoded Secrets, by namespace/name."""
-
-    connectors: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
-    profiles: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
-    secrets: dict[ObjectRef, dict[str, str]] = field(default_factory=dict)
-    pods: dict[ObjectRef, _Pod] = field(default_factory=dict)
-    deleted: set[tuple[str, ObjectRef]] = field(default_factory=set)
-    """Deletions seen by the watch, so that a slower initial listing cannot resurrect them."""
-
-    def table(self, kind: str) -> dict[ObjectRef, Any]:
-        tables: dict[str, dict[ObjectRef, Any]] = {
-            CONNECTOR_KIND: self.connectors,
-            PROFILE_KIND: self.profiles,
-            "Secret": self.secrets,
-            "Pod": self.pods,
-        }
-        return tables[kind]
-
-
-def _ref(body: Mapping[str, Any]) -> ObjectRef:
-    metadata = body.get("metadata") or {}
-    return ObjectRef(str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
-
-
-def _pod_state(body: Mapping[str, Any]) -> _Pod:
-    metadata = body.get("metadata") or {}
-    conditions = (body.get("status") or {}).get("conditions") or []
-    is_ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    if metadata.get("deletionTimestamp"):
-        is_ready = False
-    annotation = (metadata.get("annotations") or {}).get(CONFIG_GENERATION_ANNOTATION)
-    try:
-        generation = int(annotation) if annotation is not None else None
-    except ValueError:
-        generation = None
-    return _Pod(is_ready, generation)
 
 
 @dataclass(frozen=True)
@@ -196,7 +152,7 @@ class Reconciler:
 
     def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         """A watch event (kopf's ``type``: None for the initial listing, or ADDED/…/DELETED)."""
-        ref = _ref(body)
+        ref = ref_of(body)
         if kind == "Secret" and ref == self.settings.routing_secret:
             if event_type == "DELETED" or self._routing_secret_differs(body):
                 self.poke()  # removed, emptied or edited by someone else: publish it again
@@ -228,7 +184,7 @@ class Reconciler:
             return values
         if kind == "Pod":
             labels = (body.get("metadata") or {}).get("labels") or {}
-            return _pod_state(body) if self.settings.relay_selector.matches(labels) else None
+            return pod_state(body) if self.settings.relay_selector.matches(labels) else None
         return copy.deepcopy(dict(body))
 
     def poke(self) -> None:
@@ -296,7 +252,7 @@ class Reconciler:
         else:
             return
         for kind, body in found:
-            ref = _ref(body)
+            ref = ref_of(body)
             if kind == "Secret" and ref == self.settings.routing_secret:
                 continue
             table = self.store.table(kind)
@@ -443,7 +399,7 @@ class Reconciler:
         raw: dict[str, Any],
         compiled: Compiled,
         schema_errors: list[str] | None,
-        ready_pods: list[_Pod],
+        ready_pods: list[PodState],
     ) -> None:
         assert self.document is not None
         metadata = raw.get("metadata") or {}

@@ -24,8 +24,8 @@ from typing import Any
 
 import kopf
 
+from mailflow_compiler.manifests import API_GROUP
 from mailflow_operator.kubeclient import KubeClient
-from mailflow_operator.manifests import API_GROUP
 from mailflow_operator.metrics import OperatorMetrics
 from mailflow_operator.reconcile import PLURALS, Reconciler, ReconcileSettings
 from mailflow_operator.webhook import admission_findings, denial_message

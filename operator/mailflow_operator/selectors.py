@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mailflow_operator.errors import UsageError
+from mailflow_compiler.errors import UsageError
 
 __all__ = ["LabelSelector"]
 

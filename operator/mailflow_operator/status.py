@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailflow_operator.compiler import Finding
+from mailflow_compiler.compiler import Finding
 
 __all__ = [
     "ACCEPTED",

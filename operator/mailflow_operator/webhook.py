@@ -22,16 +22,16 @@ import copy
 from collections.abc import Mapping
 from typing import Any, cast
 
-from mailflow_operator.compiler import (
+from mailflow_compiler.compiler import (
     CONNECTOR_KIND,
     PROFILE_KIND,
     Finding,
     compile_routing,
 )
-from mailflow_operator.crds import load_crds
-from mailflow_operator.manifests import RawConnector, RawProfile
-from mailflow_operator.reconcile import Store
-from mailflow_relay.routing import ObjectRef
+from mailflow_compiler.crds import load_crds
+from mailflow_compiler.manifests import RawConnector, RawProfile
+from mailflow_operator.store import Store
+from mailflow_relay.routing.document import ObjectRef
 
 __all__ = ["admission_findings", "denial_message"]
 

@@ -32,3 +32,22 @@ class RoutingDocumentError(MailflowRelayError, ValueError):
         super().__init__(f"{path}: {reason}" if path else reason)
         self.path = path
         self.reason = reason
+
+
+class SettingsError(MailflowRelayError, ValueError):
+    """A setting that cannot work (a zero timeout, a negative limit): refused at start."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(f"{setting}: {reason}")
+        self.setting = setting
+        self.reason = reason
+
+
+def require_positive(owner: object, *names: str, allow_zero: tuple[str, ...] = ()) -> None:
+    """Refuse any of ``names`` on ``owner`` below 1 (or below 0 for those in ``allow_zero``)."""
+    for name in names:
+        value = getattr(owner, name)
+        floor = 0 if name in allow_zero else 1e-9
+        if value is not None and value < floor:
+            kind = "0 or more" if name in allow_zero else "more than 0"
+            raise SettingsError(name, f"{value!r}: must be {kind}")

@@ -12,8 +12,8 @@ from report import ControlPlaneResult, RunResult, Table, format_table, percentil
 from smtp_peers import message_body, parse_counters, source_command
 from tls_sink import parse_counts
 
-from mailflow_operator.compiler import compile_routing
-from mailflow_relay.router import Router
+from mailflow_compiler.compiler import compile_routing
+from mailflow_relay.routing.router import Router
 
 DIRECTORIES = {
     "daemon_directory": "/usr/lib/postfix/sbin",

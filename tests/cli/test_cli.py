@@ -212,3 +212,55 @@ def test_help_documents_every_command(command: list[str]) -> None:
     result = mailflow(*command, "--help")
     assert result.returncode == 0
     assert "usage: mailflow" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--workers", "0", "--workers: 0: must be more than 0"),
+        ("--retry-initial", "-1", "--retry-initial: -1.0: must be more than 0"),
+        ("--idle-connections", "-1", "--idle-connections: -1: must be 0 or more"),
+        ("--max-recipients", "0", "--max-recipients:"),
+    ],
+)
+def test_relay_settings_refuse_values_that_cannot_work(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    result = mailflow(
+        "relay", "--manifests", str(ROOT / "examples"), "--spool", str(tmp_path), option, value
+    )
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[-1]
+
+
+def test_relay_defaults_come_from_the_settings_dataclasses() -> None:
+    from mailflow_cli.main import build_parser
+    from mailflow_relay.engine.relay import RelaySettings
+    from mailflow_relay.inbound.listener import ListenerSettings
+    from mailflow_relay.outbound.deliverer import DeliverySettings
+
+    args = build_parser().parse_args(["relay", "--manifests", "x", "--spool", "y"])
+    listener = ListenerSettings()
+    relay = RelaySettings(listener=listener, spool_dir=Path("y"))
+    assert args.idle_connections == DeliverySettings().idle_connections_per_target
+    assert args.max_recipients == listener.max_recipients
+    assert args.max_message_size == listener.max_message_size
+    assert args.max_connections_per_client == listener.max_connections_per_client
+    assert (args.workers, args.retry_initial, args.retry_max) == (
+        relay.workers,
+        relay.retry_initial,
+        relay.retry_max,
+    )
+    assert (args.queue_lifetime, args.drain_grace) == (relay.queue_lifetime, relay.drain_grace)
+
+
+def test_mailflow_relay_never_imports_kopf_or_the_kubernetes_client() -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mailflow_cli", "relay", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "mailflow_relay.engine.relay" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("kopf", "kubernetes", "aiohttp")}

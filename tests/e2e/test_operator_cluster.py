@@ -60,7 +60,7 @@ def test_examples_become_accepted_and_the_routing_secret_is_published(namespace:
         kubectl("apply", "-n", namespace, "-f", "-", stdin=text)
     operator = subprocess.Popen(
         [
-            sys.executable, "-m", "mailflow_operator.cli", "operator",
+            sys.executable, "-m", "mailflow_cli.main", "operator",
             "--namespace", namespace,
             "--routing-secret", f"{namespace}/mailflow-routing",
             "--relay-selector", "app.kubernetes.io/name=mailflow-relay",

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from helm.chart import VALUES_SETS, Rendered
-from mailflow_operator.cli import build_parser, relay_setup
-from mailflow_relay.cluster import RoutingSecretSource
+from mailflow_cli.main import build_parser
+from mailflow_cli.relay_command import relay_setup
+from mailflow_relay.hosting.cluster import RoutingSecretSource
 
 
 def container_args(rendered: Rendered, kind: str, component: str) -> list[str]:

@@ -19,8 +19,8 @@ import pytest
 from helm.chart import Rendered, helm, template_args
 from helm.test_chart_cli_contract import container_args
 from helm.test_chart_render import FOREIGN_KINDS, KUBERNETES_VERSIONS
-from mailflow_operator.cli import build_parser
-from mailflow_operator.operator_cli import config_from_args
+from mailflow_cli.main import build_parser
+from mailflow_cli.operator_command import config_from_args
 from mailflow_operator.reconcile import Reconciler
 from mailflow_operator.runner import OperatorConfig, build_registry
 

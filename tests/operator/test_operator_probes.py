@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kube_emulator import Cluster, OperatorThread, cluster, eventually
+from kube_emulator import Cluster, OperatorThread, cluster
 from mailflow_operator.probes import probe_server, summarize
 from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig
 from mailflow_operator.selectors import LabelSelector
-from mailflow_relay.routing import ObjectRef, ServerAddress, TlsMode, TlsPolicy
-from mailflow_relay.sink import SmtpSink
+from mailflow_relay.routing.document import ObjectRef, ServerAddress, TlsMode, TlsPolicy
+from mailflow_relay.testing.sink import SmtpSink
 from pki import Pki
+from support import until
 
 
 def test_name_match_probe_verifies_the_chain_and_the_name(pki: Pki) -> None:
@@ -124,7 +125,7 @@ def test_operator_probes_record_conditions_certificate_and_expiry_warning(pki: P
             return dict(conditions["TLSVerified"])
 
         async with OperatorThread(config):
-            verified = await eventually(tls, what="a probe")
+            verified = await until(tls, what="a probe")
             body = api.stored("OutboundConnector", "mail", "contoso")
             assert body is not None
             conditions = {c["type"]: c for c in body["status"]["conditions"]}
@@ -150,7 +151,7 @@ def test_operator_probes_record_conditions_certificate_and_expiry_warning(pki: P
                 ]
 
             # The event is posted right after the status is written: wait for it too.
-            assert await eventually(expiry_events, what="the CertificateExpiringSoon event")
+            assert await until(expiry_events, what="the CertificateExpiringSoon event")
 
     async def main() -> None:
         async with (

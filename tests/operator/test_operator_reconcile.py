@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
-from kube_emulator import Cluster, OperatorThread, cluster, eventually
-from mailflow_operator.checks import check_manifests
-from mailflow_operator.manifests import Manifest, load_manifests
+from kube_emulator import Cluster, OperatorThread, cluster
+from mailflow_compiler.checks import check_manifests
+from mailflow_compiler.manifests import Manifest, load_manifests
 from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig
 from mailflow_operator.selectors import LabelSelector
-from mailflow_relay.routing import ObjectRef, RoutingDocument
+from mailflow_relay.routing.document import ObjectRef, RoutingDocument
+from support import until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RELAYS = "mailflow-system"
@@ -113,10 +114,8 @@ def test_examples_publish_the_document_that_mailflow_relay_compiles_byte_for_byt
     async def scenario(api: Cluster) -> None:
         manifests = await apply_examples(api)
         async with OperatorThread(config_for(api)) as operator:
-            await eventually(
-                lambda: api.stored("Secret", SECRET.namespace, SECRET.name), what="Secret"
-            )
-            await eventually(lambda: operator.passes >= 1)
+            await until(lambda: api.stored("Secret", SECRET.namespace, SECRET.name), what="Secret")
+            await until(lambda: operator.passes >= 1)
             text, annotations = routing(api)
             assert text == compiled_from(manifests, generation=1)
             document = RoutingDocument.from_json(text)
@@ -127,7 +126,7 @@ def test_examples_publish_the_document_that_mailflow_relay_compiles_byte_for_byt
             assert len(document.connectors) == 8
 
             # Printer columns read real status fields on every object.
-            await eventually(lambda: status(api, "OutboundConnector", "tls-name-match")["relays"])
+            await until(lambda: status(api, "OutboundConnector", "tls-name-match")["relays"])
             assert status(api, "OutboundConnector", "all-via-compliance")["destination"] == (
                 "compliance.contoso.com:25"
             )
@@ -137,7 +136,7 @@ def test_examples_publish_the_document_that_mailflow_relay_compiles_byte_for_byt
             assert status(api, "OutboundConnector", "tls-domain-match")["destination"] == (
                 "recipient MX"
             )
-            await eventually(lambda: status(api, "MultiSmtpProfile", "fabrikam-gateways")["relays"])
+            await until(lambda: status(api, "MultiSmtpProfile", "fabrikam-gateways")["relays"])
             assert status(api, "MultiSmtpProfile", "fabrikam-gateways")["destination"] == (
                 "RoundRobin: 192.0.2.21:25, 192.0.2.22:25, gw3.fabrikam.example:587"
             )
@@ -154,7 +153,7 @@ def test_examples_publish_the_document_that_mailflow_relay_compiles_byte_for_byt
             other = relay_pod("not-a-relay", None)
             other["metadata"]["labels"] = {"app": "something-else"}
             await api.apply(other)
-            await eventually(lambda: operator.passes > before, what="another pass")
+            await until(lambda: operator.passes > before, what="another pass")
             assert len(api.history("Secret", SECRET.namespace, SECRET.name)) == history
             assert routing(api)[1]["mailflow.dev/generation"] == "1"
 
@@ -166,13 +165,9 @@ def test_conflicting_connectors_are_both_not_accepted_and_name_each_other() -> N
         await api.apply(connector("first", ["*"]))
         await api.apply(connector("second", ["*.*"]))
         async with OperatorThread(config_for(api)):
-            first = await eventually(
-                lambda: condition(api, "OutboundConnector", "first", "Accepted")
-            )
+            first = await until(lambda: condition(api, "OutboundConnector", "first", "Accepted"))
             # One pass writes one status after the other: wait for the second one too.
-            second = await eventually(
-                lambda: condition(api, "OutboundConnector", "second", "Accepted")
-            )
+            second = await until(lambda: condition(api, "OutboundConnector", "second", "Accepted"))
             assert (first["status"], first["reason"]) == ("False", "Conflicted")
             assert (second["status"], second["reason"]) == ("False", "Conflicted")
             assert "OutboundConnector mail/second" in first["message"]
@@ -186,12 +181,12 @@ def test_conflicting_connectors_are_both_not_accepted_and_name_each_other() -> N
 
             # The user fixes it: the loser's Accepted turns True, with a new transition time.
             await api.apply(connector("second", ["contoso.com"]))
-            await eventually(
+            await until(
                 lambda: (
                     condition(api, "OutboundConnector", "second", "Accepted")["status"] == "True"
                 )
             )
-            await eventually(
+            await until(
                 lambda: condition(api, "OutboundConnector", "first", "Accepted")["status"] == "True"
             )
             assert status(api, "OutboundConnector", "second")["observedGeneration"] == 2
@@ -212,7 +207,7 @@ def test_missing_profile_turns_resolved_refs_false_until_it_exists_and_again_whe
             connector("partner", ["fabrikam.example"], destination={"profileRef": {"name": "pool"}})
         )
         async with OperatorThread(config_for(api)):
-            refs = await eventually(
+            refs = await until(
                 lambda: condition(api, "OutboundConnector", "partner", "ResolvedRefs")
             )
             assert (refs["status"], refs["reason"]) == ("False", "ProfileNotFound")
@@ -224,7 +219,7 @@ def test_missing_profile_turns_resolved_refs_false_until_it_exists_and_again_whe
             assert status(api, "OutboundConnector", "partner")["destination"] == "profile pool"
 
             await api.apply(profile)
-            await eventually(
+            await until(
                 lambda: (
                     condition(api, "OutboundConnector", "partner", "ResolvedRefs")["status"]
                     == "True"
@@ -239,7 +234,7 @@ def test_missing_profile_turns_resolved_refs_false_until_it_exists_and_again_whe
 
             # Deleting a profile in use: no finalizer holds it, its connector stops resolving.
             await api.delete("MultiSmtpProfile", "mail", "pool")
-            await eventually(
+            await until(
                 lambda: (
                     condition(api, "OutboundConnector", "partner", "ResolvedRefs")["status"]
                     == "False"
@@ -259,15 +254,15 @@ def test_relay_pods_serving_the_generation_make_connectors_programmed() -> None:
         await api.apply(relay_pod("relay-2", 0, ready=False))  # not ready: not counted
         async with OperatorThread(config_for(api)):
             # Relays annotate their pods once they load a published document.
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
+            await until(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
             await api.apply(relay_pod("relay-0", 1))
-            await eventually(lambda: status(api, "OutboundConnector", "all")["relays"] == "1/2")
+            await until(lambda: status(api, "OutboundConnector", "all")["relays"] == "1/2")
             programmed = condition(api, "OutboundConnector", "all", "Programmed")
             assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
             assert status(api, "OutboundConnector", "all")["configGeneration"] == 1
 
             await api.apply(relay_pod("relay-1", 1))
-            await eventually(
+            await until(
                 lambda: condition(api, "OutboundConnector", "all", "Programmed")["status"] == "True"
             )
             assert status(api, "OutboundConnector", "all")["relays"] == "2/2"
@@ -279,25 +274,23 @@ def test_relay_pods_serving_the_generation_make_connectors_programmed() -> None:
             # still serve the old one, so it is not programmed until they catch up.
             updated = connector("all", ["*"], description="changed")
             await api.apply(updated)
-            await eventually(
-                lambda: status(api, "OutboundConnector", "all")["observedGeneration"] == 2
-            )
+            await until(lambda: status(api, "OutboundConnector", "all")["observedGeneration"] == 2)
             assert status(api, "OutboundConnector", "all")["configGeneration"] == 2
             assert condition(api, "OutboundConnector", "all", "Programmed")["status"] == "False"
             assert routing(api)[1]["mailflow.dev/generation"] == "2"
             await api.apply(relay_pod("relay-0", 2))
             await api.apply(relay_pod("relay-1", 3))
-            await eventually(
+            await until(
                 lambda: condition(api, "OutboundConnector", "all", "Programmed")["status"] == "True"
             )
 
             # Deleting a connector removes its routes in the next generation. relay-1 says
             # it serves 3 (ahead of the Secret): numbers in use are never reused, so 4.
             await api.delete("OutboundConnector", "mail", "all")
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "4")
+            await until(lambda: routing(api)[1]["mailflow.dev/generation"] == "4")
             await api.delete("Secret", SECRET.namespace, SECRET.name)
             # Deleted (or emptied) by someone: published again, and the sequence goes on.
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "5")
+            await until(lambda: routing(api)[1]["mailflow.dev/generation"] == "5")
             assert RoutingDocument.from_json(routing(api)[0]).connectors == ()
 
     run(scenario)
@@ -309,13 +302,13 @@ def test_a_restarted_operator_publishes_the_same_document_and_changes_no_status(
         await api.apply(connector("duplicate-catch-all", ["*.*"]))
         await api.apply(relay_pod("relay-0", None))
         async with OperatorThread(config_for(api)) as operator:
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
+            await until(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
             await api.apply(relay_pod("relay-0", 1))
-            await eventually(
+            await until(
                 lambda: status(api, "OutboundConnector", "tls-name-match").get("relays") == "1/1"
             )
             settled = operator.passes
-            await eventually(lambda: operator.passes >= settled)
+            await until(lambda: operator.passes >= settled)
         names = [
             ("OutboundConnector", m.name)
             for m in load_manifests([str(EXAMPLES)])
@@ -330,7 +323,7 @@ def test_a_restarted_operator_publishes_the_same_document_and_changes_no_status(
         text = routing(api)[0]
 
         async with OperatorThread(config_for(api)) as operator:
-            await eventually(lambda: operator.passes >= 1, what="a pass after the restart")
+            await until(lambda: operator.passes >= 1, what="a pass after the restart")
             await asyncio.sleep(0.3)  # and whatever the replayed watch events cause
         assert routing(api)[0] == text
         assert len(api.history("Secret", SECRET.namespace, SECRET.name)) == secret_versions
@@ -351,7 +344,7 @@ def test_each_example_set_alone_is_published_byte_identical(example: str) -> Non
                 body = await api.apply(manifest.body)
                 manifests.append(dataclasses.replace(manifest, body=body))
         async with OperatorThread(config_for(api)) as operator:
-            await eventually(lambda: operator.passes >= 1)
+            await until(lambda: operator.passes >= 1)
             assert routing(api)[0] == compiled_from(manifests, generation=1)
 
     run(scenario)
@@ -366,9 +359,9 @@ def test_a_routing_change_without_a_spec_change_waits_for_the_relays_again() -> 
         )
         await api.apply(relay_pod("relay-0", None))
         async with OperatorThread(config_for(api)):
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
+            await until(lambda: routing(api)[1]["mailflow.dev/generation"] == "1")
             await api.apply(relay_pod("relay-0", 1))
-            await eventually(
+            await until(
                 lambda: (
                     condition(api, "OutboundConnector", "pooled", "Programmed")["status"] == "True"
                 )
@@ -381,15 +374,13 @@ def test_a_routing_change_without_a_spec_change_waits_for_the_relays_again() -> 
                     "spec": {"servers": [{"host": "192.0.2.1"}]},
                 }
             )
-            await eventually(lambda: routing(api)[1]["mailflow.dev/generation"] == "2")
-            await eventually(
-                lambda: status(api, "OutboundConnector", "pooled")["configGeneration"] == 2
-            )
+            await until(lambda: routing(api)[1]["mailflow.dev/generation"] == "2")
+            await until(lambda: status(api, "OutboundConnector", "pooled")["configGeneration"] == 2)
             programmed = condition(api, "OutboundConnector", "pooled", "Programmed")
             assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
             assert condition(api, "OutboundConnector", "pooled", "Reconciling")["status"] == "True"
             await api.apply(relay_pod("relay-0", 2))
-            await eventually(
+            await until(
                 lambda: condition(api, "OutboundConnector", "pooled", "Ready")["status"] == "True"
             )
             assert condition(api, "OutboundConnector", "pooled", "Stalled")["status"] == "False"
@@ -404,7 +395,7 @@ def test_a_huge_list_of_findings_still_makes_a_writable_status() -> None:
         await api.apply(connector("first", domains))
         await api.apply(connector("second", domains))
         async with OperatorThread(config_for(api)):
-            await eventually(
+            await until(
                 lambda: (
                     condition(api, "OutboundConnector", "second", "Accepted")["reason"]
                     == "Conflicted"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from mailflow_operator.cli import build_parser
-from mailflow_operator.errors import UsageError
-from mailflow_operator.operator_cli import config_from_args
+from mailflow_cli.main import build_parser
+from mailflow_cli.operator_command import config_from_args
+from mailflow_compiler.errors import UsageError
 from mailflow_operator.selectors import LabelSelector
 from mailflow_operator.status import Condition, merge_conditions
-from mailflow_relay.routing import DefaultAction, ObjectRef
+from mailflow_relay.routing.document import DefaultAction, ObjectRef
 
 
 @pytest.mark.parametrize(

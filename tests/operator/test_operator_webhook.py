@@ -9,14 +9,15 @@ import ssl
 import uuid
 from typing import Any
 
-from kube_emulator import Cluster, OperatorThread, cluster, eventually
-from mailflow_operator.checks import check_manifests
-from mailflow_operator.manifests import Manifest
+from kube_emulator import Cluster, OperatorThread, cluster
+from mailflow_compiler.checks import check_manifests
+from mailflow_compiler.manifests import Manifest
 from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig, WebhookConfig
 from mailflow_operator.selectors import LabelSelector
-from mailflow_relay.routing import ObjectRef
+from mailflow_relay.routing.document import ObjectRef
 from pki import Pki
+from support import until
 
 
 def free_port() -> int:
@@ -111,7 +112,7 @@ def test_webhook_refuses_conflicts_with_the_messages_of_mailflow_validate(pki: P
             api_server=api.url,
         )
         async with OperatorThread(config) as operator:
-            await eventually(lambda: operator.passes >= 1)
+            await until(lambda: operator.passes >= 1)
             path = "/validate-outboundconnectors"
             ca_file = str(ca.issued.cert_file)
 
@@ -146,9 +147,9 @@ def test_webhook_refuses_conflicts_with_the_messages_of_mailflow_validate(pki: P
 
 
 def test_a_conflict_with_a_connector_of_another_namespace_is_refused_too() -> None:
-    from mailflow_operator.reconcile import Store
+    from mailflow_operator.store import Store
     from mailflow_operator.webhook import admission_findings
-    from mailflow_relay.routing import ObjectRef
+    from mailflow_relay.routing.document import ObjectRef
 
     def body(namespace: str, name: str) -> dict[str, Any]:
         return {

@@ -1,0 +1,7 @@
+"""``python -m mailflow_cli``: the same as the ``mailflow`` command."""
+
+import sys
+
+from mailflow_cli.main import main
+
+sys.exit(main())

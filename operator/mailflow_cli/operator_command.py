@@ -1,0 +1,74 @@
+"""``mailflow operator``: its options become an OperatorConfig, then kopf runs it.
+
+The only command module that imports kopf; :mod:`mailflow_cli.main` imports it only when
+the operator command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import TextIO
+
+import kopf
+
+from mailflow_cli.endpoints import parse_endpoint
+from mailflow_compiler.errors import UsageError
+from mailflow_operator.reconcile import ReconcileSettings
+from mailflow_operator.runner import OperatorConfig, WebhookConfig, run_operator
+from mailflow_operator.selectors import LabelSelector
+from mailflow_relay.routing.document import DefaultAction, DefaultRoute, ObjectRef
+
+__all__ = ["config_from_args", "run_operator_command"]
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    try:
+        routing_secret = ObjectRef.parse(args.routing_secret)
+    except ValueError as e:
+        raise UsageError(f"--routing-secret: {e}") from e
+    if args.probe_interval < 0:
+        raise UsageError("--probe-interval: must be 0 (off) or more")
+    if (args.webhook_cert is None) != (args.webhook_key is None):
+        raise UsageError("--webhook-cert and --webhook-key go together")
+    webhook = None
+    if args.webhook_port is not None:
+        webhook = WebhookConfig(
+            port=args.webhook_port,
+            addr=args.webhook_addr,
+            host=args.webhook_host,
+            cert_file=Path(args.webhook_cert) if args.webhook_cert else None,
+            key_file=Path(args.webhook_key) if args.webhook_key else None,
+            strict=args.webhook_strict,
+            managed=args.webhook_managed,
+        )
+    return OperatorConfig(
+        reconcile=ReconcileSettings(
+            namespaces=tuple(dict.fromkeys(args.namespace)),
+            routing_secret=routing_secret,
+            relay_selector=LabelSelector.parse(args.relay_selector),
+            default_route=DefaultRoute(action=DefaultAction(args.default_route)),
+            probe_interval=args.probe_interval,
+            certificate_warning_days=args.cert_expiry_warning_days,
+        ),
+        webhook=webhook,
+        liveness=args.liveness,
+        metrics=parse_endpoint(args.metrics, "--metrics") if args.metrics else None,
+    )
+
+
+def run_operator_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    config = config_from_args(args)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format={
+            "json": kopf.LogFormat.JSON,
+            "plain": kopf.LogFormat.PLAIN,
+            "full": kopf.LogFormat.FULL,
+        }[args.log_format],
+    )
+    logging.getLogger("mailflow_operator").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    asyncio.run(run_operator(config))
+    return 0

@@ -1,0 +1,161 @@
+"""``mailflow relay``: options become settings, checked before anything listens."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import TextIO
+
+from mailflow_cli.endpoints import parse_endpoint, parse_networks, spool_path
+from mailflow_cli.exits import EXIT_OK
+from mailflow_cli.standalone import ManifestSource, ManifestWatcher, compile_manifests
+from mailflow_compiler.errors import UsageError
+from mailflow_relay.engine.logs import configure_logging
+from mailflow_relay.engine.relay import Relay, RelaySettings
+from mailflow_relay.errors import SettingsError
+from mailflow_relay.hosting.serve import DocumentSource, serve
+from mailflow_relay.inbound.listener import ListenerConfigError, ListenerSettings
+from mailflow_relay.inbound.settings import IPNetwork
+from mailflow_relay.outbound.deliverer import DeliverySettings
+from mailflow_relay.routing.document import DefaultAction, DefaultRoute
+
+__all__ = ["read_auth_dir", "relay_setup", "run_relay"]
+
+
+def read_auth_dir(folder: str) -> dict[str, str]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise UsageError(f"--auth-dir {folder!r}: no such folder")
+    users = {}
+    for file in sorted(path.iterdir()):
+        # A mounted Secret also holds ..data links and hidden folders: skip them.
+        if file.name.startswith(".") or not file.is_file():
+            continue
+        users[file.name] = file.read_text(encoding="utf-8").strip()
+    return users
+
+
+def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    settings, source, http = relay_setup(args, err)
+    asyncio.run(serve(settings, source, http))
+    return EXIT_OK
+
+
+def relay_setup(
+    args: argparse.Namespace, err: TextIO
+) -> tuple[RelaySettings, DocumentSource, tuple[str, int] | None]:
+    """Everything `mailflow relay` needs, checked before anything listens or connects."""
+    listen_host, listen_port = parse_endpoint(args.listen, "--listen")
+    http = parse_endpoint(args.http, "--http") if args.http else None
+    networks = parse_networks(args.accept_from)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    dns_servers: list[str] = []
+    dns_port = 53
+    for value in args.dns_server:
+        host, sep, port = value.rpartition(":") if value.count(":") == 1 else ("", "", "")
+        dns_servers.append(host if sep else value)
+        if sep:
+            if not port.isdigit():
+                raise UsageError(f"--dns-server {value!r}: expected IP[:PORT]")
+            dns_port = int(port)
+    if bool(args.manifests) == bool(args.routing_secret):
+        raise UsageError("give either --manifests (standalone) or --routing-secret (in a cluster)")
+    default_route = DefaultRoute(action=DefaultAction(args.default_route))
+    users: dict[str, str] = {}
+    secrets: dict[str, dict[str, str]] = {}
+    document = None
+    if args.manifests:
+        document, secrets = compile_manifests(args.manifests, args.namespace, default_route, err)
+    if args.auth_secret:
+        if args.auth_secret not in secrets:
+            raise UsageError(
+                f"--auth-secret {args.auth_secret!r}: no Secret of that name among the manifests "
+                "(stringData); in a cluster, mount the Secret and use --auth-dir"
+            )
+        users = secrets[args.auth_secret]
+    if args.auth_dir:
+        users.update(read_auth_dir(args.auth_dir))
+    if not networks and not users:
+        err.write(
+            "warning: no --accept-from and no --auth-secret: nobody may relay through this relay\n"
+        )
+    configure_logging(args.log_level, args.log_format, err)
+    handoff = parse_endpoint(args.handoff, "--handoff", names=True) if args.handoff else None
+    try:
+        settings = _settings(
+            args, listen_host, listen_port, networks, users, dns_servers, dns_port, handoff
+        )
+    except (SettingsError, ListenerConfigError) as e:
+        option = _OPTIONS.get(e.setting, e.setting.replace("_", "-"))
+        raise UsageError(f"--{option}: {e.reason}") from e
+
+    def watcher(relay: Relay) -> ManifestWatcher:
+        return ManifestWatcher(
+            relay, args.manifests, args.namespace, default_route, args.reload_interval
+        )
+
+    source: DocumentSource
+    if document is not None:
+        source = ManifestSource(document, watcher if args.reload_interval > 0 else None)
+    else:
+        namespace, _, name = args.routing_secret.partition("/")
+        if not namespace or not name:
+            raise UsageError(f"--routing-secret {args.routing_secret!r}: expected NAMESPACE/NAME")
+        # Only a relay in a cluster needs the Kubernetes client (a large import).
+        from mailflow_relay.hosting.cluster import RoutingSecretSource
+
+        source = RoutingSecretSource(namespace, name, poll_interval=args.config_poll)
+    return settings, source, http
+
+
+# Settings whose option is not their name with dashes.
+_OPTIONS = {
+    "idle_connections_per_target": "idle-connections",
+    "delay_warning_after": "delay-warning",
+    "port": "listen",
+    "host": "listen",
+}
+
+
+def _settings(
+    args: argparse.Namespace,
+    listen_host: str,
+    listen_port: int,
+    networks: tuple[IPNetwork, ...],
+    users: dict[str, str],
+    dns_servers: list[str],
+    dns_port: int,
+    handoff: tuple[str, int] | None,
+) -> RelaySettings:
+    return RelaySettings(
+        listener=ListenerSettings(
+            host=listen_host,
+            port=listen_port,
+            hostname=args.hostname,
+            accept_from=networks,
+            users=users,
+            tls_cert_file=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key_file=Path(args.tls_key) if args.tls_key else None,
+            max_message_size=args.max_message_size,
+            max_recipients=args.max_recipients,
+            max_connections_per_client=args.max_connections_per_client,
+        ),
+        spool_dir=spool_path(args.spool),
+        delivery=DeliverySettings(
+            helo_name=args.hostname,
+            mx_port=args.mx_port,
+            idle_connections_per_target=args.idle_connections,
+        ),
+        dns_servers=tuple(dns_servers),
+        dns_port=dns_port,
+        workers=args.workers,
+        retry_initial=args.retry_initial,
+        retry_max=args.retry_max,
+        queue_lifetime=args.queue_lifetime,
+        delay_warning_after=args.delay_warning,
+        drain_grace=args.drain_grace,
+        # The peer is the relay Service: a name, resolved when the hand-off happens.
+        handoff=handoff,
+    )

@@ -1,0 +1,65 @@
+"""What the operator's watches have seen: raw bodies and decoded Secrets, by namespace/name.
+
+Filled by the kopf watch handlers, read by the reconciler and the admission webhook; the
+one place that holds cluster state in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailflow_compiler.compiler import CONNECTOR_KIND, PROFILE_KIND
+from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION
+from mailflow_relay.routing.document import ObjectRef
+
+__all__ = ["PodState", "Store", "pod_state", "ref_of"]
+
+
+@dataclass
+class PodState:
+    """A relay pod as the operator needs it: is it ready, which generation does it serve."""
+
+    ready: bool
+    generation: int | None
+
+
+@dataclass
+class Store:
+    """What the watches have seen: raw bodies and decoded Secrets, by namespace/name."""
+
+    connectors: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
+    profiles: dict[ObjectRef, dict[str, Any]] = field(default_factory=dict)
+    secrets: dict[ObjectRef, dict[str, str]] = field(default_factory=dict)
+    pods: dict[ObjectRef, PodState] = field(default_factory=dict)
+    deleted: set[tuple[str, ObjectRef]] = field(default_factory=set)
+    """Deletions seen by the watch, so that a slower initial listing cannot resurrect them."""
+
+    def table(self, kind: str) -> dict[ObjectRef, Any]:
+        tables: dict[str, dict[ObjectRef, Any]] = {
+            CONNECTOR_KIND: self.connectors,
+            PROFILE_KIND: self.profiles,
+            "Secret": self.secrets,
+            "Pod": self.pods,
+        }
+        return tables[kind]
+
+
+def ref_of(body: Mapping[str, Any]) -> ObjectRef:
+    metadata = body.get("metadata") or {}
+    return ObjectRef(str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+
+
+def pod_state(body: Mapping[str, Any]) -> PodState:
+    metadata = body.get("metadata") or {}
+    conditions = (body.get("status") or {}).get("conditions") or []
+    is_ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    if metadata.get("deletionTimestamp"):
+        is_ready = False
+    annotation = (metadata.get("annotations") or {}).get(POD_GENERATION_ANNOTATION)
+    try:
+        generation = int(annotation) if annotation is not None else None
+    except ValueError:
+        generation = None
+    return PodState(is_ready, generation)

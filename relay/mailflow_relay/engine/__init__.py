@@ -1,0 +1,1 @@
+"""The relay as composition root: workers, outcomes, hand-off, metrics, logs."""

@@ -1,0 +1,88 @@
+"""Hand-off: on stop, what is left in the spool goes to a peer relay over SMTP.
+
+Each record leaves this spool only after the peer's ``250`` for it (the peer has then
+stored it durably, the same promise this relay gave its client); a peer that takes some
+recipients only gets those recorded as done here, and the rest stay. A failure keeps the
+message in the spool for the next start: hand-off never loses a message, at worst it
+duplicates one whose ``250`` was lost on the way back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from mailflow_relay.engine.metrics import RelayMetrics
+from mailflow_relay.engine.outcomes import final
+from mailflow_relay.queue.spool import RecipientState, RecipientStatus, SpooledMessage
+
+__all__ = ["HandOff"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HandOff:
+    peer: tuple[str, int]
+    """The peer relay: the relay Service's name (resolved now) and port."""
+    local_hostname: str
+    timeout: float
+    """Seconds for one message's whole SMTP transaction with the peer."""
+    metrics: RelayMetrics
+    update: Callable[..., Awaitable[object]]
+    """Records recipients' states in the spool: ``update(queue_id, *states)``."""
+    remove: Callable[[str], Awaitable[object]]
+    """Removes a record from the spool once the peer has it."""
+
+    async def run(self, messages: Sequence[SpooledMessage]) -> list[str]:
+        """Re-inject ``messages`` into the peer; the queue ids it took whole."""
+        if not messages:
+            return []
+        peer = self.peer
+        logger.info("handing %d message(s) to %s:%d", len(messages), *peer)
+        # One at a time: the peer is one relay, and each record waits for its own 250.
+        return [m.queue_id for m in messages if await self._one(m)]
+
+    async def _one(self, message: SpooledMessage) -> bool:
+        peer = self.peer
+        recipients = [r.address for r in message.pending]
+        try:
+            async with asyncio.timeout(self.timeout):
+                smtp = aiosmtplib.SMTP(
+                    hostname=peer[0],
+                    port=peer[1],
+                    local_hostname=self.local_hostname,
+                    start_tls=False,
+                    timeout=self.timeout,
+                )
+                async with smtp:
+                    refused, _ = await smtp.sendmail(message.sender, recipients, message.body)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            self.metrics.handoffs.labels("failed").inc()
+            logger.warning("queue %s: hand-off failed, kept in the spool: %s", message.queue_id, e)
+            return False
+        if refused:
+            # The peer took the message for some recipients only: those are done here
+            # (recorded before anything else), the others stay for this relay.
+            taken: list[RecipientState] = [
+                final(r, RecipientStatus.DELIVERED, 250, f"2.0.0 handed off to {peer[0]}:{peer[1]}")
+                for r in message.pending
+                if r.address not in refused
+            ]
+            if taken:
+                await self.update(message.queue_id, *taken)
+            self.metrics.handoffs.labels("failed").inc()
+            logger.warning(
+                "queue %s: the peer refused %s; kept in the spool for them",
+                message.queue_id,
+                sorted(refused),
+            )
+            return False
+        await self.remove(message.queue_id)
+        self.metrics.handoffs.labels("accepted").inc()
+        logger.info("queue %s: handed off to %s:%d", message.queue_id, *peer)
+        return True

@@ -1,0 +1,749 @@
+"""The relay: listener → spool → router → delivery, as one supervised service.
+
+Life of a message:
+
+1. the listener accepts it from an allowed client; :meth:`Relay._accept` adds the
+   ``Received:`` header and stores it in the spool — durably — before the client hears
+   ``250`` (DESIGN.md, "Relay guarantees");
+2. its queue id goes into the due index (:mod:`.schedule`, a heap by next attempt) and
+   an idle worker wakes at once; a message just accepted is delivered from memory;
+3. a worker loads it, asks the router for each due recipient's route, splits the
+   recipients into one delivery per route (and per recipient domain where the route
+   delivers to the recipient's MX or checks the certificate against the recipient
+   domain), delivers, and records every recipient's outcome in the spool in one atomic
+   step. Delivered and failed recipients are final; deferred ones get a next attempt
+   with exponential backoff; a message whose recipients are all final leaves the spool;
+4. at start the spool is rescanned, so what a crash interrupted is delivered again.
+
+Everything runs in one :class:`asyncio.TaskGroup`; :meth:`Relay.stop` stops accepting,
+lets sessions finish, and lets workers finish the delivery they are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailflow_relay.engine.handoff import HandOff
+from mailflow_relay.engine.metrics import RelayMetrics
+from mailflow_relay.engine.outcomes import deferred, final, with_states
+from mailflow_relay.engine.schedule import DueIndex
+from mailflow_relay.errors import (
+    InvalidAddressError,
+    RoutingDocumentError,
+    require_positive,
+)
+from mailflow_relay.inbound.listener import AcceptedMessage, ListenerSettings, SmtpListener
+from mailflow_relay.outbound.deliverer import (
+    Deliverer,
+    DeliveryReport,
+    DeliverySettings,
+    DeliveryStatus,
+)
+from mailflow_relay.outbound.dns import Resolver
+from mailflow_relay.queue.admin import FLUSH_REQUEST
+from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
+from mailflow_relay.queue.spool import (
+    MessageNotFoundError,
+    RecipientState,
+    RecipientStatus,
+    Spool,
+    SpooledMessage,
+)
+from mailflow_relay.routing.document import (
+    RecipientMx,
+    RoutingDocument,
+    TlsMode,
+)
+from mailflow_relay.routing.router import RouteDecision, Router
+
+__all__ = ["DeliveryEvent", "Relay", "RelaySettings"]
+
+T = TypeVar("T")
+FRESH_CACHE_BYTES = 64 * 1024 * 1024
+"""Messages just accepted are kept in memory up to this many bytes for their first delivery."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    listener: ListenerSettings
+    spool_dir: Path
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    dns_servers: tuple[str, ...] = ()
+    """DNS servers to ask; empty = the system's resolver configuration."""
+    dns_port: int = 53
+    workers: int = 16
+    """Deliveries in progress at once."""
+    retry_initial: float = 300.0
+    """Seconds before the first retry of a deferred recipient (Postfix: 300 s)."""
+    retry_max: float = 4000.0
+    """The longest wait between retries (Postfix: 4000 s)."""
+    scheduler_tick: float = 1.0
+    spool_threads: int = 64
+    """Threads for spool I/O (each mostly waits on fsync)."""
+    queue_lifetime: float = 5 * 24 * 3600.0
+    """A recipient still deferred this long after arrival fails, and the sender is told
+    (Postfix ``maximal_queue_lifetime``, 5 days)."""
+    delay_warning_after: float | None = None
+    """Tell the sender once (``Action: delayed``) when a recipient is still deferred after
+    this many seconds; None: no delay warnings (Postfix's default)."""
+    drain_grace: float = 25.0
+    """On stop: seconds that sessions may take to finish and deliveries may go on."""
+    handoff: tuple[str, int] | None = None
+    """On stop: hand what is left in the spool to this peer relay (the relay Service)."""
+    handoff_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        require_positive(
+            self,
+            "dns_port",
+            "workers",
+            "retry_initial",
+            "retry_max",
+            "scheduler_tick",
+            "spool_threads",
+            "queue_lifetime",
+            "delay_warning_after",
+            "drain_grace",
+            "handoff_timeout",
+            allow_zero=("drain_grace",),
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    """One delivery's outcome for one route: what logs, metrics and ``make demo`` show."""
+
+    queue_id: str
+    connector: str
+    destination: str
+    tls_mode: TlsMode
+    report: DeliveryReport
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: RelaySettings,
+        document: RoutingDocument,
+        *,
+        on_delivery: Callable[[DeliveryEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.metrics = RelayMetrics()
+        self.router = Router(document)
+        self.document = document
+        self.metrics.config_generation.set(document.generation)
+        self.spool = Spool(
+            settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
+        )
+        self.deliverer = Deliverer(
+            settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
+        )
+        self.listener = SmtpListener(settings.listener, self._accept, self._check_recipient)
+        self.on_delivery = on_delivery
+        self._clock = clock
+        self._index = DueIndex()
+        self._queued: dict[str, datetime] = {}
+        """Every message in the spool that is not final, with its arrival time (for gauges)."""
+        self._in_flight: set[str] = set()
+        self._processing: set[asyncio.Task[None]] = set()
+        self._stores: set[asyncio.Task[SpooledMessage]] = set()
+        self._work_available = asyncio.Event()
+        # Spool I/O waits on fsync, not on the CPU: enough threads let the file system
+        # commit many messages' fsyncs together (its own group commit), where asyncio's
+        # default pool (CPUs + 4) would make sessions queue behind each other.
+        self._spool_threads = ThreadPoolExecutor(
+            max_workers=settings.spool_threads, thread_name_prefix="mailflow-spool"
+        )
+        self._fresh: dict[str, SpooledMessage] = {}
+        self._fresh_bytes = 0
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.ready = asyncio.Event()
+        """Set once the listener is bound and the spool has been rescanned."""
+
+    @property
+    def port(self) -> int:
+        return self.listener.port
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def is_ready(self) -> bool:
+        """For ``/readyz``: serving, with a routing document, and not draining."""
+        return self.ready.is_set() and not self.stopping
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def load_document(self, document: RoutingDocument) -> None:
+        """Route new deliveries with ``document``; deliveries in progress keep their route.
+
+        The swap is one assignment: a delivery reads ``self.router`` once, so it sees the
+        old document or the new one, never a mix. Sessions are not touched.
+        """
+        self.router = Router(document)
+        self.document = document
+        self.metrics.config_generation.set(document.generation)
+        self.metrics.config_reloads.labels("loaded").inc()
+        logger.info(
+            "routing document generation %d loaded (%s, %d connectors)",
+            document.generation,
+            document.checksum,
+            len(document.connectors),
+        )
+
+    def load_document_json(self, text: str | bytes) -> bool:
+        """Load a serialised document; a broken one is refused and the current one stays."""
+        try:
+            document = RoutingDocument.from_json(text)
+        except RoutingDocumentError as e:
+            self.refuse_document(str(e))
+            return False
+        if (
+            document.checksum == self.document.checksum
+            and document.generation == self.document.generation
+        ):
+            return True
+        self.load_document(document)
+        return True
+
+    def refuse_document(self, reason: str) -> None:
+        self.metrics.config_reloads.labels("refused").inc()
+        logger.error(
+            "routing document refused: %s; generation %d stays in force",
+            reason,
+            self.document.generation,
+        )
+
+    # --- accepting ---------------------------------------------------------------------------
+
+    def _check_recipient(self, sender: str, recipient: str) -> tuple[int, str] | None:
+        try:
+            decision = self.router.route_for(recipient, sender)
+        except InvalidAddressError as e:
+            self.metrics.refused.labels("bad_recipient").inc()
+            return 553, f"5.1.3 {e.reason}"
+        if decision.rejected:
+            self.metrics.refused.labels("no_route").inc()
+            return 550, "5.7.1 No route for this recipient domain"
+        return None
+
+    async def _accept(self, message: AcceptedMessage) -> str:
+        store = asyncio.create_task(
+            self._io(
+                self.spool.store_with_header,
+                message.mail_from,
+                list(dict.fromkeys(message.rcpt_tos)),
+                message.with_received,
+            ),
+            name="mailflow-store",
+        )
+        try:
+            stored = await asyncio.shield(store)
+        except asyncio.CancelledError:
+            # The session ended (client gone, timeout) while the record was being written.
+            # The thread still finishes: a record that made it to disk must be delivered,
+            # even though the client never heard 250 and will likely send it again.
+            self._stores.add(store)
+            store.add_done_callback(self._stored_unacknowledged)
+            raise
+        self._queued_message(stored, message.client_address)
+        return stored.queue_id
+
+    async def _io(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._spool_threads, functools.partial(function, *args, **kwargs)
+        )
+
+    def _stored_unacknowledged(self, store: asyncio.Task[SpooledMessage]) -> None:
+        self._stores.discard(store)
+        if store.cancelled() or store.exception() is not None:
+            return
+        stored = store.result()
+        logger.warning("queue %s: stored, but the client left before hearing 250", stored.queue_id)
+        self._queued_message(stored, "(gone)")
+
+    def _queued_message(self, stored: SpooledMessage, client: str) -> None:
+        if self._fresh_bytes + stored.size <= FRESH_CACHE_BYTES:
+            self._fresh[stored.queue_id] = stored
+            self._fresh_bytes += stored.size
+        self.metrics.accepted.inc()
+        logger.info(
+            "queued %s from=<%s> recipients=%d size=%d client=%s",
+            stored.queue_id,
+            stored.sender,
+            len(stored.recipients),
+            stored.size,
+            client,
+        )
+        self._track(stored)
+        self._enqueue(stored.queue_id)
+
+    def _track(self, message: SpooledMessage) -> None:
+        self._queued[message.queue_id] = message.received
+        self._schedule(message)
+
+    def _enqueue(self, queue_id: str) -> None:
+        """Due now: a waiting worker takes it at once (it is already in the index)."""
+        self._index.set(queue_id, min(self._index.due.get(queue_id, self._clock()), self._clock()))
+        self._work_available.set()
+
+    # --- running -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop`, then drain (see :meth:`stop`) and return."""
+        for message in await self._io(self.spool.scan):
+            if message.is_final:
+                # A crash came between recording the last outcome and removing the record.
+                await self._io(self.spool.remove, message.queue_id)
+                continue
+            self._track(message)
+        logger.info("spool rescanned: %d message(s) waiting", len(self._queued))
+        await self.listener.start()
+        logger.info("listening on %s:%d", self.settings.listener.host, self.listener.port)
+        self.ready.set()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                workers = [
+                    tasks.create_task(self._worker(), name=f"mailflow-delivery-{i}")
+                    for i in range(self.settings.workers)
+                ]
+                scheduler = tasks.create_task(self._scheduler(), name="mailflow-scheduler")
+                await self._stopping.wait()
+                await self._drain(workers, scheduler)
+        finally:
+            await self.listener.stop(grace=0)
+            await self.deliverer.close()
+        if self._stores:
+            # Records still being written for sessions that went away: they belong in the
+            # spool (and in the hand-off) too.
+            await asyncio.gather(*self._stores, return_exceptions=True)
+        try:
+            if self.settings.handoff is not None:
+                await self._hand_off(self.settings.handoff)
+        finally:
+            self._fresh.clear()
+            # Writes still running (a store whose session went away) finish first.
+            await asyncio.to_thread(self._spool_threads.shutdown, True)
+        logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))
+
+    def stop(self) -> None:
+        """Drain: readiness goes false, the listener stops accepting, open sessions finish,
+        deliveries go on until the grace period; then what is left stays in the spool or,
+        with hand-off, goes to a peer relay."""
+        if not self._stopping.is_set():
+            logger.info("stopping: draining for up to %.0fs", self.settings.drain_grace)
+        self._stopping.set()
+
+    async def _drain(
+        self, workers: list[asyncio.Task[None]], scheduler: asyncio.Task[None]
+    ) -> None:
+        deadline = self._clock() + self.settings.drain_grace
+        await self.listener.stop_accepting()
+        await self.listener.wait_sessions_closed(max(0.0, deadline - self._clock()))
+        # Deliveries that are due go on until the grace period ends (the workers keep
+        # taking due messages meanwhile).
+        while self._clock() < deadline and (self._in_flight or self._due_now()):  # noqa: ASYNC110
+            # A real yield each time: the workers must get the loop to take what is due.
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self._clock())))
+        scheduler.cancel()
+        for worker in workers:
+            worker.cancel()
+        # The grace period is over: deliveries still in progress are cut short. Their
+        # messages stay in the spool (or go to the peer) with the outcome unrecorded, so
+        # at worst a message the destination already took goes out once more — never zero.
+        unfinished = [task for task in self._processing if not task.done()]
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            logger.warning(
+                "drain: %d delivery(ies) cut short at the end of the grace period", len(unfinished)
+            )
+            await asyncio.gather(*unfinished, return_exceptions=True)
+
+    def _due_now(self) -> bool:
+        next_due = self._index.next_due()
+        return next_due is not None and next_due <= self._clock()
+
+    def _schedule(self, message: SpooledMessage) -> None:
+        if message.is_final:
+            return
+        now_wall = datetime.now(UTC)
+        waits = [
+            max(0.0, (r.next_attempt - now_wall).total_seconds()) if r.next_attempt else 0.0
+            for r in message.pending
+        ]
+        self._index.set(message.queue_id, self._clock() + min(waits, default=0.0))
+        self._work_available.set()
+
+    async def _scheduler(self) -> None:
+        flush = self.settings.spool_dir / FLUSH_REQUEST
+        while True:
+            if flush.exists():
+                # `mailflow queue retry` made deferred recipients due: reread the spool.
+                with contextlib.suppress(FileNotFoundError):
+                    flush.unlink()
+                try:
+                    # Read only: `mailflow queue` may be writing its own temp files now.
+                    rescanned = await self._io(self.spool.scan, repair=False)
+                except OSError:
+                    logger.exception("flush: cannot read the spool; the schedule stays as it was")
+                    rescanned = []
+                for message in rescanned:
+                    if not message.is_final and message.queue_id not in self._in_flight:
+                        self._track(message)
+                logger.info("flush requested: %d message(s) rescheduled", len(self._index.due))
+            self._update_gauges()
+            await asyncio.sleep(self.settings.scheduler_tick)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_messages.set(len(self._queued))
+        oldest = min(self._queued.values(), default=None)
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        self.metrics.queue_oldest_seconds.set(max(0.0, age))
+        self.metrics.sessions.set(self.listener.active_sessions)
+
+    async def _next_due(self) -> str:
+        """Wait for the earliest due message that no other worker is on."""
+        while True:
+            self._work_available.clear()
+            queue_id = self._index.pop_due(self._clock())
+            if queue_id is not None:
+                if queue_id in self._in_flight:
+                    continue  # being delivered: it reschedules itself when done
+                return queue_id
+            next_due = self._index.next_due()
+            wait = 1.0 if next_due is None else min(1.0, max(0.0, next_due - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._work_available.wait()
+
+    async def _worker(self) -> None:
+        while True:
+            queue_id = await self._next_due()
+            self._in_flight.add(queue_id)
+            self._idle.clear()
+            # The processing task is tracked on its own: when a stopping relay cancels its
+            # workers, a delivery in progress goes on (shielded) and the drain waits for it
+            # before anything is handed to a peer.
+            task = asyncio.create_task(
+                self._process_guarded(queue_id), name=f"mailflow-process-{queue_id}"
+            )
+            self._processing.add(task)
+            task.add_done_callback(self._processing.discard)
+            await asyncio.shield(task)
+
+    async def _process_guarded(self, queue_id: str) -> None:
+        try:
+            await self._process(queue_id)
+        except MessageNotFoundError:
+            # Deleted by an administrator (`mailflow queue delete`) meanwhile.
+            logger.info("queue %s: no longer in the spool", queue_id)
+            self._queued.pop(queue_id, None)
+            self._index.drop(queue_id)
+        except Exception as e:
+            logger.exception("queue %s: processing failed", queue_id)
+            await self._defer_after_error(queue_id, e)
+        finally:
+            self._in_flight.discard(queue_id)
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _defer_after_error(self, queue_id: str, error: Exception) -> None:
+        """Record the failure as a deferral, so backoff, the lifetime and the bounce apply."""
+        try:
+            message = await self._io(self.spool.load, queue_id)
+            reason = f"4.3.0 internal error: {type(error).__name__}"
+            updates = [self._deferred(state, 451, reason) for state in message.pending]
+            updates = self._expire(message, updates, datetime.now(UTC))
+            updates = await self._notify_sender(message, updates, datetime.now(UTC))
+            states = await self._io(self.spool.update, queue_id, *updates)
+            if all(s.status.is_final for s in states):
+                await self._io(self.spool.remove, queue_id)
+                self._queued.pop(queue_id, None)
+            else:
+                self._schedule(with_states(message, states))
+        except Exception:
+            logger.exception("queue %s: cannot record the failure; retrying later", queue_id)
+            self._index.set(queue_id, self._clock() + self.settings.retry_initial)
+
+    # --- delivering --------------------------------------------------------------------------
+
+    async def _process(self, queue_id: str) -> None:
+        fresh = self._fresh.pop(queue_id, None)
+        # One stat(2), cheaper here than a trip through the spool threads.
+        if fresh is not None and not self.spool.contains(queue_id):
+            # Deleted by an administrator before its first delivery.
+            self._fresh_bytes -= fresh.size
+            raise MessageNotFoundError(queue_id)
+        if fresh is not None:
+            # Just stored and never attempted: the spool holds exactly this; no re-read.
+            self._fresh_bytes -= fresh.size
+            message = fresh
+        else:
+            message = await self._io(self.spool.load, queue_id)
+        now = datetime.now(UTC)
+        due = [r for r in message.pending if r.next_attempt is None or r.next_attempt <= now]
+        router = self.router
+        groups: dict[tuple[object, ...], list[tuple[RecipientState, RouteDecision]]] = {}
+        updates: list[RecipientState] = []
+        for state in due:
+            try:
+                decision = router.route_for(state.address, message.sender)
+            except InvalidAddressError as e:
+                updates.append(final(state, RecipientStatus.FAILED, 553, f"5.1.3 {e.reason}"))
+                continue
+            if decision.destination is None:
+                updates.append(
+                    final(state, RecipientStatus.FAILED, 550, "5.7.1 no route for this recipient")
+                )
+                continue
+            groups.setdefault(_group_key(decision), []).append((state, decision))
+
+        # One route failing in a way nobody foresaw must not cost the other routes their
+        # recorded outcome (they would be delivered again): each group stands alone.
+        outcomes = await asyncio.gather(
+            *(self._deliver_group(message, members) for members in groups.values()),
+            return_exceptions=True,
+        )
+        for members, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                logger.error(
+                    "queue %s: delivery failed unexpectedly: %r",
+                    queue_id,
+                    outcome,
+                    exc_info=outcome,
+                )
+                reason = f"4.3.0 internal error: {type(outcome).__name__}"
+                updates.extend(self._deferred(state, 451, reason) for state, _ in members)
+            else:
+                updates.extend(outcome)
+        updates = self._expire(message, updates, now)
+        updates = await self._notify_sender(message, updates, now)
+        merged = {s.address: s for s in message.recipients} | {s.address: s for s in updates}
+        if updates and all(s.status.is_final for s in merged.values()):
+            # Every recipient is done: the record goes at once, without first writing (and
+            # fsyncing) a state file that would be deleted right after. A crash in between
+            # delivers again, as one between the next hop's 250 and any write would.
+            await self._io(self.spool.remove, queue_id, force=True)
+            self._queued.pop(queue_id, None)
+            logger.info("queue %s: done, removed from the spool", queue_id)
+            return
+        if updates:
+            states = await self._io(self.spool.update, queue_id, *updates)
+        else:
+            states = message.recipients
+        if all(s.status.is_final for s in states):
+            await self._io(self.spool.remove, queue_id)
+            self._queued.pop(queue_id, None)
+            logger.info("queue %s: done, removed from the spool", queue_id)
+        else:
+            self._schedule(with_states(message, states))
+
+    def _expire(
+        self, message: SpooledMessage, updates: list[RecipientState], now: datetime
+    ) -> list[RecipientState]:
+        """Deferred recipients past the queue lifetime fail (RFC 3463 4.4.7)."""
+        if (now - message.received).total_seconds() < self.settings.queue_lifetime:
+            return updates
+        expired = []
+        for state in updates:
+            if state.status is RecipientStatus.DEFERRED:
+                reason = (
+                    f"4.4.7 queue lifetime exceeded; last error: {state.last_reply_text or 'none'}"
+                )
+                logger.warning(
+                    "queue %s: to=<%s> expired: %s", message.queue_id, state.address, reason
+                )
+                state = replace(
+                    state, status=RecipientStatus.FAILED, next_attempt=None, last_reply_text=reason
+                )
+            expired.append(state)
+        return expired
+
+    async def _notify_sender(
+        self, message: SpooledMessage, updates: list[RecipientState], now: datetime
+    ) -> list[RecipientState]:
+        """Queue a DSN for recipients that failed now (and delay warnings, when enabled).
+
+        The bounce is spooled before the failure is recorded: a crash in between can give
+        a second bounce, never none.
+        """
+        failed = [s for s in updates if s.status is RecipientStatus.FAILED]
+        warn_after = self.settings.delay_warning_after
+        delayed = [
+            s
+            for s in updates
+            if warn_after is not None
+            and s.status is RecipientStatus.DEFERRED
+            and not s.delay_notified
+            and (now - message.received).total_seconds() >= warn_after
+        ]
+        if not message.sender:
+            if failed:
+                logger.warning(
+                    "queue %s: %d recipient(s) failed; no bounce for the null sender",
+                    message.queue_id,
+                    len(failed),
+                )
+            return updates
+        for action, states in (("failed", failed), ("delayed", delayed)):
+            if not states:
+                continue
+            dsn = build_dsn(
+                reporting_mta=self.settings.listener.hostname,
+                queue_id=message.queue_id,
+                original_sender=message.sender,
+                original_body=message.body,
+                arrival=message.received,
+                recipients=[
+                    BounceRecipient(
+                        address=s.address,
+                        action=action,
+                        status=status_of(
+                            s.last_reply_text or "",
+                            s.last_reply_code,
+                            default_class="5" if action == "failed" else "4",
+                        ),
+                        diagnostic=s.last_reply_text or "",
+                        last_attempt=now,
+                    )
+                    for s in states
+                ],
+                will_retry_until=message.received + timedelta(seconds=self.settings.queue_lifetime)
+                if action == "delayed"
+                else None,
+                now=now,
+            )
+            bounce = await self._io(self.spool.store, "", [message.sender], dsn)
+            self.metrics.bounces.labels(action).inc()
+            logger.info(
+                "queue %s: %s notification to <%s> queued as %s",
+                message.queue_id,
+                action,
+                message.sender,
+                bounce.queue_id,
+            )
+            self._track(bounce)
+            self._enqueue(bounce.queue_id)
+        if delayed:
+            marked = {s.address for s in delayed}
+            updates = [
+                replace(s, delay_notified=True) if s.address in marked else s for s in updates
+            ]
+        return updates
+
+    async def _deliver_group(
+        self,
+        message: SpooledMessage,
+        members: Sequence[tuple[RecipientState, RouteDecision]],
+    ) -> list[RecipientState]:
+        """Deliver one route's recipients; their new states (never raises for mail reasons)."""
+        updates: list[RecipientState] = []
+        decision = members[0][1]
+        connector = decision.connector
+        name = str(connector.ref) if connector else "(default route)"
+        assert decision.destination is not None
+        destination = decision.destination.describe()
+        labels = (name, destination, decision.tls.mode.value)
+        if connector is not None and connector.unresolved:
+            reason = "4.3.5 connector not ready: " + "; ".join(connector.unresolved)
+            logger.warning("queue %s: %s", message.queue_id, reason)
+            self.metrics.deferred.labels(*labels).inc(len(members))
+            return [self._deferred(state, 451, reason) for state, _ in members]
+        started = self._clock()
+        report = await self.deliverer.deliver(
+            mail_from=message.sender,
+            recipients=[state.address for state, _ in members],
+            data=message.body,
+            destination=decision.destination,
+            tls=decision.tls,
+            auth=connector.auth if connector else None,
+            recipient_domain=decision.domain,
+        )
+        self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
+        if report.tls_failure is not None:
+            self.metrics.tls_failures.labels(
+                name, decision.tls.mode.value, report.tls_failure.value
+            ).inc()
+        event = DeliveryEvent(
+            queue_id=message.queue_id,
+            connector=name,
+            destination=destination,
+            tls_mode=decision.tls.mode,
+            report=report,
+        )
+        for (state, _), result in zip(members, report.results, strict=True):
+            logger.info(
+                "queue %s: to=<%s> connector=%s server=%s tls=%s verified=%s status=%s reply=%r",
+                message.queue_id,
+                state.address,
+                name,
+                report.server,
+                report.tls_version or "none",
+                report.verified,
+                result.status.value,
+                result.message,
+            )
+            if result.status is DeliveryStatus.DELIVERED:
+                self.metrics.delivered.labels(*labels).inc()
+                updates.append(final(state, RecipientStatus.DELIVERED, result.code, result.message))
+            elif result.status is DeliveryStatus.FAILED:
+                self.metrics.failed.labels(*labels).inc()
+                updates.append(final(state, RecipientStatus.FAILED, result.code, result.message))
+            else:
+                self.metrics.deferred.labels(*labels).inc()
+                updates.append(self._deferred(state, result.code, result.message))
+        if self.on_delivery is not None:
+            self.on_delivery(event)
+        return updates
+
+    def _deferred(self, state: RecipientState, code: int, reason: str) -> RecipientState:
+        return deferred(state, code, reason, self.settings.retry_initial, self.settings.retry_max)
+
+    # --- hand-off ----------------------------------------------------------------------------
+
+    async def _hand_off(self, peer: tuple[str, int]) -> None:
+        remaining = [m for m in await self._io(self.spool.scan) if not m.is_final]
+        handoff = HandOff(
+            peer=peer,
+            local_hostname=self.settings.listener.hostname,
+            timeout=self.settings.handoff_timeout,
+            metrics=self.metrics,
+            update=functools.partial(self._io, self.spool.update),
+            remove=functools.partial(self._io, self.spool.remove, force=True),
+        )
+        for queue_id in await handoff.run(remaining):
+            self._queued.pop(queue_id, None)
+
+
+def _group_key(decision: RouteDecision) -> tuple[object, ...]:
+    connector = decision.connector
+    key: tuple[object, ...] = (
+        None if connector is None else connector.ref,
+        decision.destination,
+        decision.tls,
+    )
+    # The recipient's MX and DomainMatch both depend on the recipient domain.
+    if isinstance(decision.destination, RecipientMx) or decision.tls.mode is TlsMode.DOMAIN_MATCH:
+        key += (decision.domain,)
+    return key

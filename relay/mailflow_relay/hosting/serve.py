@@ -1,0 +1,150 @@
+"""Running a relay as a process: signals, the HTTP port, and the configuration source.
+
+The HTTP port comes up first, so ``/healthz`` answers while the relay waits for its
+first routing document (``/readyz`` does not until one is loaded and the listener is
+bound). SIGTERM and SIGINT start the drain (:meth:`Relay.stop`).
+
+Where documents come from is a :class:`DocumentSource`: the manifests on disk
+(standalone, compiled by the operator package's compiler, which the caller passes in),
+or the relay config Secret in the cluster (:mod:`.cluster`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mailflow_relay.engine.relay import Relay, RelaySettings
+from mailflow_relay.routing.document import RoutingDocument
+
+__all__ = ["DocumentSource", "HealthServer", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+class DocumentSource(Protocol):
+    async def first(self) -> RoutingDocument:
+        """The document to start with; waits (logging why) until there is one."""
+
+    async def follow(self, relay: Relay) -> None:
+        """Load every later document into ``relay`` until cancelled."""
+
+
+@dataclass
+class HealthServer:
+    """``/healthz``, ``/readyz`` and ``/metrics`` on one small HTTP/1.1 port."""
+
+    relay: Relay | None = None
+    _server: asyncio.Server | None = field(default=None, init=False)
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass
+            parts = request.split(b" ")
+            path = parts[1].decode("ascii", "replace") if len(parts) > 1 else "/"
+            content_type = "text/plain; charset=utf-8"
+            relay = self.relay
+            if path == "/healthz":
+                status, body = 200, b"ok\n"
+            elif path == "/readyz":
+                ready = relay is not None and relay.is_ready
+                status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+            elif path == "/metrics":
+                status, body = 200, b"" if relay is None else relay.metrics.render()
+                content_type = "text/plain; version=0.0.4; charset=utf-8"
+            else:
+                status, body = 404, b"not found\n"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+async def _follow(source: DocumentSource, relay: Relay) -> None:
+    """Follow configuration changes; a failure here must never take the relay down."""
+    while True:
+        try:
+            await source.follow(relay)
+            return
+        except Exception:
+            logger.exception("following configuration changes failed; trying again in 5 s")
+            relay.metrics.config_reloads.labels("refused").inc()
+            await asyncio.sleep(5)
+
+
+async def serve(
+    settings: RelaySettings, source: DocumentSource, http: tuple[str, int] | None
+) -> None:
+    """Run one relay process until SIGTERM/SIGINT, then drain and return."""
+    loop = asyncio.get_running_loop()
+    health = HealthServer()
+    if http is not None:
+        await health.start(*http)
+    stop_requested = asyncio.Event()
+    relay: Relay | None = None
+
+    def on_signal() -> None:
+        stop_requested.set()
+        if relay is not None:
+            relay.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        first = asyncio.create_task(source.first(), name="mailflow-first-document")
+        stopper = asyncio.create_task(stop_requested.wait(), name="mailflow-stop-wait")
+        await asyncio.wait({first, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            return
+        stopper.cancel()
+        document = first.result()
+        relay = Relay(settings, document)
+        health.relay = relay
+        if stop_requested.is_set():  # a signal came while the document was being read
+            relay.stop()
+        async with asyncio.TaskGroup() as tasks:
+            runner = tasks.create_task(relay.run(), name="mailflow-relay")
+            follower = tasks.create_task(_follow(source, relay), name="mailflow-config-follower")
+            await relay.ready.wait()
+            print(
+                f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "
+                f"{settings.spool_dir}, routing document generation {document.generation} "
+                f"({len(document.connectors)} connector(s))",
+                file=sys.stderr,
+                flush=True,
+            )
+            await runner
+            follower.cancel()
+    finally:
+        await health.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

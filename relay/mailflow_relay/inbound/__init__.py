@@ -1,0 +1,1 @@
+"""Mail in: the SMTP listener (aiosmtpd), who may relay, the Received header."""

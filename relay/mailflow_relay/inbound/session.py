@@ -1,0 +1,478 @@
+"""The one module that touches aiosmtpd's internals: its ``SMTP`` protocol, subclassed.
+
+One :class:`SmtpSession` per connection. It enforces what :mod:`.listener`'s essay
+describes — who may relay, the end-of-data rules, the limits and timeouts — inside
+aiosmtpd's command loop, and hands each accepted message to the listener's callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import ipaddress
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
+
+from mailflow_relay.inbound.received import AcceptedMessage
+from mailflow_relay.inbound.settings import (
+    COMMAND_LINE_LIMIT,
+    CONTROL_CHARACTERS,
+    SIZE_PARAMETER_ALLOWANCE,
+    IPAddress,
+    printable,
+)
+
+__all__ = ["SmtpSession", "client_ip"]
+
+# The listener's logger: one name for everything a client's session does.
+log = logging.getLogger("mailflow_relay.inbound.listener")
+
+if TYPE_CHECKING:
+    from mailflow_relay.inbound.listener import SmtpListener
+
+
+def client_ip(peer: Any) -> IPAddress | None:
+    """The client's IP from a transport's ``peername`` (IPv4-mapped IPv6 made IPv4)."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return None
+    try:
+        ip = ipaddress.ip_address(peer[0].split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+_SIZE_PARAMETER = re.compile(r"(?:^|\s)SIZE=(\d{1,30})(?=\s|$)", re.IGNORECASE)
+
+
+class _SessionHooks:
+    """aiosmtpd's ``handle_*`` hooks for one session, delegating to the session."""
+
+    def __init__(self, session: SmtpSession) -> None:
+        self.session = session
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        # With this hook aiosmtpd leaves recording the greeting to us.
+        session.host_name = hostname
+        if not self.session.listener.settings.users:
+            responses = [line for line in responses if not line.startswith("250-AUTH")]
+        return responses
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if CONTROL_CHARACTERS.search(address):
+            # aiosmtpd ends a command at a bare LF and keeps a bare CR: an address with
+            # one would reach the spool, the logs and (rewritten) the next hop.
+            log.info(
+                "Refused MAIL from %s: control characters in <%s>",
+                self.session.client,
+                printable(address),
+            )
+            return "501 5.1.7 Bad sender address syntax"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if CONTROL_CHARACTERS.search(address):
+            log.info(
+                "Refused RCPT from %s: control characters in <%s>",
+                self.session.client,
+                printable(address),
+            )
+            return "501 5.1.3 Bad recipient address syntax"
+        return self.session.decide_recipient(envelope, address, rcpt_options)
+
+    async def handle_exception(self, error: Exception) -> str:
+        client = self.session.client
+        if isinstance(error, TLSSetupException):
+            log.warning("TLS handshake with %s failed: %r", client, error.__cause__)
+            return "454 4.7.0 TLS not available due to temporary reason"
+        log.error("Unexpected error in the SMTP session with %s", client, exc_info=error)
+        return "451 4.3.0 Requested action aborted: local error in processing"
+
+
+class SmtpSession(SMTP):
+    """One SMTP connection: aiosmtpd's protocol with this relay's policy."""
+
+    def __init__(self, listener: SmtpListener, loop: asyncio.AbstractEventLoop) -> None:
+        settings = listener.settings
+        self.listener = listener
+        self.settings = settings
+        self.client = "unknown"
+        self.client_ip: IPAddress | None = None
+        self.authenticated_user: str | None = None
+        self._refused = False
+        self._lost = False
+        # aiosmtpd sizes its StreamReader from this before anything is read; our own
+        # DATA reader checks the exact limit, commands need at least 512 + extensions.
+        self.line_length_limit = max(settings.max_line_length + 1, 1001)
+        super().__init__(
+            _SessionHooks(self),
+            data_size_limit=settings.max_message_size,
+            hostname=settings.hostname,
+            ident="ESMTP Mailflow relay",
+            tls_context=listener._tls_context,
+            timeout=settings.command_timeout,
+            auth_require_tls=True,
+            auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
+            loop=loop,
+        )
+        # aiosmtpd keeps these limits in a dict shared by every instance, and each EHLO
+        # grows the MAIL limit; keep a fixed one per session instead.
+        self.command_size_limits = collections.defaultdict(lambda: COMMAND_LINE_LIMIT)
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None:
+            # STARTTLS completed: the same connection, now under TLS. RFC 3207 4.2: the
+            # server forgets what the client said before, aiosmtpd resets the session.
+            super().connection_made(transport)
+            self.authenticated_user = None
+            cipher = transport.get_extra_info("cipher")
+            log.info("TLS established with %s: %s", self.client, cipher or "unknown cipher")
+            return
+        self.client_ip = client_ip(transport.get_extra_info("peername"))
+        self.client = str(self.client_ip) if self.client_ip is not None else "unknown"
+        refusal = self.listener._admit(self)
+        if refusal is not None:
+            self._refused = True
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refusal.encode("ascii") + b"\r\n")
+            transport.close()
+            return
+        log.info(
+            "Connection from %s (relaying %s)",
+            self.client,
+            "allowed by accept_from"
+            if self.listener._relay_allowed(self.client_ip)
+            else "only after AUTH",
+        )
+        super().connection_made(transport)
+        task = self._handler_coroutine
+        assert task is not None
+        task.set_name(f"smtp-session-{self.listener._session_counter}-{self.client}")
+        self.listener._own_task(task)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._lost:
+            # aiosmtpd calls this itself after a failed TLS handshake, then the transport
+            # calls it again; the second call has nothing left to do.
+            return
+        self._lost = True
+        try:
+            super().connection_lost(error)
+        finally:
+            log.info("Connection from %s closed", self.client)
+            self.listener._release(self)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
+        log.warning("Timeout waiting for %s; closing the connection", self.client)
+        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
+            # RFC 5321 4.5.3.2: the server may close after a timeout; say why first.
+            self.transport.write(
+                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode("ascii")
+            )
+        super()._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
+
+    def abort(self) -> None:
+        """Drop the connection now (shutdown grace period over)."""
+        # Under STARTTLS, abort the TCP transport beneath the TLS one.
+        underlying = self._original_transport or self.transport
+        if isinstance(underlying, asyncio.Transport):
+            underlying.abort()
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await super().smtp_EHLO(hostname)
+        self.command_size_limits["MAIL"] = COMMAND_LINE_LIMIT + SIZE_PARAMETER_ALLOWANCE
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd checks SIZE= too, but replies without an enhanced status code.
+        assert self.session is not None
+        match = _SIZE_PARAMETER.search(arg or "") if self.session.extended_smtp else None
+        limit = self.settings.max_message_size
+        if match is not None and self.session.host_name and int(match[1]) > limit:
+            log.info(
+                "Refused MAIL from %s: declared SIZE=%s exceeds %d", self.client, match[1], limit
+            )
+            await self.push(
+                f"552 5.3.4 Declared message size exceeds fixed maximum message size"
+                f" ({limit} octets)"
+            )
+            return
+        await super().smtp_MAIL(arg)
+
+    def decide_recipient(self, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
+        """The reply to RCPT TO: relay permission, recipient limit, recipient check."""
+        assert self.session is not None
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        if not (self.session.authenticated or self.listener._relay_allowed(self.client_ip)):
+            log.warning(
+                "Relaying denied: client %s is not in accept_from and not authenticated"
+                " (sender <%s>, recipient <%s>)",
+                self.client,
+                printable(sender),
+                printable(address),
+            )
+            return "550 5.7.1 Relaying denied"
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            log.info(
+                "Refused recipient <%s> from %s: already %d recipients (max_recipients)",
+                printable(address),
+                self.client,
+                len(envelope.rcpt_tos),
+            )
+            return "452 4.5.3 Too many recipients"
+        check = self.listener.check_recipient
+        if check is not None:
+            try:
+                verdict = check(sender, address)
+            except Exception:
+                log.exception("check_recipient failed for <%s>", printable(address))
+                return "451 4.3.0 Requested action aborted: local error in processing"
+            if verdict is not None:
+                code, text = verdict
+                if not (isinstance(code, int) and 400 <= code <= 599):
+                    log.error("check_recipient returned an invalid reply code %r", code)
+                    return "451 4.3.0 Requested action aborted: local error in processing"
+                reply = f"{code} {printable(str(text), 400)}"
+                log.info(
+                    "Refused recipient <%s> from %s: %s", printable(address), self.client, reply
+                )
+                return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # Replaces aiosmtpd's DATA: this one refuses bare CR/LF, replies with enhanced
+        # codes, and bounds the content phase with data_timeout.
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        assert self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._reset_timeout(self.settings.data_timeout)
+        data, refusal = await self._read_content()
+        envelope = self.envelope
+        self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
+        if refusal is not None:
+            self._reset_timeout()
+            log.warning(
+                "Refused message from %s (sender <%s>): %s",
+                self.client,
+                printable(str(envelope.mail_from)),
+                refusal,
+            )
+            await self.push(refusal)
+            return
+        message = AcceptedMessage(
+            mail_from="" if envelope.mail_from in (None, "<>") else str(envelope.mail_from),
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            data=data,
+            client_address=self.client,
+            helo=self.session.host_name or "",
+            authenticated_user=self.authenticated_user,
+            tls=self._tls_protocol is not None,
+            esmtp=self.session.extended_smtp,
+            received_by=self.hostname,
+        )
+        await self.push(await self._hand_over(message))
+
+    async def _read_content(self) -> tuple[bytes, str | None]:
+        """Read DATA content up to ``<CRLF>.<CRLF>``: the content, or the refusal reply.
+
+        A refused message is still read to its end (RFC 5321 4.2.5: the reply comes after
+        the final dot) but not kept. Only CRLF ends a line, exactly as aiosmtpd does.
+        """
+        max_size = self.settings.max_message_size
+        max_line = self.settings.max_line_length
+        lines: list[bytes] = []
+        size = 0
+        refusal: str | None = None
+        in_overlong_line = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as overrun:
+                # Longer than the reader's buffer: drop what is buffered, keep reading.
+                await self._reader.read(overrun.consumed)
+                in_overlong_line = True
+                refusal = refusal or _line_too_long(max_line)
+                lines.clear()
+                continue
+            except asyncio.IncompleteReadError as error:
+                raise ConnectionResetError("connection closed during DATA") from error
+            if in_overlong_line:
+                in_overlong_line = False  # the tail of a line already refused
+                continue
+            if line == b".\r\n":
+                return b"".join(lines), refusal
+            if refusal is not None:
+                continue
+            if b"\r" in line[:-2] or b"\n" in line[:-2]:
+                refusal = (
+                    "550 5.6.0 Message contains bare LF or CR; refused (SMTP smuggling protection)"
+                )
+                lines.clear()
+                continue
+            if line.startswith(b"."):
+                line = line[1:]  # RFC 5321 4.5.2 transparency
+            if len(line) > max_line:
+                refusal = _line_too_long(max_line)
+                lines.clear()
+                continue
+            size += len(line)
+            if size > max_size:
+                refusal = (
+                    f"552 5.3.4 Message size exceeds fixed maximum message size ({max_size} octets)"
+                )
+                lines.clear()
+                continue
+            lines.append(line)
+
+    async def _hand_over(self, message: AcceptedMessage) -> str:
+        """Give ``message`` to the callback; the reply to send for it."""
+        # The callback has its own deadline; the session timer must not fire meanwhile
+        # (it would close the connection under a message that may just be made durable).
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            async with asyncio.timeout(self.settings.command_timeout):
+                queue_id = await self.listener.on_message(message)
+        except Exception:
+            log.exception(
+                "Message from %s (sender <%s>, %d recipient(s)) not accepted: the"
+                " on_message callback failed; replied 451",
+                self.client,
+                printable(message.mail_from),
+                len(message.rcpt_tos),
+            )
+            self._reset_timeout()
+            return "451 4.3.0 Requested action aborted: local error in processing"
+        # Not in a finally: on cancellation (connection lost) no timer may be re-armed.
+        self._reset_timeout()
+        log.info(
+            "Accepted message %s from %s: sender <%s>, %d recipient(s), %d octets, user %s, %s",
+            printable(queue_id),
+            self.client,
+            printable(message.mail_from),
+            len(message.rcpt_tos),
+            len(message.data),
+            printable(message.authenticated_user) if message.authenticated_user else "-",
+            "TLS" if message.tls else "plaintext",
+        )
+        return f"250 2.0.0 OK: queued as {printable(queue_id)}"
+
+    # -- AUTH (RFC 4954), offered only after STARTTLS ------------------------------------
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if not isinstance(response, bytes):
+                return AuthResult(success=False)  # aborted; aiosmtpd replied
+        else:
+            decoded = _b64decode(args[1])
+            if decoded is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+            response = decoded
+        parts = response.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        # RFC 4616: [authzid] NUL authcid NUL passwd; the authzid is ignored.
+        return await self._check_credentials("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        login: bytes | None
+        if len(args) == 1:
+            challenge = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            login = challenge if isinstance(challenge, bytes) else None
+            if login is None:
+                return AuthResult(success=False)
+        else:
+            login = _b64decode(args[1])
+            if login is None:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False)
+        return await self._check_credentials("LOGIN", login, password)
+
+    async def _check_credentials(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        username = login.decode("utf-8", errors="replace")
+        try:
+            password_text: str | None = password.decode("utf-8")
+        except UnicodeDecodeError:
+            password_text = None
+        if await self.listener._verify(username, password_text):
+            self.authenticated_user = username
+            log.info(
+                "AUTH %s succeeded for user %r from %s",
+                mechanism,
+                printable(username, 64),
+                self.client,
+            )
+            return AuthResult(success=True, auth_data=username)
+        log.warning(
+            "AUTH %s failed for user %r from %s", mechanism, printable(username, 64), self.client
+        )
+        return AuthResult(success=False, handled=False)
+
+
+def _line_too_long(max_line: int) -> str:
+    return f"500 5.6.0 Line too long: at most {max_line} octets including CRLF (RFC 5321 4.5.3.1.6)"
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None

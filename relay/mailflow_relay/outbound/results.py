@@ -1,0 +1,48 @@
+"""What a delivery attempt tells the engine: per recipient, per server tried, and the TLS."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from mailflow_relay.outbound.tls_policy import CertificateInfo, TlsFailure
+
+__all__ = ["Attempt", "DeliveryReport", "DeliveryStatus", "RecipientResult"]
+
+
+class DeliveryStatus(enum.Enum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    recipient: str
+    status: DeliveryStatus
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One target tried, for logs, ``make demo`` and debugging."""
+
+    target: str
+    outcome: str
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    results: tuple[RecipientResult, ...]
+    server: str | None = None
+    """The target that took the message (or the last one tried)."""
+    tls_version: str | None = None
+    certificate: CertificateInfo | None = None
+    verified: bool = False
+    """The certificate was checked as the mode requires (chain, name or pins)."""
+    tls_failure: TlsFailure | None = None
+    attempts: tuple[Attempt, ...] = ()
+
+    def status_of(self, recipient: str) -> DeliveryStatus:
+        return next(r.status for r in self.results if r.recipient == recipient)

@@ -1,0 +1,1 @@
+"""The durable queue: on-disk records, the spool, bounces and queue administration."""

@@ -1,0 +1,1 @@
+"""The routing document (the one contract with the control plane), its domains and the router."""

@@ -1,0 +1,32 @@
+"""Names shared by the control plane and the relays: the routing Secret and its annotations.
+
+The routing document travels from the operator to the relays in one Secret; these names
+are the whole of that contract besides the document's own format
+(:mod:`mailflow_relay.routing.document`). Each is defined here once.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CHECKSUM_ANNOTATION",
+    "POD_GENERATION_ANNOTATION",
+    "PUBLISHED_BY_LABEL",
+    "ROUTING_KEY",
+    "SECRET_GENERATION_ANNOTATION",
+]
+
+ROUTING_KEY = "routing.json"
+"""The key of the routing Secret that holds the routing document (JSON)."""
+
+SECRET_GENERATION_ANNOTATION = "mailflow.dev/generation"  # noqa: S105 - a name, not a secret
+"""On the routing Secret: the generation of the document it holds (set by the operator)."""
+
+CHECKSUM_ANNOTATION = "mailflow.dev/checksum"
+"""On the routing Secret: the checksum of the document it holds (set by the operator)."""
+
+POD_GENERATION_ANNOTATION = "mailflow.dev/config-generation"
+"""On a relay pod: the generation of the document the relay serves (set by the relay);
+the operator's ``Programmed`` condition reads it."""
+
+PUBLISHED_BY_LABEL = "mailflow.dev/published-by"
+"""On the routing Secret: who wrote it (``mailflow-operator``)."""

@@ -1,0 +1,507 @@
+"""The routing document: everything a relay needs to route and deliver, in one value.
+
+The operator (and ``mailflow relay --manifests`` in standalone mode) compiles every
+OutboundConnector, MultiSmtpProfile and referenced Secret into one document; relays
+load it, route with it and report the generation they serve. The relay owns this
+format: producers import it from here.
+
+The serialised form is canonical JSON (sorted keys, no insignificant white space), so
+the same inputs always give the same bytes and the same checksum. The checksum covers
+everything but the generation, so a producer can tell "nothing changed" without
+comparing generations, and a relay can refuse a document that was cut or altered.
+
+Conflicts are resolved by the producer (it knows creation times) and recorded here: a
+connector that lost a (recipient pattern, sender pattern) key to an older connector
+does not route that key, and the record lets ``mailflow explain`` say why.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+from mailflow_relay.errors import InvalidDomainError, RoutingDocumentError
+from mailflow_relay.routing.domains import DomainPattern
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+__all__ = [
+    "ROUTING_API_VERSION",
+    "Balancing",
+    "Conflict",
+    "Connector",
+    "DefaultAction",
+    "DefaultRoute",
+    "Destination",
+    "ObjectRef",
+    "ProfilePool",
+    "RecipientMx",
+    "RoutingDocument",
+    "ServerAddress",
+    "SmartHost",
+    "SmtpCredentials",
+    "TlsMode",
+    "TlsPolicy",
+]
+
+ROUTING_API_VERSION = "mailflow.dev/routing/v1"
+
+
+class TlsMode(enum.Enum):
+    """How strictly TLS is enforced on the next hop (see DESIGN.md, "TLS modes")."""
+
+    OPPORTUNISTIC = "Opportunistic"
+    SELF_SIGNED = "SelfSigned"
+    TRUSTED_CA = "TrustedCA"
+    DOMAIN_MATCH = "DomainMatch"
+    NAME_MATCH = "NameMatch"
+
+    @property
+    def requires_tls(self) -> bool:
+        return self is not TlsMode.OPPORTUNISTIC
+
+    @property
+    def verifies_chain(self) -> bool:
+        return self in (TlsMode.TRUSTED_CA, TlsMode.DOMAIN_MATCH, TlsMode.NAME_MATCH)
+
+
+class Balancing(enum.Enum):
+    ROUND_ROBIN = "RoundRobin"
+    FAILOVER = "Failover"
+
+
+class DefaultAction(enum.Enum):
+    """What happens to a recipient that no connector matches."""
+
+    RECIPIENT_MX = "RecipientMx"
+    REJECT = "Reject"
+
+
+@dataclass(frozen=True, order=True)
+class ObjectRef:
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> ObjectRef:
+        namespace, sep, name = text.partition("/")
+        if not sep or not namespace or not name:
+            raise ValueError(f"{text!r} is not of the form namespace/name")
+        return cls(namespace, name)
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    mode: TlsMode = TlsMode.OPPORTUNISTIC
+    certificate_name: str | None = None
+    """For NameMatch: the name the certificate must carry; ``*.x`` = one label left of x."""
+    ca_bundle: str | None = field(default=None, repr=False)
+    """PEM certificates that replace the system roots; None = system roots."""
+    pinned_fingerprints: tuple[str, ...] = ()
+    """For SelfSigned: ``sha256/<base64>`` or ``sha256/<hex>`` of the certificate or its SPKI."""
+
+    def describe(self) -> str:
+        parts = [self.mode.value]
+        if self.certificate_name:
+            parts.append(f"certificateName {self.certificate_name}")
+        if self.pinned_fingerprints:
+            parts.append(f"{len(self.pinned_fingerprints)} pinned fingerprint(s)")
+        if self.ca_bundle:
+            parts.append("connector CA bundle")
+        elif self.mode.verifies_chain:
+            parts.append("system roots")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, order=True)
+class ServerAddress:
+    host: str
+    port: int = 25
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SmartHost:
+    """One next hop by name or IP; with ``mx`` the MX records of ``host`` are used instead."""
+
+    host: str
+    port: int = 25
+    mx: bool = False
+
+    def describe(self) -> str:
+        target = str(ServerAddress(self.host, self.port))
+        return (
+            f"smart host MX of {self.host} (port {self.port})"
+            if self.mx
+            else f"smart host {target}"
+        )
+
+
+@dataclass(frozen=True)
+class ProfilePool:
+    """The servers of a MultiSmtpProfile; no servers means the profile was not found."""
+
+    profile: ObjectRef
+    servers: tuple[ServerAddress, ...]
+    balancing: Balancing = Balancing.ROUND_ROBIN
+
+    def describe(self) -> str:
+        if not self.servers:
+            return f"profile {self.profile} (unresolved)"
+        servers = ", ".join(str(s) for s in self.servers)
+        return f"profile {self.profile} ({self.balancing.value}: {servers})"
+
+
+@dataclass(frozen=True)
+class RecipientMx:
+    """Deliver to the MX of the recipient's domain (RFC 5321 §5.1)."""
+
+    def describe(self) -> str:
+        return "recipient MX"
+
+
+Destination: TypeAlias = SmartHost | ProfilePool | RecipientMx
+
+
+@dataclass(frozen=True)
+class SmtpCredentials:
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Connector:
+    ref: ObjectRef
+    generation: int
+    created: str
+    """The resource's creationTimestamp (RFC 3339), "" when unknown (offline manifests)."""
+    enabled: bool
+    recipient_patterns: tuple[DomainPattern, ...]
+    sender_patterns: tuple[DomainPattern, ...]
+    """Empty: the connector serves every sender (the whole organisation)."""
+    destination: Destination
+    tls: TlsPolicy
+    description: str = ""
+    auth: SmtpCredentials | None = None
+    unresolved: tuple[str, ...] = ()
+    """Why this connector cannot deliver now (a missing profile or Secret); mail it routes is
+    deferred, never sent elsewhere."""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Several enabled connectors claim the same recipient pattern for the same sender scope."""
+
+    recipient: DomainPattern
+    sender: DomainPattern | None
+    winner: ObjectRef
+    losers: tuple[ObjectRef, ...]
+
+
+@dataclass(frozen=True)
+class DefaultRoute:
+    action: DefaultAction = DefaultAction.RECIPIENT_MX
+    tls: TlsPolicy = TlsPolicy(TlsMode.OPPORTUNISTIC)
+
+    def describe(self) -> str:
+        if self.action is DefaultAction.REJECT:
+            return "reject (no connector matches)"
+        return f"recipient MX with {self.tls.mode.value} TLS"
+
+
+@dataclass(frozen=True)
+class RoutingDocument:
+    generation: int
+    connectors: tuple[Connector, ...]
+    conflicts: tuple[Conflict, ...] = ()
+    default_route: DefaultRoute = DefaultRoute()
+
+    def __post_init__(self) -> None:
+        # One value, one order: documents built from the same parts in any order are equal
+        # and serialise to the same bytes.
+        object.__setattr__(self, "connectors", tuple(sorted(self.connectors, key=_by_ref)))
+        object.__setattr__(self, "conflicts", tuple(sorted(self.conflicts, key=_conflict_key)))
+
+    def to_json(self) -> str:
+        body = _document_body(self)
+        return _canonical({**body, "generation": self.generation, "checksum": _checksum(body)})
+
+    @property
+    def checksum(self) -> str:
+        return _checksum(_document_body(self))
+
+    def connector(self, ref: ObjectRef) -> Connector | None:
+        for connector in self.connectors:
+            if connector.ref == ref:
+                return connector
+        return None
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RoutingDocument:
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RoutingDocumentError("", f"not JSON: {e}") from e
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> RoutingDocument:
+        top = _Reader(raw, "")
+        if top.text("apiVersion") != ROUTING_API_VERSION:
+            raise RoutingDocumentError("apiVersion", f"expected {ROUTING_API_VERSION!r}")
+        document = cls(
+            generation=top.integer("generation"),
+            connectors=tuple(_read_connector(r) for r in top.items("connectors")),
+            conflicts=tuple(_read_conflict(r) for r in top.items("conflicts")),
+            default_route=_read_default_route(top.child("defaultRoute")),
+        )
+        expected = top.text("checksum")
+        if expected != document.checksum:
+            raise RoutingDocumentError("checksum", "does not match the document's content")
+        return document
+
+
+# --- serialisation ------------------------------------------------------------------------
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _checksum(body: Mapping[str, object]) -> str:
+    return "sha256:" + hashlib.sha256(_canonical(body).encode("utf-8")).hexdigest()
+
+
+def _document_body(document: RoutingDocument) -> dict[str, object]:
+    return {
+        "apiVersion": ROUTING_API_VERSION,
+        "connectors": [_connector_dict(c) for c in document.connectors],
+        "conflicts": [_conflict_dict(c) for c in document.conflicts],
+        "defaultRoute": {
+            "action": document.default_route.action.value,
+            "tls": _tls_dict(document.default_route.tls),
+        },
+    }
+
+
+def _by_ref(connector: Connector) -> ObjectRef:
+    return connector.ref
+
+
+def _conflict_key(conflict: Conflict) -> tuple[str, str, str]:
+    sender = "" if conflict.sender is None else str(conflict.sender)
+    return (str(conflict.recipient), sender, str(conflict.winner))
+
+
+def _tls_dict(tls: TlsPolicy) -> dict[str, object]:
+    return {
+        "mode": tls.mode.value,
+        "certificateName": tls.certificate_name,
+        "caBundle": tls.ca_bundle,
+        "pinnedFingerprints": list(tls.pinned_fingerprints),
+    }
+
+
+def _destination_dict(destination: Destination) -> dict[str, object]:
+    if isinstance(destination, SmartHost):
+        return {
+            "kind": "SmartHost",
+            "host": destination.host,
+            "port": destination.port,
+            "mx": destination.mx,
+        }
+    if isinstance(destination, ProfilePool):
+        return {
+            "kind": "Profile",
+            "profile": str(destination.profile),
+            "balancing": destination.balancing.value,
+            "servers": [{"host": s.host, "port": s.port} for s in destination.servers],
+        }
+    return {"kind": "RecipientMx"}
+
+
+def _connector_dict(connector: Connector) -> dict[str, object]:
+    auth = connector.auth
+    return {
+        "ref": str(connector.ref),
+        "generation": connector.generation,
+        "created": connector.created,
+        "enabled": connector.enabled,
+        "description": connector.description,
+        "recipientDomains": [str(p) for p in connector.recipient_patterns],
+        "senderDomains": [str(p) for p in connector.sender_patterns],
+        "destination": _destination_dict(connector.destination),
+        "tls": _tls_dict(connector.tls),
+        "auth": None if auth is None else {"username": auth.username, "password": auth.password},
+        "unresolved": list(connector.unresolved),
+    }
+
+
+def _conflict_dict(conflict: Conflict) -> dict[str, object]:
+    return {
+        "recipient": str(conflict.recipient),
+        "sender": None if conflict.sender is None else str(conflict.sender),
+        "winner": str(conflict.winner),
+        "losers": [str(r) for r in conflict.losers],
+    }
+
+
+class _Reader:
+    """Typed access to one JSON object, with the path of every field for errors."""
+
+    def __init__(self, raw: object, path: str) -> None:
+        if not isinstance(raw, dict):
+            raise RoutingDocumentError(path, "expected an object")
+        self.raw: dict[str, Any] = raw
+        self.path = path
+
+    def _at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, kind: type | tuple[type, ...], name: str) -> Any:
+        if key not in self.raw:
+            raise RoutingDocumentError(self._at(key), "missing")
+        value = self.raw[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise RoutingDocumentError(self._at(key), f"expected {name}")
+        if not isinstance(value, kind):
+            raise RoutingDocumentError(self._at(key), f"expected {name}")
+        return value
+
+    def text(self, key: str) -> str:
+        return str(self._get(key, str, "a string"))
+
+    def opt_text(self, key: str) -> str | None:
+        value = self._get(key, (str, type(None)), "a string or null")
+        return None if value is None else str(value)
+
+    def integer(self, key: str) -> int:
+        return int(self._get(key, int, "an integer"))
+
+    def boolean(self, key: str) -> bool:
+        return bool(self._get(key, bool, "a boolean"))
+
+    def items(self, key: str) -> list[_Reader]:
+        items = self._get(key, list, "a list")
+        return [_Reader(item, f"{self._at(key)}[{i}]") for i, item in enumerate(items)]
+
+    def texts(self, key: str) -> list[str]:
+        items = self._get(key, list, "a list")
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise RoutingDocumentError(f"{self._at(key)}[{i}]", "expected a string")
+        return list(items)
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self._get(key, dict, "an object"), self._at(key))
+
+    def opt_child(self, key: str) -> _Reader | None:
+        value = self._get(key, (dict, type(None)), "an object or null")
+        return None if value is None else _Reader(value, self._at(key))
+
+    def choice(self, key: str, kind: type[_E]) -> _E:
+        value = self.text(key)
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in kind)
+            raise RoutingDocumentError(self._at(key), f"expected one of {allowed}") from None
+
+    def pattern(self, value: str, path: str) -> DomainPattern:
+        try:
+            return DomainPattern.parse(value)
+        except InvalidDomainError as e:
+            raise RoutingDocumentError(path, e.reason) from e
+
+    def ref(self, key: str) -> ObjectRef:
+        try:
+            return ObjectRef.parse(self.text(key))
+        except ValueError as e:
+            raise RoutingDocumentError(self._at(key), str(e)) from e
+
+
+def _read_tls(r: _Reader) -> TlsPolicy:
+    return TlsPolicy(
+        mode=r.choice("mode", TlsMode),
+        certificate_name=r.opt_text("certificateName"),
+        ca_bundle=r.opt_text("caBundle"),
+        pinned_fingerprints=tuple(r.texts("pinnedFingerprints")),
+    )
+
+
+def _read_destination(r: _Reader) -> Destination:
+    kind = r.text("kind")
+    if kind == "SmartHost":
+        return SmartHost(host=r.text("host"), port=_port(r, "port"), mx=r.boolean("mx"))
+    if kind == "Profile":
+        servers = tuple(ServerAddress(s.text("host"), _port(s, "port")) for s in r.items("servers"))
+        return ProfilePool(
+            profile=r.ref("profile"), servers=servers, balancing=r.choice("balancing", Balancing)
+        )
+    if kind == "RecipientMx":
+        return RecipientMx()
+    raise RoutingDocumentError(r._at("kind"), "expected 'SmartHost', 'Profile' or 'RecipientMx'")
+
+
+def _port(r: _Reader, key: str) -> int:
+    port = r.integer(key)
+    if not 1 <= port <= 65535:
+        raise RoutingDocumentError(r._at(key), "expected a port between 1 and 65535")
+    return port
+
+
+def _read_connector(r: _Reader) -> Connector:
+    auth = r.opt_child("auth")
+    return Connector(
+        ref=r.ref("ref"),
+        generation=r.integer("generation"),
+        created=r.text("created"),
+        enabled=r.boolean("enabled"),
+        description=r.text("description"),
+        recipient_patterns=_patterns(r, "recipientDomains"),
+        sender_patterns=_patterns(r, "senderDomains"),
+        destination=_read_destination(r.child("destination")),
+        tls=_read_tls(r.child("tls")),
+        auth=None
+        if auth is None
+        else SmtpCredentials(auth.text("username"), auth.text("password")),
+        unresolved=tuple(r.texts("unresolved")),
+    )
+
+
+def _patterns(r: _Reader, key: str) -> tuple[DomainPattern, ...]:
+    return tuple(r.pattern(value, f"{r._at(key)}[{i}]") for i, value in enumerate(r.texts(key)))
+
+
+def _read_conflict(r: _Reader) -> Conflict:
+    sender = r.opt_text("sender")
+    return Conflict(
+        recipient=r.pattern(r.text("recipient"), r._at("recipient")),
+        sender=None if sender is None else r.pattern(sender, r._at("sender")),
+        winner=r.ref("winner"),
+        losers=tuple(_refs(r, "losers")),
+    )
+
+
+def _refs(r: _Reader, key: str) -> Sequence[ObjectRef]:
+    refs = []
+    for i, text in enumerate(r.texts(key)):
+        try:
+            refs.append(ObjectRef.parse(text))
+        except ValueError as e:
+            raise RoutingDocumentError(f"{r._at(key)}[{i}]", str(e)) from e
+    return refs
+
+
+def _read_default_route(r: _Reader) -> DefaultRoute:
+    return DefaultRoute(action=r.choice("action", DefaultAction), tls=_read_tls(r.child("tls")))

@@ -1,0 +1,1 @@
+"""Helpers for tests and the demo: an SMTP sink that records what it receives."""
