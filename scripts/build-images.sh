@@ -246,6 +246,8 @@ done
 # --- digests and sizes ----------------------------------------------------------------------
 step "digests"
 cp "$WORK/packages.txt" "$OUT/debian-packages-$VERSION.txt"
+# What a rebuild needs to reproduce these archives (tests/images passes it back).
+echo "$SOURCE_DATE_EPOCH" >"$OUT/SOURCE_DATE_EPOCH"
 (cd "$WORK/wheels" && ls *.whl) >"$OUT/wheels-$VERSION.txt"
 : >"$OUT/digests.txt.part"
 for component in operator relay; do
