@@ -32,6 +32,9 @@ die() {
     exit 1
 }
 
+if [[ ${1:-} != --lock ]] && ((EUID != 0)); then
+    die "needs root (mmdebstrap, buildah with vfs storage and chroot isolation); run it as root, or build with Docker: docker build -f relay/Dockerfile . (docs/install.md)"
+fi
 PYTHON=${PYTHON:-.venv/bin/python}
 [[ -x $PYTHON ]] || die "no $PYTHON: run 'make venv' first (it builds the wheels)"
 
@@ -52,9 +55,6 @@ if [[ ${1:-} == --lock ]]; then
     exit 0
 fi
 
-if ((EUID != 0)); then
-    die "needs root (mmdebstrap, buildah with vfs storage and chroot isolation); run it as root, or build with Docker: docker build -f relay/Dockerfile . (docs/install.md)"
-fi
 bash scripts/install-image-tools.sh
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
 [[ -n $VERSION ]] || die "no version in pyproject.toml"
