@@ -16,7 +16,8 @@ help:
 	@echo "make lint    - ruff, mypy --strict and the import contracts"
 	@echo "make bench   - relay vs Postfix end to end, and the control plane at scale (BENCH_ARGS=...)"
 	@echo "make soak    - long-running suites: SIGKILL the relay under traffic, again and again"
-	@echo "make images  - build the operator and relay images"
+	@echo "make images  - build both images into dist/images: no daemon, no registry (as root)"
+	@echo "make test-images - run the built images as the chart does; a second build gives the same digests"
 	@echo "make k8s     - build (or reuse) kube-apiserver, etcd & co. from tools/ into ~/.cache/mailflow"
 	@echo "make clean   - remove the venv and the tool caches"
 
@@ -57,21 +58,23 @@ k8s:
 
 test: venv lint k8s
 	@echo "==> pytest"
-	$(BIN)/pytest -m "not soak"
+	$(BIN)/pytest -m "not soak and not images"
 
-.PHONY: images
-images:
-	@engine=$$(command -v docker || command -v podman || true); \
-	if [[ -z $$engine ]] || ! $$engine info >/dev/null 2>&1; then \
-		echo "make images: no container engine (docker or podman with a running daemon/socket); no images built"; \
-		exit 0; \
-	fi; \
-	version=$$(sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml); \
-	prefix=$${IMAGE_PREFIX:-ghcr.io/mailflow/}; \
-	for component in operator relay; do \
-		echo "==> $$engine build -f $$component/Dockerfile -t $${prefix}mailflow-$$component:$$version ."; \
-		$$engine build -f $$component/Dockerfile -t "$${prefix}mailflow-$$component:$$version" .; \
-	done
+.PHONY: images images-lock test-images
+# No daemon, no registry: a Debian base (mmdebstrap), the wheels built here, buildah, skopeo.
+# Needs root; installs its Debian tools when missing. IMAGE_PREFIX=registry.example.com/mail/
+images: venv
+	@bash scripts/build-images.sh
+
+# Refresh images/constraints.txt: the newest dependency releases that pyproject.toml allows.
+images-lock: venv
+	@bash scripts/build-images.sh --lock
+
+# The built archives in a throwaway podman store, run as the chart runs them, on the host
+# network and 127.0.0.1 only; then a second build must give the same digests.
+test-images: venv images
+	@echo "==> pytest tests/images (the images, run as the chart runs them)"
+	$(BIN)/pytest -m images tests/images
 
 demo: venv
 	@bash examples/demo.sh
@@ -90,4 +93,4 @@ soak: venv
 	@grep -o 'SUMMARY .*' .soak.log || true
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .soak.log
+	rm -rf build/images $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .soak.log

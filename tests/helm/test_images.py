@@ -46,10 +46,10 @@ def stages(dockerfile: str) -> tuple[dict[str, str], list[Stage]]:
 @pytest.mark.parametrize("component", ["relay", "operator"])
 def test_image_is_multi_stage_non_root_on_a_pinned_slim_python(component: str) -> None:
     args, (build, final) = stages((ROOT / component / "Dockerfile").read_text())
-    base = args["PYTHON_IMAGE"]
+    base = args["BASE_IMAGE"]
     # A pinned patch release of Python 3.11 on a slim Debian: never `latest` or a moving minor.
     assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
-    assert build.base == final.base == "${PYTHON_IMAGE}"
+    assert build.base == final.base == "${BASE_IMAGE}"
     assert build.name == "build"
     # The wheel is built in the first stage; the final one only copies the environment.
     assert any("pip wheel" in run for run in build.all("RUN"))
