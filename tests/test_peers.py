@@ -252,6 +252,13 @@ def test_free_port_is_free_for_tcp_and_udp() -> None:
         udp.bind(("127.0.0.1", port))
 
 
-def test_require_skips_with_the_reason() -> None:
+def test_require_skips_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="not installed: run `make test` as root"):
+        require("mailflow-no-such-tool")
+
+
+def test_require_fails_in_ci_instead_of_skipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: mailflow-no-such-tool"):
         require("mailflow-no-such-tool")

@@ -16,7 +16,9 @@ from collections.abc import Callable, Iterable
 
 __all__ = ["did_you_mean", "pattern_hint"]
 
-_DOMAIN_FIELDS = frozenset({"recipientDomains", "senderDomains", "certificateName", "host"})
+_DOMAIN_FIELDS = frozenset(
+    {"recipientDomains", "senderDomains", "certificateName", "host", "domain"}
+)
 _NAME_FIELDS = frozenset({"name"})
 _HOST_AND_PORT = re.compile(r"^[^:\[\]]+:[0-9]+$")
 _ALLOWED = re.compile(r"[a-z0-9.\-*\u0080-\uffff]")
@@ -47,8 +49,8 @@ def pattern_hint(path: str, value: str, accepts: Callable[[str], bool]) -> str |
             'must be "sha256/" and then the SHA-256 as 64 hex digits or as 44 base64 characters '
             "ending in '='"
         )
-    if field == "key":
-        return 'a Secret key may contain only letters, digits, "-", "_" and "."'
+    if field in _FIXED_HINTS:
+        return _FIXED_HINTS[field]
     if field == "networks":
         return _network_hint(value)
     if field in _DOMAIN_FIELDS:
@@ -60,6 +62,18 @@ def pattern_hint(path: str, value: str, accepts: Callable[[str], bool]) -> str |
             "starting and ending with a letter or digit"
         )
     return None
+
+
+# Fields whose one pattern has one explanation, whatever the value.
+_FIXED_HINTS = {
+    "key": 'a Secret key may contain only letters, digits, "-", "_" and "."',
+    "expireAfter": 'a duration: a whole number and a unit, s, m, h or d ("90d", "12h")',
+    "signedHeaders": 'a header field name: printable ASCII without spaces or ":" ("From")',
+    "selector": (
+        'a DKIM selector: lower-case letters, digits, "-" and "_", labels separated by "." '
+        '("s2026")'
+    ),
+}
 
 
 def _network_hint(value: str) -> str:
@@ -83,6 +97,7 @@ _DOMAIN_FALLBACK = {
     "recipientDomains": '"*" or "*.*" (every domain), a domain, or "*." and a domain',
     "senderDomains": 'a domain, or "*." and a domain',
     "certificateName": 'a domain, or "*." and a domain',
+    "domain": "a domain (the d= of the signatures)",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,16 +38,15 @@ def check(tmp_path: Path, text: str) -> CheckResult:
 
 
 def lines(result: CheckResult) -> list[str]:
-    return [p.format() for p in result.problems]
+    """Problems without their line and column: these tests are about the messages."""
+    return [re.sub(r"^(.+?\.yaml):\d+:\d+: ", r"\1: ", p.format()) for p in result.problems]
 
 
 def test_a_valid_key_and_its_secret_compile_into_the_document(tmp_path: Path) -> None:
     result = check(tmp_path, dkim_key_manifest("contoso", "Contoso.Test", "s2026", RSA_PKCS1))
     assert lines(result) == [
-        f"{tmp_path}/m.yaml:2: DkimKey/mail/contoso: spec.domain: Invalid value: "
-        '"Contoso.Test": should match \'^[a-z0-9\\x{80}-\\x{FFFF}]([-a-z0-9\\x{80}-\\x{FFFF}]{0,61}'
-        "[a-z0-9\\x{80}-\\x{FFFF}])?(\\.[a-z0-9\\x{80}-\\x{FFFF}]([-a-z0-9\\x{80}-\\x{FFFF}]{0,61}"
-        "[a-z0-9\\x{80}-\\x{FFFF}])?)*$'"
+        f"{tmp_path}/m.yaml: DkimKey/mail/contoso: spec.domain: Invalid value: "
+        '"Contoso.Test": must be lower case: "contoso.test"'
     ]
     result = check(tmp_path, dkim_key_manifest("contoso", "contoso.test", "s2026", RSA_PKCS1))
     assert lines(result) == []
@@ -90,7 +90,7 @@ def test_a_key_of_the_wrong_kind_or_size_is_one_line_naming_the_secret(
     )
     result = check(tmp_path, manifest)
     assert lines(result) == [
-        f"{tmp_path}/m.yaml:2: DkimKey/mail/k: spec.privateKey.secretRef: Invalid value: key "
+        f"{tmp_path}/m.yaml: DkimKey/mail/k: spec.privateKey.secretRef: Invalid value: key "
         f'"private.key" of Secret "k-key": {message}'
     ]
     assert result.compiled is not None
@@ -139,7 +139,7 @@ def test_a_missing_secret_is_reported_only_when_secrets_are_given(tmp_path: Path
     assert result.compiled.document.dkim_keys == ()
     other_secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: other, namespace: mail}\n---\n"
     assert lines(check(tmp_path, other_secret + alone)) == [
-        f'{tmp_path}/m.yaml:2: DkimKey/mail/k: spec.privateKey.secretRef.name: Not found: "k-key": '
+        f'{tmp_path}/m.yaml: DkimKey/mail/k: spec.privateKey.secretRef.name: Not found: "k-key": '
         'no Secret named "k-key" in namespace "mail"'
     ]
     wrong_key = dkim_key_manifest("k", "contoso.test", "s1", RSA).replace(
@@ -147,7 +147,7 @@ def test_a_missing_secret_is_reported_only_when_secrets_are_given(tmp_path: Path
         "privateKey: {secretRef: {name: k-key, key: tls.key}}",
     )
     assert lines(check(tmp_path, wrong_key)) == [
-        f"{tmp_path}/m.yaml:2: DkimKey/mail/k: spec.privateKey.secretRef.key: Not found: Secret "
+        f"{tmp_path}/m.yaml: DkimKey/mail/k: spec.privateKey.secretRef.key: Not found: Secret "
         '"k-key" has no key "tls.key"'
     ]
 
@@ -157,14 +157,14 @@ def test_signed_headers_must_include_from_and_never_trace_fields(tmp_path: Path)
         "k", "contoso.test", "s1", RSA, extra_spec="  signedHeaders: [Subject, To]\n"
     )
     assert lines(check(tmp_path, no_from)) == [
-        f"{tmp_path}/m.yaml:2: DkimKey/mail/k: spec.signedHeaders: Invalid value: "
+        f"{tmp_path}/m.yaml: DkimKey/mail/k: spec.signedHeaders: Invalid value: "
         "signedHeaders must include From (RFC 6376 section 5.4)"
     ]
     received = dkim_key_manifest(
         "k", "contoso.test", "s1", RSA, extra_spec="  signedHeaders: [from, Received]\n"
     )
     assert lines(check(tmp_path, received)) == [
-        f'{tmp_path}/m.yaml:2: DkimKey/mail/k: spec.signedHeaders[1]: Invalid value: "Received": '
+        f'{tmp_path}/m.yaml: DkimKey/mail/k: spec.signedHeaders[1]: Invalid value: "Received": '
         "this field changes on the way or must stay hidden and is never signed (RFC 6376 section 5.4)"
     ]
 
@@ -186,7 +186,7 @@ def test_schema_defaults_and_limits(tmp_path: Path) -> None:
         "k", "contoso.test", "S_1", RSA, extra_spec="  expireAfter: 2w\n"
     ).replace("algorithm: RSA-SHA256", "algorithm: RSA-SHA1")
     problems = {p.split(": ")[2]: p for p in lines(check(tmp_path, bad))}
-    assert sorted(problems) == ["-", "spec.algorithm", "spec.expireAfter", "spec.selector"]
+    assert sorted(problems) == ["spec.algorithm", "spec.expireAfter", "spec.selector"]
     assert 'Unsupported value: "RSA-SHA1"' in problems["spec.algorithm"]
     assert 'Invalid value: "2w"' in problems["spec.expireAfter"]
     assert 'Invalid value: "S_1"' in problems["spec.selector"]
