@@ -44,7 +44,7 @@ if [[ ${1:-} == --lock ]]; then
     trap 'rm -rf "$lock"' EXIT
     step "lock: resolving the runtime dependencies (pip wheel, binary wheels only)"
     "${NICE[@]}" "$PYTHON" -m pip wheel --quiet --progress-bar off --disable-pip-version-check \
-        --only-binary :all: --wheel-dir "$lock" .
+        --only-binary :all: --no-binary dkimpy --wheel-dir "$lock" .
     {
         sed -n '/^#/p' images/constraints.txt
         (cd "$lock" && ls *.whl) | grep -v '^mailflow-' |
@@ -105,8 +105,10 @@ echo "==> building mailflow $VERSION images (SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOC
 
 # --- 1. wheels ------------------------------------------------------------------------------
 step "wheels: the project and its dependencies (images/constraints.txt), binary wheels only"
+# dkimpy is published as a source distribution only (pure Python): it alone is built here.
 "${NICE[@]}" "$PYTHON" -m pip wheel --quiet --progress-bar off --disable-pip-version-check \
-    --only-binary :all: --constraint images/constraints.txt --wheel-dir "$WORK/wheels" .
+    --only-binary :all: --no-binary dkimpy --constraint images/constraints.txt \
+    --wheel-dir "$WORK/wheels" .
 "${NICE[@]}" "$PYTHON" -m pip download --quiet --progress-bar off --disable-pip-version-check \
     --only-binary :all: --no-deps --dest "$WORK/tools" "$INSTALLER"
 # Every dependency must be pinned: an unpinned one would make the image drift.
