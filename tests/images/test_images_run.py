@@ -173,12 +173,16 @@ def test_operator_image_validates_the_examples(
         "--volume",
         f"{ROOT / 'tests' / 'fixtures' / 'broken'}:/broken:ro",
     ]
-    result = podman.run(archives["operator"], "validate", "/examples", flags=[*flags, *mounts])
-    assert "0 problem(s)" in result.stdout + result.stderr, result.stdout + result.stderr
+    # The feature tour (examples/*.yaml) and the compliance design are two separate sets:
+    # both have a catch-all, so together they conflict.
+    tour = [f"/examples/{p.name}" for p in sorted((ROOT / "examples").glob("*.yaml"))]
+    for inputs in (tour, ["/examples/compliance"]):
+        result = podman.run(archives["operator"], "validate", *inputs, flags=[*flags, *mounts])
+        assert "0 problem(s)" in result.stdout + result.stderr, result.stdout + result.stderr
     result = podman.run(
         archives["operator"],
         "validate",
-        "/examples",
+        *tour,
         "/broken",
         flags=[*flags, *mounts],
         check=False,
