@@ -10,7 +10,7 @@ from mailflow_compiler.errors import UsageError
 from mailflow_relay.errors import InvalidDomainError
 from mailflow_relay.routing.domains import normalize_host
 
-__all__ = ["parse_endpoint", "parse_networks", "spool_path"]
+__all__ = ["parse_dns_servers", "parse_endpoint", "parse_networks", "spool_path"]
 
 
 def parse_endpoint(text: str, option: str, *, names: bool = False) -> tuple[str, int]:
@@ -43,6 +43,29 @@ def parse_networks(
         except ValueError as e:
             raise UsageError(f"{option} {value!r}: {e}") from e
     return tuple(networks)
+
+
+def parse_dns_servers(values: Sequence[str], option: str = "--dns-server") -> tuple[list[str], int]:
+    """``IP``, ``IP:PORT``, ``[V6]:PORT`` or a bare IPv6 address; one port for all of them
+    (dnspython's resolver has a single port), so two different ports are refused."""
+    servers: list[str] = []
+    ports: set[int] = set()
+    for value in values:
+        host, port = value, 53
+        if value.count(":") == 1 or value.startswith("["):
+            host, _, text = value.rpartition(":")
+            if not text.isdigit() or not 1 <= int(text) <= 65535:
+                raise UsageError(f"{option} {value!r}: expected IP[:PORT]")
+            host, port = host.strip("[]"), int(text)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise UsageError(f"{option} {value!r}: expected an IP address, not a name") from None
+        servers.append(host)
+        ports.add(port)
+    if len(ports) > 1:
+        raise UsageError(f"{option}: all servers must use the same port, got {sorted(ports)}")
+    return servers, ports.pop() if ports else 53
 
 
 def spool_path(text: str) -> Path:

@@ -187,6 +187,21 @@ def _operator_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="DNS server for the DkimKeys' DnsPublished check (repeat; default: the system's)",
+    )
+    parser.add_argument(
+        "--queue-lifetime",
+        type=float,
+        default=5 * 24 * 3600.0,
+        metavar="SECONDS",
+        help="the relays' --queue-lifetime: DkimKeys whose signatures expire sooner get a "
+        "warning (default: %(default)s, 5 days)",
+    )
+    parser.add_argument(
         "--cert-expiry-warning-days",
         type=float,
         default=14.0,

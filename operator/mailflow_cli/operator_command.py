@@ -14,7 +14,7 @@ from typing import TextIO
 
 import kopf
 
-from mailflow_cli.endpoints import parse_endpoint
+from mailflow_cli.endpoints import parse_dns_servers, parse_endpoint
 from mailflow_compiler.errors import UsageError
 from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig, WebhookConfig, run_operator
@@ -29,10 +29,13 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         routing_secret = ObjectRef.parse(args.routing_secret)
     except ValueError as e:
         raise UsageError(f"--routing-secret: {e}") from e
+    if args.queue_lifetime <= 0:
+        raise UsageError("--queue-lifetime: must be more than 0 seconds")
     if args.probe_interval < 0:
         raise UsageError("--probe-interval: must be 0 (off) or more")
     if (args.webhook_cert is None) != (args.webhook_key is None):
         raise UsageError("--webhook-cert and --webhook-key go together")
+    dns_servers, dns_port = parse_dns_servers(args.dns_server)
     webhook = None
     if args.webhook_port is not None:
         webhook = WebhookConfig(
@@ -52,6 +55,9 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
             default_route=DefaultRoute(action=DefaultAction(args.default_route)),
             probe_interval=args.probe_interval,
             certificate_warning_days=args.cert_expiry_warning_days,
+            dns_servers=tuple(dns_servers),
+            dns_port=dns_port,
+            queue_lifetime=args.queue_lifetime,
         ),
         webhook=webhook,
         liveness=args.liveness,

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import TextIO
 
-from mailflow_cli.endpoints import parse_endpoint, parse_networks, spool_path
+from mailflow_cli.endpoints import parse_dns_servers, parse_endpoint, parse_networks, spool_path
 from mailflow_cli.exits import EXIT_OK
 from mailflow_cli.main import _default
 from mailflow_cli.standalone import ManifestSource, ManifestWatcher, compile_manifests
@@ -61,15 +61,7 @@ def relay_setup(
     networks = parse_networks(args.accept_from)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
-    dns_servers: list[str] = []
-    dns_port = 53
-    for value in args.dns_server:
-        host, sep, port = value.rpartition(":") if value.count(":") == 1 else ("", "", "")
-        dns_servers.append(host if sep else value)
-        if sep:
-            if not port.isdigit():
-                raise UsageError(f"--dns-server {value!r}: expected IP[:PORT]")
-            dns_port = int(port)
+    dns_servers, dns_port = parse_dns_servers(args.dns_server)
     if bool(args.manifests) == bool(args.routing_secret):
         raise UsageError("give either --manifests (standalone) or --routing-secret (in a cluster)")
     default_route = DefaultRoute(action=DefaultAction(args.default_route))

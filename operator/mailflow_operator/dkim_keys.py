@@ -47,6 +47,7 @@ from mailflow_relay.routing.dkim_keys import (
     dns_record_name,
     dns_txt_strings,
     load_private_key,
+    parse_duration,
 )
 from mailflow_relay.routing.document import ObjectRef
 
@@ -63,6 +64,14 @@ __all__ = [
 ]
 
 DNS_PUBLISHED: Final = "DnsPublished"
+SIGNATURES_OUTLAST_QUEUE: Final = "SignaturesOutlastQueue"
+"""Whether a signature made at acceptance is still valid when the relays give up on the
+message: the relay signs once, when it accepts, so mail that waits in the queue longer than
+``expireAfter`` arrives with an expired ``x=`` and fails DKIM (and DMARC) at the receiver."""
+OUTLASTS_QUEUE: Final = "OutlastsQueue"
+"""True: no ``expireAfter``, or one at least as long as the queue lifetime."""
+EXPIRES_IN_QUEUE: Final = "ExpiresWhileQueued"
+"""False: ``expireAfter`` is shorter than the queue lifetime (a Warning event says so)."""
 # Condition reasons.
 PUBLISHED: Final = "Published"
 NOT_PUBLISHED: Final = "NotPublished"
@@ -75,6 +84,8 @@ SECRET_UNKNOWN: Final = "SecretUnknown"  # noqa: S105 - a condition reason
 READY_REASON: Final = "Ready"
 GENERATED_ANNOTATION: Final = "mailflow.dev/generated-for"
 GENERATED_RSA_BITS: Final = 2048
+DEFAULT_QUEUE_LIFETIME: Final = 5 * 24 * 3600.0
+"""The relays' default ``--queue-lifetime`` (Postfix's ``maximal_queue_lifetime``)."""
 
 
 @dataclass(frozen=True)
@@ -191,12 +202,47 @@ def dns_check_for(raw: Mapping[str, Any], loaded: LoadedKey | None) -> DnsCheck 
     return DnsCheck(name, loaded.public_key)
 
 
+def signature_lifetime(spec: Mapping[str, Any], queue_lifetime: float) -> Condition:
+    """``SignaturesOutlastQueue``: may a queued message outlive its own signature?"""
+    text = spec.get("expireAfter")
+    try:
+        expire = None if text is None else parse_duration(str(text))
+    except ValueError:
+        expire = None  # the schema refuses it; Accepted says so
+    if expire is None or expire >= queue_lifetime:
+        return Condition(
+            SIGNATURES_OUTLAST_QUEUE,
+            "True",
+            OUTLASTS_QUEUE,
+            "Signatures stay valid as long as the relays keep a message"
+            if expire is not None
+            else "Signatures do not expire (no expireAfter)",
+        )
+    return Condition(
+        SIGNATURES_OUTLAST_QUEUE,
+        "False",
+        EXPIRES_IN_QUEUE,
+        f"expireAfter {text} is shorter than the relays' queue lifetime "
+        f"({_duration(queue_lifetime)}): the relay signs once, at acceptance, so mail delivered "
+        "after a longer wait arrives with an expired signature; raise expireAfter above the "
+        "queue lifetime, or remove it",
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def dkim_status(
     raw: Mapping[str, Any],
     findings: Sequence[Finding],
     schema_errors: Sequence[str],
     loaded: LoadedKey | None,
     dns_result: DnsResult | None,
+    queue_lifetime: float = DEFAULT_QUEUE_LIFETIME,
 ) -> dict[str, Any]:
     """The status this DkimKey should have."""
     metadata = raw.get("metadata") or {}
@@ -215,6 +261,7 @@ def dkim_status(
         )
     else:
         conditions.append(Condition(READY, "True", READY_REASON, "The relays sign with this key"))
+    conditions.append(signature_lifetime(spec, queue_lifetime))
     before = next((c for c in old.get("conditions") or [] if c.get("type") == DNS_PUBLISHED), None)
     if dns_result is None and before is not None:
         # No check yet in this run (a restart): keep what the last check said, unchanged.

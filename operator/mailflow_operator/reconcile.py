@@ -128,6 +128,8 @@ class ReconcileSettings:
     dns_servers: tuple[str, ...] = ()
     """DNS servers for the DkimKeys' ``DnsPublished`` check; empty: the system's resolver."""
     dns_port: int = 53
+    queue_lifetime: float = dkim_keys.DEFAULT_QUEUE_LIFETIME
+    """The relays' ``--queue-lifetime``: a DkimKey whose signatures expire sooner is warned about."""
 
 
 @dataclass(frozen=True)
@@ -583,6 +585,7 @@ class Reconciler:
                 invalid.get(ref, []),
                 loaded,
                 self._dns_results.get(ref),
+                self.settings.queue_lifetime,
             )
             old = dict(raw.get("status") or {})
             if status == old:
@@ -776,6 +779,7 @@ def _event_for(condition: Mapping[str, Any]) -> str | None:
         DESTINATION_REACHABLE,
         TLS_VERIFIED,
         dkim_keys.DNS_PUBLISHED,
+        dkim_keys.SIGNATURES_OUTLAST_QUEUE,
     )
     if kind in watched and status == "False":
         return "Warning"

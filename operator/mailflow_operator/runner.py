@@ -24,7 +24,6 @@ from typing import Any
 
 import kopf
 
-from mailflow_compiler.dkim import DKIM_KEY_KIND
 from mailflow_compiler.manifests import API_GROUP
 from mailflow_operator.kubeclient import KubeClient
 from mailflow_operator.metrics import OperatorMetrics
@@ -140,8 +139,7 @@ def build_registry(
 
             return handler
 
-        # DkimKeys are not admitted by the webhook (yet): their problems are status conditions.
-        for kind, plural in ((k, p) for k, p in PLURALS.items() if k != DKIM_KEY_KIND):
+        for kind, plural in PLURALS.items():
             kopf.on.validate(
                 API_GROUP,
                 VERSION,

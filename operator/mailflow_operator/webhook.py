@@ -13,6 +13,13 @@ messages that ``mailflow validate`` prints —
   exist yet). Off by default, because GitOps tools apply a connector and its profile
   in any order, and ``ResolvedRefs=False`` says the same thing after the fact.
 
+DkimKeys are admitted the same way: a second enabled key for a domain and selector that
+another key already claims is refused (the older key keeps signing, so the newcomer would
+sign nothing); a key whose domain is not a domain or that would sign a header that must
+never be signed is refused. A key is never refused for its Secret (generated or applied
+later, in any order) except in strict mode, and an update of the key that keeps signing is
+never refused because a newer one conflicts with it: that would block disabling it.
+
 Deletions are never refused: deleting a profile in use turns its connectors'
 ``ResolvedRefs`` False instead (no finalizer deadlock).
 """
@@ -30,7 +37,8 @@ from mailflow_compiler.compiler import (
     compile_routing,
 )
 from mailflow_compiler.crds import load_crds
-from mailflow_compiler.manifests import RawConnector, RawProfile
+from mailflow_compiler.dkim import DKIM_KEY_KIND, REASON_CONFLICTED
+from mailflow_compiler.manifests import RawConnector, RawDkimKey, RawProfile
 from mailflow_operator.store import Store
 from mailflow_relay.routing.document import ObjectRef
 
@@ -62,7 +70,8 @@ def admission_findings(
 
     connectors = others(store.connectors, CONNECTOR_KIND)
     profiles = others(store.profiles, PROFILE_KIND)
-    (connectors if kind == CONNECTOR_KIND else profiles).append(incoming)
+    keys = others(store.dkim_keys, DKIM_KEY_KIND)
+    {CONNECTOR_KIND: connectors, PROFILE_KIND: profiles, DKIM_KEY_KIND: keys}[kind].append(incoming)
     # Every watched namespace: they all compile into one routing document, so a conflict
     # with a connector of another namespace is as real as one next door. References
     # still resolve in the object's own namespace (the compiler sees to that).
@@ -71,12 +80,43 @@ def admission_findings(
         cast(list[RawProfile], profiles),
         store.secrets,
         default_namespace=ref.namespace,
+        dkim_keys=cast(list[RawDkimKey], keys),
     )
+    keeps_signing = kind == DKIM_KEY_KIND and _signs_first(incoming, keys)
     return [
         f
         for f in compiled.findings_for(kind, ref)
-        if f.condition == "Accepted" or (strict and f.condition == "ResolvedRefs")
+        if (f.condition == "Accepted" or (strict and f.condition == "ResolvedRefs"))
+        and not (keeps_signing and f.reason == REASON_CONFLICTED)
     ]
+
+
+def _signs_first(incoming: Mapping[str, Any], keys: list[dict[str, Any]]) -> bool:
+    """Whether ``incoming`` is the key that signs among those claiming its domain and selector.
+
+    The compiler's order: oldest first, then by name; a new object has no creation time yet
+    and sorts last, as it will once the API server stamps it.
+    """
+
+    def claim(body: Mapping[str, Any]) -> tuple[str, str]:
+        spec = body.get("spec") or {}
+        return (
+            str(spec.get("domain", "")).lower().rstrip("."),
+            str(spec.get("selector", "")).lower(),
+        )
+
+    def age(body: Mapping[str, Any]) -> tuple[str, str]:
+        metadata = body.get("metadata") or {}
+        return (str(metadata.get("creationTimestamp") or "~"), str(metadata.get("name") or ""))
+
+    rivals = [
+        b
+        for b in keys
+        if b is not incoming
+        and (b.get("spec") or {}).get("enabled", True)
+        and claim(b) == claim(incoming)
+    ]
+    return all(age(incoming) < age(b) for b in rivals)
 
 
 def denial_message(findings: list[Finding]) -> str:

@@ -304,3 +304,46 @@ def test_values_comments_warn_about_ports_api_server_and_peers() -> None:
     assert "must be listed" in comment_above(text, "smtpPorts")
     assert "PRODUCTION: NARROW THIS" in comment_above(text, "apiServerCIDRs")
     assert "may then relay without AUTH" in comment_above(text, "peerCIDRs")
+
+
+def test_dkim_key_generation_grants_secret_create_in_the_watched_namespaces_only_when_asked(
+    render: Callable[..., Rendered],
+) -> None:
+    rendered = render(
+        "production-values.yaml",
+        *("--set", "operator.watchNamespaces={team-a,team-b}"),
+        *("--set", "operator.dkim.generateSecrets=true"),
+    )
+    creates = sorted(
+        (role["metadata"]["namespace"], role["metadata"]["name"])
+        for role in rendered.of_kind("Role")
+        for rule in role["rules"]
+        if rule["verbs"] == ["create"] and rule["resources"] == ["secrets"]
+        and "resourceNames" not in rule
+    )  # fmt: skip
+    # The release namespace has `create` already (the routing Secret); a watched namespace
+    # gets it only for generated DkimKey Secrets, and never `update`, `patch` or `delete`.
+    assert creates == [
+        ("mail", "mailflow-operator-routing"),
+        ("team-a", "mailflow-operator"),
+        ("team-b", "mailflow-operator"),
+    ]
+    for namespace in ("team-a", "team-b"):
+        granted = rules(rendered, "Role", "mailflow-operator", namespace)
+        assert granted == [*OPERATOR_NAMESPACE_RULES, {
+            "apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]
+        }]  # fmt: skip
+
+
+def test_the_dns_published_check_asks_the_dns_servers_given(
+    render: Callable[..., Rendered],
+) -> None:
+    rendered = render("default", "--set", "operator.dkim.dnsServers={192.0.2.53,[2001:db8::53]:53}")
+    (deployment,) = [
+        d for d in rendered.of_kind("Deployment") if d["metadata"]["name"] == "mailflow-operator"
+    ]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--dns-server"]
+    assert pairs == ["192.0.2.53", "[2001:db8::53]:53"]
+    with pytest.raises(AssertionError, match="dnsServers"):
+        render("default", "--set", "operator.dkim.dnsServers={ns1.example}")

@@ -34,7 +34,7 @@ SECRET_MODE = (
 )
 CONFIGURATION = "mail-mailflow-operator-webhook"
 SERVICE = "mailflow-operator-webhook"
-PLURALS = ["outboundconnectors", "multismtpprofiles"]
+PLURALS = ["outboundconnectors", "multismtpprofiles", "dkimkeys"]
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_secret_mode_puts_the_ca_bundle_in_the_configuration(secret: Rendered) -
     assert not secret.has("Certificate")
     configuration = secret.get("ValidatingWebhookConfiguration", CONFIGURATION)
     assert "annotations" not in configuration["metadata"]
-    assert [h["clientConfig"]["caBundle"] for h in webhooks(secret)] == [CA_BUNDLE] * 2
+    assert [h["clientConfig"]["caBundle"] for h in webhooks(secret)] == [CA_BUNDLE] * len(PLURALS)
     # The default: an unreachable operator does not block GitOps applies (docs/install.md).
     assert {h["failurePolicy"] for h in webhooks(secret)} == {"Ignore"}
     webhook = operator_config(secret).webhook

@@ -108,7 +108,7 @@ def configuration(port: int, ca_bundle: str, failure_policy: str) -> dict[str, A
         "metadata": {"name": WEBHOOK},
         "webhooks": [
             hook(port, ca_bundle, failure_policy, plural)
-            for plural in ("outboundconnectors", "multismtpprofiles")
+            for plural in ("outboundconnectors", "multismtpprofiles", "dkimkeys")
         ],
     }
 
@@ -186,6 +186,52 @@ def test_the_api_server_refuses_a_conflicting_connector_with_the_webhooks_messag
     # A change that conflicts with nothing goes through.
     result = kubectl(control_plane, "apply", "-f", "-", stdin=connector("third", "other.example"))
     assert result.returncode == 0, result.stderr
+
+
+def dkim_key(name: str, selector: str, **spec: Any) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "DkimKey",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {
+                "domain": "hook.example",
+                "selector": selector,
+                "privateKey": {"secretRef": {"name": f"{name}-key"}},
+                **spec,
+            },
+        }
+    )
+
+
+def test_the_api_server_refuses_a_second_dkim_key_for_a_claimed_selector(
+    control_plane: ControlPlane, admin: kubernetes.client.ApiClient, webhook: WebhookOperator
+) -> None:
+    set_policy(control_plane, webhook, "Fail")
+    result = kubectl(control_plane, "apply", "-f", "-", stdin=dkim_key("k1", "s1"))
+    assert result.returncode == 0, result.stderr
+    custom = kubernetes.client.CustomObjectsApi(admin)
+
+    def observed() -> bool:
+        body: Any = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "dkimkeys", "k1")
+        return bool((body.get("status") or {}).get("observedGeneration") == 1)
+
+    wait_for("the operator to know the first key", observed, timeout=90)
+    result = kubectl(control_plane, "apply", "-f", "-", stdin=dkim_key("k2", "s1"))
+    assert result.returncode != 0
+    assert 'admission webhook "dkimkeys.validate.mailflow.dev" denied the request' in (
+        result.stderr
+    ), result.stderr
+    assert 'spec.selector: Conflicted: selector "s1" of domain "hook.example"' in result.stderr
+    # Its Secret does not exist yet: not refused (GitOps applies in any order); nor is a
+    # second, disabled key, nor a change to the key that signs.
+    for body in (
+        dkim_key("k3", "s2"),
+        dkim_key("k2", "s1", enabled=False),
+        dkim_key("k1", "s1", subdomains=True),
+    ):
+        result = kubectl(control_plane, "apply", "-f", "-", stdin=body)
+        assert result.returncode == 0, result.stderr
 
 
 def test_with_the_operator_down_the_failure_policy_decides(

@@ -233,4 +233,63 @@ def test_dns_published_says_whether_dns_carries_this_key(dns: DnsServer) -> None
             # Ready says whether the relays can sign, DnsPublished whether receivers can verify.
             assert condition(api, "DkimKey", "unpublished", "Ready")["status"] == "True"
 
+            def mismatch_events() -> list[dict[str, Any]]:
+                return [
+                    dict(obj.raw)
+                    for key, obj in list(api.emulator.objects.items())
+                    if key[0].plural == "events"
+                    and not obj.deleted
+                    and obj.raw.get("reason") == "KeyMismatch"
+                    and obj.raw["involvedObject"]["name"] == "published"
+                ]
+
+            # DNS stops matching the key (here: the Secret got another key, the record stayed):
+            # the condition turns False and a Warning event says so, once.
+            assert mismatch_events() == []
+            await api.apply(secret("published-key", PUBLISHED_ELSEWHERE))
+            await until(
+                lambda: published("published") == ("False", "KeyMismatch"),
+                what="DnsPublished=False KeyMismatch",
+            )
+            (event,) = await until(mismatch_events, what="the KeyMismatch event")
+            assert event["type"] == "Warning"
+
+    run(scenario)
+
+
+def test_a_signature_that_expires_before_the_queue_gives_up_is_a_warning() -> None:
+    async def scenario(api: Cluster) -> None:
+        await api.apply(secret("short-key", RSA))
+        await api.apply(secret("long-key", ED25519))
+        await api.apply(dkim_key("short", "short", expireAfter="2d"))
+        await api.apply(dkim_key("long", "long", "Ed25519-SHA256", expireAfter="7d"))
+        async with OperatorThread(config_for(api)):
+
+            def lifetime(name: str) -> tuple[str, str]:
+                found = condition(api, "DkimKey", name, "SignaturesOutlastQueue")
+                return found["status"], found["reason"]
+
+            await until(
+                lambda: lifetime("short") == ("False", "ExpiresWhileQueued"),
+                what="SignaturesOutlastQueue=False",
+            )
+            await until(lambda: lifetime("long") == ("True", "OutlastsQueue"), what="long: True")
+            message = condition(api, "DkimKey", "short", "SignaturesOutlastQueue")["message"]
+            assert "expireAfter 2d is shorter than the relays' queue lifetime (5d)" in message
+            # Still signs: a warning, not a refusal.
+            assert condition(api, "DkimKey", "short", "Ready")["status"] == "True"
+
+            def warnings() -> list[dict[str, Any]]:
+                return [
+                    dict(obj.raw)
+                    for key, obj in list(api.emulator.objects.items())
+                    if key[0].plural == "events"
+                    and not obj.deleted
+                    and obj.raw.get("reason") == "ExpiresWhileQueued"
+                ]
+
+            (event,) = await until(warnings, what="the ExpiresWhileQueued event")
+            assert event["type"] == "Warning"
+            assert event["involvedObject"]["name"] == "short"
+
     run(scenario)

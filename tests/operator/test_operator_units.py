@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mailflow_cli.main import build_parser
@@ -91,3 +93,37 @@ def test_routing_secret_must_name_a_namespace() -> None:
     )
     with pytest.raises(UsageError, match="--routing-secret"):
         config_from_args(args)
+
+
+def operator_args(*extra: str) -> list[str]:
+    return ["operator", "-n", "mail", "--routing-secret", "ns/routing", "--relay-selector",
+            "app=r", *extra]  # fmt: skip
+
+
+def test_the_dns_servers_of_the_dns_published_check_and_the_queue_lifetime() -> None:
+    extra = ["--dns-server", "192.0.2.53:5353", "--dns-server", "[2001:db8::53]:5353",
+             "--queue-lifetime", "86400"]  # fmt: skip
+    args = build_parser().parse_args(operator_args(*extra))
+    config = config_from_args(args)
+    assert config.reconcile.dns_servers == ("192.0.2.53", "2001:db8::53")
+    assert config.reconcile.dns_port == 5353
+    assert config.reconcile.queue_lifetime == 86400
+    defaults = config_from_args(build_parser().parse_args(operator_args()))
+    assert (defaults.reconcile.dns_servers, defaults.reconcile.dns_port) == ((), 53)
+    assert defaults.reconcile.queue_lifetime == 5 * 86400
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["ns1.example"], "--dns-server 'ns1.example': expected an IP address, not a name"),
+        (["192.0.2.1:x"], "--dns-server '192.0.2.1:x': expected IP[:PORT]"),
+        (["192.0.2.1:53", "192.0.2.2:5353"], "all servers must use the same port, got [53, 5353]"),
+    ],
+)
+def test_dns_servers_that_cannot_be_asked_are_refused_in_one_line(
+    values: list[str], message: str
+) -> None:
+    extra = [a for v in values for a in ("--dns-server", v)]
+    with pytest.raises(UsageError, match=re.escape(message)):
+        config_from_args(build_parser().parse_args(operator_args(*extra)))

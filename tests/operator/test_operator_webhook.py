@@ -203,3 +203,53 @@ def test_auth_with_an_unverified_tls_mode_is_refused_even_where_the_crd_lacks_th
         tls={"mode": "SelfSigned", "pinnedFingerprints": ["sha256/" + "a" * 64]},
     )
     assert admission_findings(Store(), "OutboundConnector", pinned) == []
+
+
+def dkim_body(name: str, selector: str, created: str | None = None, **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name, "namespace": "mail"}
+    if created is not None:
+        metadata["creationTimestamp"] = created
+    return {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "DkimKey",
+        "metadata": metadata,
+        "spec": {
+            "domain": "contoso.com",
+            "selector": selector,
+            "privateKey": {"secretRef": {"name": f"{name}-key"}},
+            **spec,
+        },
+    }
+
+
+def test_a_second_dkim_key_for_a_claimed_selector_is_refused_but_not_the_one_that_signs() -> None:
+    from mailflow_operator.store import Store
+    from mailflow_operator.webhook import admission_findings
+
+    store = Store()
+    store.dkim_keys[ObjectRef("mail", "first")] = dkim_body("first", "s1", "2026-01-01T00:00:00Z")
+    newcomer = admission_findings(store, "DkimKey", dkim_body("second", "s1"))
+    assert [(f.path, f.reason) for f in newcomer] == [("spec.selector", "Conflicted")]
+    assert "mail/first is older" in newcomer[0].message
+    # Another selector, or the same one disabled, signs nothing twice: admitted.
+    assert admission_findings(store, "DkimKey", dkim_body("second", "s2")) == []
+    assert admission_findings(store, "DkimKey", dkim_body("second", "s1", enabled=False)) == []
+    # With the newer key stored (applied while the webhook was down), an update of the key
+    # that keeps signing must still go through: otherwise it could not even be disabled.
+    store.dkim_keys[ObjectRef("mail", "second")] = dkim_body("second", "s1", "2026-02-01T00:00:00Z")
+    update = dkim_body("first", "s1", "2026-01-01T00:00:00Z", subdomains=True)
+    assert admission_findings(store, "DkimKey", update) == []
+    again = admission_findings(store, "DkimKey", dkim_body("second", "s1", "2026-02-01T00:00:00Z"))
+    assert [f.reason for f in again] == ["Conflicted"]
+
+
+def test_a_dkim_key_is_refused_for_its_headers_and_for_a_missing_secret_only_when_strict() -> None:
+    from mailflow_operator.store import Store
+    from mailflow_operator.webhook import admission_findings
+
+    store = Store()
+    bad = admission_findings(store, "DkimKey", dkim_body("k", "s1", signedHeaders=["From", "Bcc"]))
+    assert [(f.path, f.reason) for f in bad] == [("spec.signedHeaders[1]", "InvalidValue")]
+    assert admission_findings(store, "DkimKey", dkim_body("k", "s1")) == []
+    strict = admission_findings(store, "DkimKey", dkim_body("k", "s1"), strict=True)
+    assert [f.path for f in strict] == ["spec.privateKey.secretRef.name"]
