@@ -425,6 +425,56 @@ def test_a_dkim_key_is_ready_shows_its_dns_record_and_reaches_the_relays(
     assert body_lines[:40] not in json.dumps(status)
 
 
+def test_generate_creates_the_key_secret_as_the_chart_service_account_and_never_replaces_it(
+    control_plane: ControlPlane, admin: kubernetes.client.ApiClient, operator: Operator
+) -> None:
+    apply(
+        control_plane,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "DkimKey",
+            "metadata": {"name": "contoso-ed2027", "namespace": NAMESPACE},
+            "spec": {
+                "domain": "contoso.com",
+                "selector": "ed2027",
+                "algorithm": "Ed25519-SHA256",
+                "privateKey": {"secretRef": {"name": "dkim-contoso-ed2027"}},
+                "generate": {},
+            },
+        },
+    )
+    core = kubernetes.client.CoreV1Api(admin)
+
+    def generated() -> Any:
+        try:
+            return core.read_namespaced_secret("dkim-contoso-ed2027", NAMESPACE)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    secret = wait_for("the generated Secret", generated, timeout=90)
+    assert secret.metadata.annotations["mailflow.dev/generated-for"] == ("DkimKey/contoso-ed2027")
+    body = wait_for(
+        "the generated key to be Ready",
+        lambda: (
+            b
+            if conditions(b := get(admin, DKIM_KEYS, "contoso-ed2027")).get("Ready")
+            == ("True", "Ready")
+            else None
+        ),
+        timeout=90,
+    )
+    assert body["status"]["dnsRecord"]["strings"][0].startswith("v=DKIM1; k=ed25519; p=")
+    version = secret.metadata.resource_version
+    # Another pass (a spec change) must not touch the Secret that exists.
+    custom(admin).patch_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, DKIM_KEYS, "contoso-ed2027", {"spec": {"subdomains": True}}
+    )
+    wait_settled(admin, DKIM_KEYS, "contoso-ed2027")
+    assert generated().metadata.resource_version == version
+
+
 def test_a_deleted_routing_secret_is_written_again(
     admin: kubernetes.client.ApiClient, operator: Operator
 ) -> None:
