@@ -74,6 +74,17 @@ class Cluster:
             return None
         return copy.deepcopy(dict(obj.raw))
 
+    def events(self, reason: str, involved: str | None = None) -> list[dict[str, Any]]:
+        """The Events posted with ``reason`` (about the object named ``involved``, if given)."""
+        return [
+            copy.deepcopy(dict(obj.raw))
+            for key, obj in list(self.emulator.objects.items())
+            if key[0].plural == "events"
+            and not obj.deleted
+            and obj.raw.get("reason") == reason
+            and involved in (None, obj.raw.get("involvedObject", {}).get("name"))
+        ]
+
     def history(self, kind: str, namespace: str, name: str) -> list[dict[str, Any] | None]:
         versions = self.emulator.objects[PLURALS[kind], namespace, name].history
         return [None if v is None else copy.deepcopy(dict(v.raw)) for v in versions]

@@ -162,21 +162,30 @@ def set_policy(plane: ControlPlane, operator: WebhookOperator, policy: str) -> N
     assert result.returncode == 0, result.stderr
 
 
+def apply_and_wait_observed(
+    plane: ControlPlane, admin: kubernetes.client.ApiClient, manifest: str
+) -> None:
+    """Apply one object and wait until the operator has reconciled it (it is in the webhook's
+    view from then on)."""
+    result = kubectl(plane, "apply", "-f", "-", stdin=manifest)
+    assert result.returncode == 0, result.stderr
+    body = yaml.safe_load(manifest)
+    plural = {"OutboundConnector": "outboundconnectors", "DkimKey": "dkimkeys"}[body["kind"]]
+    name = body["metadata"]["name"]
+    custom = kubernetes.client.CustomObjectsApi(admin)
+
+    def observed() -> bool:
+        found: Any = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, plural, name)
+        return bool((found.get("status") or {}).get("observedGeneration") == 1)
+
+    wait_for(f"the operator to know {plural}/{name}", observed, timeout=90)
+
+
 def test_the_api_server_refuses_a_conflicting_connector_with_the_webhooks_message(
     control_plane: ControlPlane, admin: kubernetes.client.ApiClient, webhook: WebhookOperator
 ) -> None:
     set_policy(control_plane, webhook, "Fail")
-    result = kubectl(control_plane, "apply", "-f", "-", stdin=connector("first", "hook.example"))
-    assert result.returncode == 0, result.stderr
-    custom = kubernetes.client.CustomObjectsApi(admin)
-
-    def observed() -> bool:
-        body: Any = custom.get_namespaced_custom_object(
-            GROUP, VERSION, NAMESPACE, "outboundconnectors", "first"
-        )
-        return bool((body.get("status") or {}).get("observedGeneration") == 1)
-
-    wait_for("the operator to know the first connector", observed, timeout=90)
+    apply_and_wait_observed(control_plane, admin, connector("first", "hook.example"))
     result = kubectl(control_plane, "apply", "-f", "-", stdin=connector("second", "hook.example"))
     assert result.returncode != 0
     assert 'admission webhook "outboundconnectors.validate.mailflow.dev" denied the request' in (
@@ -208,15 +217,7 @@ def test_the_api_server_refuses_a_second_dkim_key_for_a_claimed_selector(
     control_plane: ControlPlane, admin: kubernetes.client.ApiClient, webhook: WebhookOperator
 ) -> None:
     set_policy(control_plane, webhook, "Fail")
-    result = kubectl(control_plane, "apply", "-f", "-", stdin=dkim_key("k1", "s1"))
-    assert result.returncode == 0, result.stderr
-    custom = kubernetes.client.CustomObjectsApi(admin)
-
-    def observed() -> bool:
-        body: Any = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "dkimkeys", "k1")
-        return bool((body.get("status") or {}).get("observedGeneration") == 1)
-
-    wait_for("the operator to know the first key", observed, timeout=90)
+    apply_and_wait_observed(control_plane, admin, dkim_key("k1", "s1"))
     result = kubectl(control_plane, "apply", "-f", "-", stdin=dkim_key("k2", "s1"))
     assert result.returncode != 0
     assert 'admission webhook "dkimkeys.validate.mailflow.dev" denied the request' in (

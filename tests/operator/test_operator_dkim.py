@@ -233,25 +233,17 @@ def test_dns_published_says_whether_dns_carries_this_key(dns: DnsServer) -> None
             # Ready says whether the relays can sign, DnsPublished whether receivers can verify.
             assert condition(api, "DkimKey", "unpublished", "Ready")["status"] == "True"
 
-            def mismatch_events() -> list[dict[str, Any]]:
-                return [
-                    dict(obj.raw)
-                    for key, obj in list(api.emulator.objects.items())
-                    if key[0].plural == "events"
-                    and not obj.deleted
-                    and obj.raw.get("reason") == "KeyMismatch"
-                    and obj.raw["involvedObject"]["name"] == "published"
-                ]
-
             # DNS stops matching the key (here: the Secret got another key, the record stayed):
             # the condition turns False and a Warning event says so, once.
-            assert mismatch_events() == []
+            assert api.events("KeyMismatch", "published") == []
             await api.apply(secret("published-key", PUBLISHED_ELSEWHERE))
             await until(
                 lambda: published("published") == ("False", "KeyMismatch"),
                 what="DnsPublished=False KeyMismatch",
             )
-            (event,) = await until(mismatch_events, what="the KeyMismatch event")
+            (event,) = await until(
+                lambda: api.events("KeyMismatch", "published"), what="the KeyMismatch event"
+            )
             assert event["type"] == "Warning"
 
     run(scenario)
@@ -279,16 +271,9 @@ def test_a_signature_that_expires_before_the_queue_gives_up_is_a_warning() -> No
             # Still signs: a warning, not a refusal.
             assert condition(api, "DkimKey", "short", "Ready")["status"] == "True"
 
-            def warnings() -> list[dict[str, Any]]:
-                return [
-                    dict(obj.raw)
-                    for key, obj in list(api.emulator.objects.items())
-                    if key[0].plural == "events"
-                    and not obj.deleted
-                    and obj.raw.get("reason") == "ExpiresWhileQueued"
-                ]
-
-            (event,) = await until(warnings, what="the ExpiresWhileQueued event")
+            (event,) = await until(
+                lambda: api.events("ExpiresWhileQueued"), what="the ExpiresWhileQueued event"
+            )
             assert event["type"] == "Warning"
             assert event["involvedObject"]["name"] == "short"
 

@@ -141,17 +141,11 @@ def test_operator_probes_record_conditions_certificate_and_expiry_warning(pki: P
             assert certificate["issuer"] == "CN=Mailflow Test Root CA"
             assert certificate["notAfter"].endswith("Z")
 
-            def expiry_events() -> list[dict[str, Any]]:
-                return [
-                    dict(obj.raw)
-                    for key, obj in list(api.emulator.objects.items())
-                    if key[0].plural == "events"
-                    and not obj.deleted
-                    and obj.raw.get("reason") == "CertificateExpiringSoon"
-                ]
-
             # The event is posted right after the status is written: wait for it too.
-            assert await until(expiry_events, what="the CertificateExpiringSoon event")
+            assert await until(
+                lambda: api.events("CertificateExpiringSoon"),
+                what="the CertificateExpiringSoon event",
+            )
 
     async def main() -> None:
         async with (
