@@ -130,8 +130,10 @@ def test_connections_are_shared_by_the_fleet_and_never_below_one() -> None:
     first = g.admit("a", T0, decision(c))
     second = g.admit("b", T0, decision(c))
     third = g.admit("c", T0, decision(c))
-    assert first.ticket is not None and second.ticket is not None
-    assert third.ticket is None and third.reason == HoldReason.CONNECTIONS
+    assert first.ticket is not None
+    assert second.ticket is not None
+    assert third.ticket is None
+    assert third.reason == HoldReason.CONNECTIONS
     # The slot given back wakes the oldest waiter.
     assert g.release(first.ticket, [delivered()]) == ["c"]
     assert g.admit("c", T0, decision(c)).ticket is not None
@@ -145,11 +147,13 @@ def test_the_oldest_waiting_message_goes_first() -> None:
     g = gate(c, clock)
     assert g.admit("first", T0, decision(c)).ticket is not None
     old = g.admit("old", T0 + timedelta(seconds=1), decision(c))
-    assert old.ticket is None and old.reason == HoldReason.RATE
+    assert old.ticket is None
+    assert old.reason == HoldReason.RATE
     clock.now = old.until
     # A younger message looks first, at the moment the slot frees: it waits behind.
     young = g.admit("young", T0 + timedelta(seconds=5), decision(c))
-    assert young.ticket is None and young.reason == HoldReason.ORDER
+    assert young.ticket is None
+    assert young.reason == HoldReason.ORDER
     assert young.until > old.until
     assert g.admit("old", T0 + timedelta(seconds=1), decision(c)).ticket is not None
 
@@ -194,7 +198,8 @@ def test_a_storm_of_parallel_421s_counts_once_a_second() -> None:
     assert g.backoff_factors()["mail/partner"] == pytest.approx(0.5)
     # Without a declared limit the base is what this relay did: ten connections, ten a minute.
     key = g._keys[("connector", c.ref)]
-    assert key.backoff is not None and key.backoff.base_connections == 10
+    assert key.backoff is not None
+    assert key.backoff.base_connections == 10
     assert key.backoff.base_rate == 10.0
 
 
@@ -232,7 +237,9 @@ def test_a_paused_connector_holds_everything_and_a_new_document_wakes_it() -> No
     clock = Clock()
     g = gate(c, clock)
     held = g.admit("q", T0, decision(c))
-    assert held.ticket is None and held.reason == HoldReason.PAUSED and held.first
+    assert held.ticket is None
+    assert held.reason == HoldReason.PAUSED
+    assert held.first
     assert not g.admit("q", T0, decision(c)).first
     running = replace(c, paused=False)
     assert g.load(RoutingDocument(generation=2, connectors=(running,))) == ["q"]
@@ -282,4 +289,5 @@ def test_a_profile_server_that_is_paused_or_full_is_not_used() -> None:
     held = gate(connector(destination=every_server_paused), Clock()).admit(
         "q3", T0, decision(connector(destination=every_server_paused))
     )
-    assert held.ticket is None and held.reason == HoldReason.PAUSED
+    assert held.ticket is None
+    assert held.reason == HoldReason.PAUSED
