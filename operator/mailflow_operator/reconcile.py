@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import logging
 import random
@@ -321,8 +322,14 @@ class Reconciler:
             [self.document.generation if self.document else 0]
             + [p.generation for p in self.store.pods.values() if p.generation is not None]
         )
+        # Throttles hold for the whole fleet: each ready relay takes 1/relays of a limit
+        # (engine/throttles.py); the count follows the pods with each pass.
+        fleet = max(1, sum(1 for p in self.store.pods.values() if p.ready))
         published = await publish(
-            self.client, self.settings.routing_secret, compiled.document, floor=floor
+            self.client,
+            self.settings.routing_secret,
+            dataclasses.replace(compiled.document, fleet_relays=fleet),
+            floor=floor,
         )
         self.document = published.document
         self.compiled = compiled
