@@ -62,6 +62,7 @@ from mailflow_operator.status import (
     ACCEPTED,
     DESTINATION_REACHABLE,
     PROGRAMMED,
+    RATE_LIMITED,
     RESOLVED_REFS,
     TLS_VERIFIED,
     Condition,
@@ -71,6 +72,7 @@ from mailflow_operator.status import (
     merge_conditions,
     now_rfc3339,
     programmed,
+    rate_limited,
     ready,
     resolved_refs,
 )
@@ -485,6 +487,17 @@ class Reconciler:
         )
         conditions += kstatus(conditions)
         conditions += self._probe_conditions(kind, ref)
+        limited = rate_limited(
+            str(ref),
+            [p.backoff for p in ready_pods],
+            shown_before=any(
+                c.get("type") == RATE_LIMITED
+                for c in old.get("conditions") or []
+                if isinstance(c, dict)
+            ),
+        )
+        if limited is not None and kind == CONNECTOR_KIND:
+            conditions.append(limited)
 
         status: dict[str, Any] = {
             "observedGeneration": generation,
@@ -786,6 +799,6 @@ def _event_for(condition: Mapping[str, Any]) -> str | None:
     )
     if kind in watched and status == "False":
         return "Warning"
-    if reason == "CertificateExpiringSoon":
+    if reason == "CertificateExpiringSoon" or (kind == RATE_LIMITED and status == "True"):
         return "Warning"
     return None

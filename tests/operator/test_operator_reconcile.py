@@ -428,3 +428,36 @@ def test_the_document_says_how_many_ready_relays_share_each_throttle() -> None:
             assert status(api, "OutboundConnector", "all")["configGeneration"] == generation
 
     run(scenario)
+
+
+def test_a_relay_backing_off_shows_in_the_connector_status() -> None:
+    async def scenario(api: Cluster) -> None:
+        await api.apply(connector("all", ["*"]))
+        slowed = relay_pod("relay-0", None)
+        slowed["metadata"]["annotations"]["mailflow.dev/backoff"] = '{"mail/all":0.25}'
+        await api.apply(slowed)
+        await api.apply(relay_pod("relay-1", None))
+        async with OperatorThread(config_for(api)):
+            await until(
+                lambda: (
+                    condition(api, "OutboundConnector", "all", "RateLimited")["status"] == "True"
+                )
+            )
+            limited = condition(api, "OutboundConnector", "all", "RateLimited")
+            assert limited["reason"] == "RateLimitReplies"
+            assert "1/2 ready relays send at 25%" in limited["message"]
+            # Informational: the connector stays Ready.
+            assert (
+                condition(api, "OutboundConnector", "all", "Ready")["reason"] != "RateLimitReplies"
+            )
+            # The relay recovered and says so (an empty annotation): back to full rate.
+            slowed["metadata"]["annotations"]["mailflow.dev/backoff"] = "{}"
+            await api.apply(slowed)
+            await until(
+                lambda: (
+                    condition(api, "OutboundConnector", "all", "RateLimited")["reason"]
+                    == "FullRate"
+                )
+            )
+
+    run(scenario)

@@ -511,6 +511,15 @@ class DeliveryGate:
             factors[key.connector] = min(factors.get(key.connector, 1.0), factor)
         return factors
 
+    def reported_backoff(self) -> dict[str, float]:
+        """For the pod annotation: connectors backing off, the factor rounded down to a
+        power of two (it changes a few times per recovery, not at every look)."""
+        return {
+            name: 2.0 ** math.floor(math.log2(factor))
+            for name, factor in sorted(self.backoff_factors().items())
+            if factor < 1.0 and name != DEFAULT_ROUTE
+        }
+
     def update_gauges(self) -> None:
         now = self._clock()
         waiting: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
