@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from faults import connector, document, metric, relay_settings, running, send
@@ -19,6 +19,7 @@ from mailflow_relay.engine.relay import Relay
 from mailflow_relay.engine.throttles import Admission
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.routing.document import RoutingDocument, Throttle
+from mailflow_relay.routing.router import RouteDecision
 from mailflow_relay.testing.sink import SmtpSink
 from support import run, until
 
@@ -28,10 +29,10 @@ CONNECTOR = "mail/dest"
 def record_admissions(relay: Relay) -> list[float]:
     """When the relay's gate let a delivery start (the computed schedule, in seconds)."""
     times: list[float] = []
-    admit: Callable[..., Admission] = relay.gate.admit
+    admit = relay.gate.admit
 
-    def recording(*args: object) -> Admission:
-        admission = admit(*args)
+    def recording(queue_id: str, arrival: datetime, decision: RouteDecision) -> Admission:
+        admission = admit(queue_id, arrival, decision)
         if admission.ticket is not None:
             times.append(time.monotonic())
         return admission
