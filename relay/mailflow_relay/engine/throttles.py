@@ -16,8 +16,8 @@ messages per minute shared by two relays, each sends one message every two secon
 Adaptive backoff: a ``421`` or a ``4.7.x`` reply (the big providers' "slow down") halves
 that destination's rate and connection count (at most once a second), down to 1/64; the
 factor then recovers by doubling every ``recovery`` seconds without such a reply. A
-destination without a declared rate starts from the rate this relay sent at in the
-minute before the first such reply.
+destination without a declared rate starts from the rate this relay sent at just before
+the first such reply (over the last minute, or since the first delivery in it).
 
 Pause: a paused connector, or a paused profile server, delivers nothing; its mail waits
 (and fails at the queue lifetime, as deferred mail does). A new routing document wakes
@@ -73,7 +73,9 @@ LATE_WAITER = 1.0
 """A waiter this late for its next look blocks nobody (it is busy, or gone)."""
 STALE_WAITER = 3 * MAX_HOLD
 """A waiter this late is forgotten."""
-_RATE_LIMIT = re.compile(r"(?<![\d.])4\.7\.\d{1,3}(?![\d.])")
+_SERVER_4_7 = re.compile(r"(?<![\d.])(4\d\d)[ -]4\.7\.\d{1,3}(?![\d.])")
+_GREETING_421 = re.compile(r"(?<![\d.])421(?:[ -]|, )")
+"""A 421 the deliverer quotes (``cannot connect: (421, '…')``, ``unexpected reply: 421 …``)."""
 
 
 class HoldReason:
@@ -87,9 +89,23 @@ class HoldReason:
 
 
 def is_rate_limit_reply(code: int, text: str) -> bool:
-    """``421`` (service closing) or an enhanced status ``4.7.x`` (RFC 3463 security or
-    policy; 4.7.28 and friends are the providers' rate limits)."""
-    return code == 421 or (400 <= code < 500 and _RATE_LIMIT.search(text[:64]) is not None)
+    """A "slow down" from the destination: ``421`` (service closing, also as the greeting),
+    or a 4xx reply of the server with an enhanced status ``4.7.x`` (RFC 3463 security or
+    policy; 4.7.28 and friends are the providers' rate limits).
+
+    The server's own words carry their reply code (``450 4.7.28 …``); the relay's local
+    verdicts (``4.7.5 TLS required``) do not, and neither counts ``454`` (TLS not
+    available, RFC 3207): those are about TLS, never about the rate.
+    """
+    if code == 421:
+        return True
+    head = text[:160]
+    if head.startswith("4.7."):
+        return False  # the relay's own TLS or AUTH verdict, whatever it quotes
+    if _GREETING_421.search(head):
+        return True
+    match = _SERVER_4_7.search(head)
+    return match is not None and match[1] != "454"
 
 
 @dataclass
@@ -134,7 +150,12 @@ class _Key:
             del self.waiting[queue_id]
 
     def rate_last_minute(self, now: float) -> float:
-        return float(sum(1 for t in self.started if now - t < 60.0))
+        """Messages a minute started here lately: over the last minute, or over the time
+        since the first of them when that is shorter (a burst is not a slow minute)."""
+        recent = [t for t in self.started if now - t < 60.0]
+        if not recent:
+            return 0.0
+        return len(recent) * 60.0 / max(1.0, now - recent[0])
 
 
 @dataclass(frozen=True)

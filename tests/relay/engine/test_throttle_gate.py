@@ -166,7 +166,7 @@ def test_a_421_storm_halves_the_rate_and_it_recovers_gradually() -> None:
     for _ in range(4):  # four seconds of 421s
         admission = g.admit("q", T0, decision(c))
         assert admission.ticket is not None
-        g.release(admission.ticket, [deferred(421, "4.7.28 too fast, slow down")])
+        g.release(admission.ticket, [deferred(421, "421 4.7.28 too fast, slow down")])
         factors.append(g.backoff_factors()["mail/partner"])
         clock.now += 1.0
         clock.now = max(clock.now, g._keys[("connector", c.ref)].next_free)
@@ -196,11 +196,12 @@ def test_a_storm_of_parallel_421s_counts_once_a_second() -> None:
         assert ticket is not None
         g.release(ticket, [deferred(421, "4.3.2 going away")])
     assert g.backoff_factors()["mail/partner"] == pytest.approx(0.5)
-    # Without a declared limit the base is what this relay did: ten connections, ten a minute.
+    # Without a declared limit the base is what this relay did: ten connections, ten in the
+    # last second (600 a minute: a burst is not spread over a minute).
     key = g._keys[("connector", c.ref)]
     assert key.backoff is not None
     assert key.backoff.base_connections == 10
-    assert key.backoff.base_rate == 10.0
+    assert key.backoff.base_rate == 600.0
 
 
 def test_the_recipient_mx_backs_off_per_domain() -> None:
@@ -209,7 +210,7 @@ def test_the_recipient_mx_backs_off_per_domain() -> None:
     g = gate(c, clock)
     slow = g.admit("a", T0, decision(c, "big.test"))
     assert slow.ticket is not None
-    g.release(slow.ticket, [deferred(450, "4.7.28 rate limited")])
+    g.release(slow.ticket, [deferred(450, "450 4.7.28 rate limited")])
     backed_off = {k for k, v in g._keys.items() if v.backoff is not None}
     assert backed_off == {("domain", c.ref, "big.test")}
     other = g.admit("b", T0, decision(c, "other.test"))
@@ -221,11 +222,18 @@ def test_the_recipient_mx_backs_off_per_domain() -> None:
     ("code", "text", "expected"),
     [
         (421, "4.3.2 service not available", True),
-        (450, "4.7.28 too many messages", True),
-        (451, "4.7.0 try later", True),
-        (451, "4.3.0 try again later", False),
-        (550, "5.7.1 refused", False),
-        (450, "4.2.0 mailbox busy, see 14.7.1", False),
+        (450, "450 4.7.28 too many messages", True),
+        (451, "MAIL FROM refused: 451 4.7.0 try later", True),
+        (451, "4.4.1 cannot connect: (421, '4.7.0 try again later, closing')", True),
+        (451, "4.4.0 unexpected reply: 421 4.3.2 going away", True),
+        (451, "451 4.3.0 try again later", False),
+        (550, "550 5.7.1 refused", False),
+        (450, "450 4.2.0 mailbox busy, see 14.7.1", False),
+        # The relay's own TLS and AUTH verdicts are not the destination slowing us down.
+        (451, "4.7.5 TLS required", False),
+        (451, "4.7.5 STARTTLS refused: 454 4.7.0 TLS not available", False),
+        (451, "4.7.8 authentication failed: 454 4.7.0 temporary failure", False),
+        (451, "4.4.1 cannot connect: [Errno 111] Connection refused", False),
     ],
 )
 def test_what_counts_as_a_rate_limit_reply(code: int, text: str, expected: bool) -> None:
