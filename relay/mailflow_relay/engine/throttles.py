@@ -271,11 +271,12 @@ class DeliveryGate:
         self, members: Sequence[tuple[RecipientState, RouteDecision]]
     ) -> Iterator[list[tuple[RecipientState, RouteDecision]]]:
         """One route's recipients in messages of at most ``recipientsPerMessage``."""
-        limits = [
-            limit.throttle.recipients_per_message
-            for limit in self._limits(members[0][1])
-            if limit.throttle is not None and limit.throttle.recipients_per_message
-        ]
+        decision = members[0][1]
+        throttles = [limit.throttle for limit in self._limits(decision)]
+        if isinstance(decision.destination, ProfilePool):
+            # Which server takes it is decided later: the smallest of the pool's servers.
+            throttles += [s.throttle for s in decision.destination.server_limits]
+        limits = [t.recipients_per_message for t in throttles if t and t.recipients_per_message]
         size = min(limits, default=len(members)) or 1
         for start in range(0, len(members), size):
             yield list(members[start : start + size])
@@ -489,8 +490,9 @@ class DeliveryGate:
         if oldest is not None and oldest[0] != queue_id:
             # An older message waits for this limit: it takes the next slot; this one
             # looks again just after it.
-            wait = max(wait, oldest[1] - now) + 0.01
-            return wait, HoldReason.ORDER
+            # Not sooner than 0.1 s: an older message that is late (its worker busy) must
+            # not make the younger ones spin.
+            return max(wait, oldest[1] - now, 0.1) + 0.01, HoldReason.ORDER
         if wait > 0:
             return wait, HoldReason.RATE
         return 0.0, ""

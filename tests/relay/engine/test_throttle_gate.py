@@ -265,6 +265,17 @@ def test_recipients_per_message_splits_and_domain_throttles_apply() -> None:
     ]
     assert [len(chunk) for chunk in g.chunks(members)] == [2, 2, 1]
     assert DeliveryGate.domain_limited(decision(c, "small.test"))
+    server = ServerAddress("127.0.0.1", 1)
+    pool = ProfilePool(
+        profile=ObjectRef("mail", "gw"),
+        servers=(server,),
+        server_limits=(ServerLimits(server, throttle=Throttle(recipients_per_message=3)),),
+    )
+    pooled = connector(destination=pool)
+    members = [
+        (RecipientState(address=f"r{n}@x.test"), decision(pooled, "x.test")) for n in range(4)
+    ]
+    assert [len(chunk) for chunk in g.chunks(members)] == [3, 1]
     assert not DeliveryGate.domain_limited(decision(c, "big.test"))
 
 
