@@ -11,10 +11,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailflow_relay.errors import InvalidDomainError
-from mailflow_relay.routing.document import DomainThrottle, ServerAddress, ServerLimits, Throttle
+from mailflow_relay.routing.document import (
+    DomainThrottle,
+    ProfilePool,
+    ServerAddress,
+    ServerLimits,
+    Throttle,
+)
 from mailflow_relay.routing.domains import normalize_domain
+from mailflow_relay.routing.router import RouteDecision
 
-__all__ = ["connector_limits", "server_limits"]
+__all__ = ["connector_limits", "explain_lines", "server_limits"]
 
 
 def _throttle(raw: Mapping[str, Any] | None) -> Throttle | None:
@@ -67,3 +74,37 @@ def server_limits(raw: Mapping[str, Any], server: ServerAddress) -> ServerLimits
     if not paused and throttle is None:
         return None
     return ServerLimits(server, paused=paused, throttle=throttle or Throttle())
+
+
+def _describe(throttle: Throttle) -> str:
+    parts = []
+    if throttle.messages_per_minute is not None:
+        parts.append(f"{throttle.messages_per_minute} messages/min")
+    if throttle.max_connections is not None:
+        parts.append(f"{throttle.max_connections} connections")
+    if throttle.recipients_per_message is not None:
+        parts.append(f"{throttle.recipients_per_message} recipients/message")
+    return ", ".join(parts)
+
+
+def explain_lines(decision: RouteDecision) -> list[str]:
+    """What ``mailflow explain`` says about the pause and limits on this route."""
+    connector = decision.connector
+    if connector is None:
+        return []
+    lines = []
+    if connector.paused:
+        lines.append("  PAUSED       spec.paused: mail on this route stays queued, nothing is sent")
+    if connector.throttle is not None:
+        lines.append(f"  throttle     {_describe(connector.throttle)} (whole fleet)")
+    lines.extend(
+        f"  throttle     {d.domain}: {_describe(d.throttle)} (whole fleet)"
+        for d in connector.domain_throttles
+        if d.domain == decision.domain
+    )
+    pool = decision.destination
+    if isinstance(pool, ProfilePool):
+        for limits in pool.server_limits:
+            what = "paused" if limits.paused else _describe(limits.throttle)
+            lines.append(f"  throttle     server {limits.server}: {what}")
+    return lines

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailflow_compiler.checks import check_manifests
+from mailflow_compiler.explain import explain_text
 from mailflow_compiler.manifests import load_manifests
 from mailflow_relay.errors import RoutingDocumentError
 from mailflow_relay.routing.document import (
@@ -122,3 +123,15 @@ def test_the_relay_refuses_a_document_with_a_bad_throttle() -> None:
     text = document.to_json().replace('"relays":2', '"relays":0')
     with pytest.raises(RoutingDocumentError, match=r"fleet\.relays"):
         RoutingDocument.from_json(text)
+
+
+def test_explain_says_a_route_is_paused_and_throttled(tmp_path: Path) -> None:
+    document, _ = compile_text(tmp_path, CONNECTOR % LIMITS)
+    assert document is not None
+    text = explain_text(document, "a@contoso.example", ["x@bigmail.example"])
+    assert "PAUSED       spec.paused" in text
+    assert "throttle     600 messages/min, 10 connections, 50 recipients/message" in text
+    assert "throttle     bigmail.example: 60 messages/min" in text
+    assert "throttle     server gw2.example:25: paused" in text
+    other = explain_text(document, "a@contoso.example", ["x@small.example"])
+    assert "bigmail.example" not in other
