@@ -963,13 +963,18 @@ class Relay:
         chunk: Sequence[tuple[RecipientState, RouteDecision]],
         admission: Admission,
     ) -> list[RecipientState]:
-        """Held recipients wait, unchanged, until the queue lifetime; then they fail (deferred
-        here, failed by :meth:`_expire`, with a bounce)."""
+        """Held recipients wait, unchanged, until the queue lifetime; then they fail (and the
+        sender gets a bounce), as deferred ones do."""
         name = str(chunk[0][1].connector.ref) if chunk[0][1].connector else "(default route)"
         left = self.settings.queue_lifetime - (datetime.now(UTC) - message.arrival).total_seconds()
         if left <= 0:
-            reason = f"4.4.7 held by the {admission.reason} limit of {name}"
-            return [self._deferred(state, 451, reason) for state, _ in chunk]
+            reason = (
+                f"4.4.7 queue lifetime exceeded; held by the {admission.reason} limit of {name}"
+            )
+            logger.warning(
+                "queue %s: %d recipient(s) expired: %s", message.queue_id, len(chunk), reason
+            )
+            return [final(state, RecipientStatus.FAILED, 451, reason) for state, _ in chunk]
         until = min(admission.until, self._clock() + left)
         holds = self._holds.setdefault(message.queue_id, {})
         for state, _ in chunk:

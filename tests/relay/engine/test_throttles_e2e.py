@@ -14,6 +14,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from faults import connector, document, metric, relay_settings, running, send
 from mailflow_relay.engine.relay import Relay
 from mailflow_relay.engine.throttles import Admission
@@ -212,7 +214,9 @@ def test_a_paused_connector_keeps_its_mail_without_bouncing_and_releases_it(
     run(scenario, within=60)
 
 
-def test_paused_mail_fails_at_the_queue_lifetime_not_before(tmp_path: Path) -> None:
+def test_paused_mail_fails_at_the_queue_lifetime_not_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def scenario() -> None:
         async with SmtpSink() as sink:
             relay = Relay(
@@ -231,5 +235,9 @@ def test_paused_mail_fails_at_the_queue_lifetime_not_before(tmp_path: Path) -> N
         assert early == 0
         # The bounce goes to the sender through the same (paused) connector: nothing left.
         assert sink.rcpt_log == []
+        assert any(
+            "queue lifetime exceeded; held by the paused limit of mail/dest" in r.getMessage()
+            for r in caplog.records
+        )
 
     run(scenario, within=40)
