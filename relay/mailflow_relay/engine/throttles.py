@@ -145,6 +145,16 @@ class _Key:
         _, queue_id, until = min(live)
         return queue_id, until
 
+    def waiting_ahead(self, queue_id: str, arrival: datetime, now: float) -> list[float]:
+        """When the live waiters older than ``queue_id`` look again (empty: it is first)."""
+        return [
+            until
+            for other, (other_arrival, until) in self.waiting.items()
+            if other != queue_id
+            and until > now - LATE_WAITER
+            and (other_arrival, other) < (arrival, queue_id)
+        ]
+
     def forget_late(self, now: float) -> None:
         for queue_id in [q for q, (_, u) in self.waiting.items() if u < now - STALE_WAITER]:
             del self.waiting[queue_id]
@@ -298,7 +308,7 @@ class DeliveryGate:
         denying: list[_Key] = []
         for limit in limits:
             key = self._key(limit, name)
-            wait, why = self._wait(key, limit, queue_id, now)
+            wait, why = self._wait(key, limit, queue_id, arrival, now)
             if wait > 0:
                 denying.append(key)
                 if wait > held_for:
@@ -372,7 +382,7 @@ class DeliveryGate:
             limited = limited[turn % len(limited) :] + limited[: turn % len(limited)]
         for server, limit in limited:
             key = self._key(limit, name)
-            wait, _ = self._wait(key, limit, queue_id, now)
+            wait, _ = self._wait(key, limit, queue_id, arrival, now)
             if wait <= 0:
                 narrowed = replace(pool, servers=(server, *free))
                 return replace(decision, destination=narrowed), limit
@@ -480,19 +490,22 @@ class DeliveryGate:
         rate = self._rate(key, limit, now)
         return 0.0 if rate is None else 60.0 / max(rate, 1e-6)
 
-    def _wait(self, key: _Key, limit: _Limit, queue_id: str, now: float) -> tuple[float, str]:
+    def _wait(
+        self, key: _Key, limit: _Limit, queue_id: str, arrival: datetime, now: float
+    ) -> tuple[float, str]:
         """Seconds ``queue_id`` must wait for ``key`` (0: it may go now), and why."""
         connections = self._connections(key, limit, now)
         if connections is not None and key.in_use >= connections:
             return CONNECTION_RECHECK, HoldReason.CONNECTIONS
-        wait = key.next_free - now if self._rate(key, limit, now) is not None else 0.0
-        oldest = key.oldest_waiter(now)
-        if oldest is not None and oldest[0] != queue_id:
-            # An older message waits for this limit: it takes the next slot; this one
-            # looks again just after it.
-            # Not sooner than 0.1 s: an older message that is late (its worker busy) must
-            # not make the younger ones spin.
-            return max(wait, oldest[1] - now, 0.1) + 0.01, HoldReason.ORDER
+        rate = self._rate(key, limit, now)
+        wait = key.next_free - now if rate is not None else 0.0
+        ahead = key.waiting_ahead(queue_id, arrival, now)
+        if ahead:
+            # Older messages wait for this limit and take the next slots: this one looks
+            # again at its own turn (not all at once at the next slot), and not sooner than
+            # 0.1 s, so that an older one that is late (its worker busy) makes none spin.
+            turn = max(wait, 0.0) + (len(ahead) * 60.0 / rate if rate else 0.0)
+            return max(turn, max(ahead) - now, 0.1) + 0.01, HoldReason.ORDER
         if wait > 0:
             return wait, HoldReason.RATE
         return 0.0, ""

@@ -7,6 +7,7 @@ end-to-end behaviour with real relays and a real next hop is in test_throttles_e
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -156,6 +157,21 @@ def test_the_oldest_waiting_message_goes_first() -> None:
     assert young.reason == HoldReason.ORDER
     assert young.until > old.until
     assert g.admit("old", T0 + timedelta(seconds=1), decision(c)).ticket is not None
+
+
+def test_waiting_messages_look_again_at_their_own_turn() -> None:
+    c = connector(throttle=Throttle(messages_per_minute=60))
+    clock = Clock()
+    g = gate(c, clock)
+    assert g.admit("first", T0, decision(c)).ticket is not None
+    turns = [g.admit(f"m{n}", T0 + timedelta(seconds=n), decision(c)).until for n in range(1, 5)]
+    # One a second: the second waiter looks a second after the first, and so on; not all
+    # of them at the next free slot.
+    gaps = [b - a for a, b in itertools.pairwise(turns)]
+    assert gaps == pytest.approx([1.0, 1.0, 1.0], abs=0.05)
+    # A message older than every waiter (say, rescanned after a restart) is not behind them.
+    clock.now = turns[0]
+    assert g.admit("rescanned", T0 - timedelta(days=1), decision(c)).ticket is not None
 
 
 def test_a_421_storm_halves_the_rate_and_it_recovers_gradually() -> None:
