@@ -41,6 +41,7 @@ from mailflow_relay.queue.spool import RecipientState, RecipientStatus
 from mailflow_relay.routing.document import (
     Balancing,
     Connector,
+    ObjectRef,
     ProfilePool,
     RecipientMx,
     RoutingDocument,
@@ -248,6 +249,8 @@ class DeliveryGate:
         self._paused: dict[str, tuple[datetime, float]] = {}
         """Messages waiting for a paused connector or server (no order: nothing moves)."""
         self._paused_by: dict[str, str] = {}
+        self._turns: dict[ObjectRef, int] = {}
+        """Round robin among a pool's throttled servers: whose turn it is."""
 
     # --- configuration -----------------------------------------------------------------
 
@@ -378,12 +381,13 @@ class DeliveryGate:
                     (server, _Limit(("server", pool.profile, server), "server", limits.throttle))
                 )
         if pool.balancing is Balancing.ROUND_ROBIN and limited:
-            turn = sum(self._key(limit, name).in_use for _, limit in limited)
-            limited = limited[turn % len(limited) :] + limited[: turn % len(limited)]
+            turn = self._turns.get(pool.profile, 0) % len(limited)
+            limited = limited[turn:] + limited[:turn]
         for server, limit in limited:
             key = self._key(limit, name)
             wait, _ = self._wait(key, limit, queue_id, arrival, now)
             if wait <= 0:
+                self._turns[pool.profile] = self._turns.get(pool.profile, 0) + 1
                 narrowed = replace(pool, servers=(server, *free))
                 return replace(decision, destination=narrowed), limit
         if free:

@@ -326,3 +326,25 @@ def test_a_profile_server_that_is_paused_or_full_is_not_used() -> None:
     )
     assert held.ticket is None
     assert held.reason == HoldReason.PAUSED
+
+
+def test_round_robin_takes_the_throttled_servers_in_turn() -> None:
+    a, b = ServerAddress("127.0.0.1", 1), ServerAddress("127.0.0.1", 2)
+    pool = ProfilePool(
+        profile=ObjectRef("mail", "gw"),
+        servers=(a, b),
+        server_limits=(
+            ServerLimits(a, throttle=Throttle(max_connections=5)),
+            ServerLimits(b, throttle=Throttle(max_connections=5)),
+        ),
+    )
+    c = connector(destination=pool)
+    g = gate(c, Clock())
+    chosen = []
+    for n in range(4):
+        admission = g.admit(f"q{n}", T0, decision(c))
+        assert admission.ticket is not None
+        assert isinstance(admission.decision.destination, ProfilePool)
+        chosen.append(admission.decision.destination.servers[0])
+        g.release(admission.ticket, [delivered()])
+    assert chosen == [a, b, a, b]
