@@ -60,7 +60,7 @@ def build() -> dict[str, object]:
         .uid(UID)
         .description(
             "Outbound mail through the Mailflow relays: throughput, queue, deferrals, TLS, "
-            "routing generations and destination certificates"
+            "throttles and backoff, routing generations and destination certificates"
         )
         .tags(["mailflow", "smtp"])
         .refresh("1m")
@@ -206,6 +206,47 @@ def build() -> dict[str, object]:
                 _query(
                     f"sum by (action) (increase({m('mailflow_bounces_total')}[1h]))",
                     "{{action}}",
+                ),
+            )
+        )
+        .with_row(dashboard.Row("Throttles, backoff and pauses"))
+        .with_panel(
+            _series(
+                "Mail held by throttles and pauses",
+                "short",
+                _query(
+                    f"sum by (connector, scope) ({m('mailflow_throttled_waiting')})",
+                    "{{connector}} {{scope}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Adaptive backoff (1 = full rate)",
+                "percentunit",
+                _query(
+                    f"min by (connector) ({m('mailflow_backoff_factor')})",
+                    "{{connector}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Rate-limit replies (421, 4.7.x)",
+                "short",
+                _query(
+                    f"sum by (connector) (increase({m('mailflow_rate_limit_replies_total')}[15m]))",
+                    "{{connector}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Deliveries held back by reason",
+                "reqps",
+                _query(
+                    f"sum by (connector, reason) (rate({m('mailflow_throttle_holds_total')}[5m]))",
+                    "{{connector}} {{reason}}",
                 ),
             )
         )

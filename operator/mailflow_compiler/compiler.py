@@ -29,6 +29,7 @@ from cryptography import x509
 
 from mailflow_compiler.dkim import DKIM_KEY_KIND, compile_dkim_keys
 from mailflow_compiler.manifests import RawConnector, RawDkimKey, RawProfile, RawSecret
+from mailflow_compiler.throttles import connector_limits, server_limits
 from mailflow_relay.errors import InvalidDomainError
 from mailflow_relay.routing.document import (
     Balancing,
@@ -43,6 +44,7 @@ from mailflow_relay.routing.document import (
     RecipientMx,
     RoutingDocument,
     ServerAddress,
+    ServerLimits,
     SmartHost,
     SmtpCredentials,
     TlsMode,
@@ -273,6 +275,7 @@ class _ConnectorCompiler:
         destination = self.destination()
         tls = self.tls()
         auth = self.auth(tls)
+        paused, throttle, domain_throttles = connector_limits(spec, self.invalid)
         return Connector(
             ref=self.ref,
             generation=int(metadata.get("generation", 0)),
@@ -287,6 +290,9 @@ class _ConnectorCompiler:
             unresolved=tuple(self.unresolved),
             clients=self.clients(),
             dkim_sign=bool((spec.get("dkim") or {}).get("sign", True)),
+            paused=paused,
+            throttle=throttle,
+            domain_throttles=domain_throttles,
         )
 
     def clients(self) -> ClientScope | None:
@@ -329,6 +335,7 @@ def _canonical_pin(pin: str) -> str:
 
 def _compile_profile(body: RawProfile, ref: ObjectRef, findings: list[Finding]) -> ProfilePool:
     servers: list[ServerAddress] = []
+    limits: list[ServerLimits] = []
     first_at: dict[ServerAddress, int] = {}
     for i, raw in enumerate(body["spec"].get("servers", [])):
         try:
@@ -360,10 +367,14 @@ def _compile_profile(body: RawProfile, ref: ObjectRef, findings: list[Finding]) 
             continue
         first_at[server] = i
         servers.append(server)
+        limit = server_limits(raw, server)
+        if limit is not None:
+            limits.append(limit)
     return ProfilePool(
         profile=ref,
         servers=tuple(servers),
         balancing=Balancing(body["spec"].get("balancing", Balancing.ROUND_ROBIN.value)),
+        server_limits=tuple(limits),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mailflow_compiler.dkim_explain import dkim_json, dkim_lines
+from mailflow_compiler.throttles import explain_lines
 from mailflow_relay.routing.document import (
     Destination,
     ProfilePool,
@@ -145,6 +146,7 @@ def explain_text(
             )
         if decision.clients is not None:
             lines.append(f"  clients      only mail submitted by {decision.clients}")
+        lines.extend(explain_lines(decision))
         others = [c for c in router.candidates_for(recipient, sender, client) if not c.chosen]
         if others:
             lines.append("  also matched")

@@ -77,6 +77,20 @@ class RawClients(TypedDict, total=False):
     users: list[str]
 
 
+class RawThrottle(TypedDict, total=False):
+    maxConnections: int
+    messagesPerMinute: int
+    recipientsPerMessage: int
+
+
+class RawDomainThrottle(RawThrottle):
+    domain: str
+
+
+class RawConnectorThrottle(RawThrottle, total=False):
+    domains: list[RawDomainThrottle]
+
+
 class RawConnectorSpec(TypedDict, total=False):
     description: str
     enabled: bool
@@ -87,6 +101,8 @@ class RawConnectorSpec(TypedDict, total=False):
     tls: RawTls
     auth: dict[str, RawSecretRef]
     dkim: RawConnectorDkim
+    paused: bool
+    throttle: RawConnectorThrottle
 
 
 class RawConnectorDkim(TypedDict, total=False):
@@ -103,6 +119,8 @@ class RawConnector(TypedDict):
 class RawServer(TypedDict):
     host: str
     port: NotRequired[int]
+    paused: NotRequired[bool]
+    throttle: NotRequired[RawThrottle]
 
 
 class RawProfileSpec(TypedDict, total=False):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import logging
 import random
@@ -61,6 +62,7 @@ from mailflow_operator.status import (
     ACCEPTED,
     DESTINATION_REACHABLE,
     PROGRAMMED,
+    RATE_LIMITED,
     RESOLVED_REFS,
     TLS_VERIFIED,
     Condition,
@@ -70,6 +72,7 @@ from mailflow_operator.status import (
     merge_conditions,
     now_rfc3339,
     programmed,
+    rate_limited,
     ready,
     resolved_refs,
 )
@@ -323,8 +326,14 @@ class Reconciler:
             [self.document.generation if self.document else 0]
             + [p.generation for p in self.store.pods.values() if p.generation is not None]
         )
+        # Throttles hold for the whole fleet: each ready relay takes 1/relays of a limit
+        # (engine/throttles.py); the count follows the pods with each pass.
+        fleet = max(1, sum(1 for p in self.store.pods.values() if p.ready))
         published = await publish(
-            self.client, self.settings.routing_secret, compiled.document, floor=floor
+            self.client,
+            self.settings.routing_secret,
+            dataclasses.replace(compiled.document, fleet_relays=fleet),
+            floor=floor,
         )
         self.document = published.document
         self.compiled = compiled
@@ -480,6 +489,17 @@ class Reconciler:
         )
         conditions += kstatus(conditions)
         conditions += self._probe_conditions(kind, ref)
+        limited = rate_limited(
+            str(ref),
+            [p.backoff for p in ready_pods],
+            shown_before=any(
+                c.get("type") == RATE_LIMITED
+                for c in old.get("conditions") or []
+                if isinstance(c, dict)
+            ),
+        )
+        if limited is not None and kind == CONNECTOR_KIND:
+            conditions.append(limited)
 
         status: dict[str, Any] = {
             "observedGeneration": generation,
@@ -783,6 +803,6 @@ def _event_for(condition: Mapping[str, Any]) -> str | None:
     )
     if kind in watched and status == "False":
         return "Warning"
-    if reason == "CertificateExpiringSoon":
+    if reason == "CertificateExpiringSoon" or (kind == RATE_LIMITED and status == "True"):
         return "Warning"
     return None

@@ -24,6 +24,7 @@ __all__ = [
     "ACCEPTED",
     "DESTINATION_REACHABLE",
     "PROGRAMMED",
+    "RATE_LIMITED",
     "READY",
     "RECONCILING",
     "RESOLVED_REFS",
@@ -34,6 +35,7 @@ __all__ = [
     "kstatus",
     "merge_conditions",
     "now_rfc3339",
+    "rate_limited",
 ]
 
 ACCEPTED = "Accepted"
@@ -42,6 +44,11 @@ PROGRAMMED = "Programmed"
 READY = "Ready"
 DESTINATION_REACHABLE = "DestinationReachable"
 TLS_VERIFIED = "TLSVerified"
+RATE_LIMITED = "RateLimited"
+"""A connector's destination answered 421 / 4.7.x and relays lowered its rate (their pods'
+backoff annotation); informational, never part of Ready."""
+RATE_LIMIT_REPLIES = "RateLimitReplies"
+FULL_RATE = "FullRate"
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 ORDER = (
@@ -149,6 +156,25 @@ def programmed(config_generation: int | None, relays: RelayCount, selector: str)
         "Pending",
         f"{relays} ready relay pods serve routing generation {config_generation} or newer",
     )
+
+
+def rate_limited(
+    connector: str, backoffs: Sequence[Mapping[str, float]], *, shown_before: bool
+) -> Condition | None:
+    """``RateLimited`` from the ready relays' backoff (None: never limited, no condition)."""
+    factors = [b[connector] for b in backoffs if connector in b]
+    if factors:
+        return Condition(
+            RATE_LIMITED,
+            "True",
+            RATE_LIMIT_REPLIES,
+            f"The destination answered 421 or 4.7.x: {len(factors)}/{len(backoffs)} ready relays"
+            f" send at {min(factors):.0%} or more of the normal rate and connections, recovering"
+            " on their own (see mailflow_backoff_factor)",
+        )
+    if shown_before:
+        return Condition(RATE_LIMITED, "False", FULL_RATE, "Every ready relay sends at full rate")
+    return None
 
 
 def ready(conditions: Sequence[Condition]) -> Condition:

@@ -6,13 +6,14 @@ one place that holds cluster state in memory.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailflow_compiler.compiler import CONNECTOR_KIND, PROFILE_KIND
 from mailflow_compiler.dkim import DKIM_KEY_KIND
-from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION
+from mailflow_relay.routing.contract import POD_BACKOFF_ANNOTATION, POD_GENERATION_ANNOTATION
 from mailflow_relay.routing.document import ObjectRef
 
 __all__ = ["PodState", "Store", "pod_state", "ref_of"]
@@ -24,6 +25,8 @@ class PodState:
 
     ready: bool
     generation: int | None
+    backoff: dict[str, float] = field(default_factory=dict)
+    """Connectors (``namespace/name``) this relay slowed down after 421 / 4.7.x, by factor."""
 
 
 @dataclass
@@ -65,4 +68,26 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         generation = int(annotation) if annotation is not None else None
     except ValueError:
         generation = None
-    return PodState(is_ready, generation)
+    return PodState(is_ready, generation, _backoff(metadata))
+
+
+MAX_BACKOFF_ANNOTATION = 65536
+"""A pod's annotation is the relay's word, but a bounded one (at most one entry a connector)."""
+
+
+def _backoff(metadata: Mapping[str, Any]) -> dict[str, float]:
+    """The relay's backoff annotation; anything malformed reads as no backoff."""
+    text = (metadata.get("annotations") or {}).get(POD_BACKOFF_ANNOTATION)
+    if not isinstance(text, str) or len(text) > MAX_BACKOFF_ANNOTATION:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(name): float(factor)
+        for name, factor in raw.items()
+        if isinstance(factor, int | float) and not isinstance(factor, bool) and 0.0 < factor < 1.0
+    }

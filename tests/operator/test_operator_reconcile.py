@@ -407,3 +407,57 @@ def test_a_huge_list_of_findings_still_makes_a_writable_status() -> None:
             assert condition(api, "OutboundConnector", "second", "Stalled")["status"] == "True"
 
     run(scenario)
+
+
+def test_the_document_says_how_many_ready_relays_share_each_throttle() -> None:
+    async def scenario(api: Cluster) -> None:
+        throttled = connector("all", ["*"], throttle={"messagesPerMinute": 600})
+        await api.apply(throttled)
+        await api.apply(relay_pod("relay-0", None))
+        await api.apply(relay_pod("relay-1", None))
+        await api.apply(relay_pod("relay-2", None, ready=False))  # not ready: no share
+        async with OperatorThread(config_for(api)):
+            await until(lambda: RoutingDocument.from_json(routing(api)[0]).fleet_relays == 2)
+            generation = int(routing(api)[1]["mailflow.dev/generation"])
+            # The fleet grows: each relay's share shrinks in the next generation.
+            await api.apply(relay_pod("relay-2", None))
+            await until(lambda: RoutingDocument.from_json(routing(api)[0]).fleet_relays == 3)
+            assert int(routing(api)[1]["mailflow.dev/generation"]) == generation + 1
+            # The connector's own routing did not change: its configGeneration stays.
+            await until(lambda: status(api, "OutboundConnector", "all").get("configGeneration"))
+            assert status(api, "OutboundConnector", "all")["configGeneration"] == generation
+
+    run(scenario)
+
+
+def test_a_relay_backing_off_shows_in_the_connector_status() -> None:
+    async def scenario(api: Cluster) -> None:
+        await api.apply(connector("all", ["*"]))
+        slowed = relay_pod("relay-0", None)
+        slowed["metadata"]["annotations"]["mailflow.dev/backoff"] = '{"mail/all":0.25}'
+        await api.apply(slowed)
+        await api.apply(relay_pod("relay-1", None))
+        async with OperatorThread(config_for(api)):
+            await until(
+                lambda: (
+                    condition(api, "OutboundConnector", "all", "RateLimited")["status"] == "True"
+                )
+            )
+            limited = condition(api, "OutboundConnector", "all", "RateLimited")
+            assert limited["reason"] == "RateLimitReplies"
+            assert "1/2 ready relays send at 25%" in limited["message"]
+            # Informational: the connector stays Ready.
+            assert (
+                condition(api, "OutboundConnector", "all", "Ready")["reason"] != "RateLimitReplies"
+            )
+            # The relay recovered and says so (an empty annotation): back to full rate.
+            slowed["metadata"]["annotations"]["mailflow.dev/backoff"] = "{}"
+            await api.apply(slowed)
+            await until(
+                lambda: (
+                    condition(api, "OutboundConnector", "all", "RateLimited")["reason"]
+                    == "FullRate"
+                )
+            )
+
+    run(scenario)

@@ -130,7 +130,12 @@ def test_a_destination_fault_defers_and_every_message_arrives_once_after(
     )
     assert outcome.during_fault == 0  # nothing counts as delivered while the hop is broken
     assert outcome.spooled_during_fault == len(outcome.sent)
-    assert outcome.deferred >= len(outcome.sent)
+    if fault == "421":
+        # A 421 storm makes the relay back off (engine/throttles.py): fewer connections and
+        # a lower rate, so some messages wait in the spool (above) without an attempt.
+        assert outcome.deferred >= 1
+    else:
+        assert outcome.deferred >= len(outcome.sent)
     if fault == "data-250":
         # Every message was deferred (above); under load a few attempts may still be under
         # way when the counter is read, so at least one must already show as a protocol error.

@@ -41,6 +41,7 @@ from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
+from mailflow_relay.engine.throttles import Admission, DeliveryGate
 from mailflow_relay.errors import (
     InvalidAddressError,
     RoutingDocumentError,
@@ -117,6 +118,8 @@ class RelaySettings:
     handoff: tuple[str, int] | None = None
     """On stop: hand what is left in the spool to this peer relay (the relay Service)."""
     handoff_timeout: float = 30.0
+    backoff_recovery: float = 60.0
+    """After a 421 or 4.7.x reply halved a destination's rate: seconds per doubling back."""
     handoff_peers: tuple[IPNetwork, ...] = ()
     """Networks of the peer relays (the pods' network): a hand-off from them keeps the
     message's arrival time and submitting client (engine/origin.py). From anyone else
@@ -138,6 +141,7 @@ class RelaySettings:
             "handoff_timeout",
             "spool_min_free",
             "spool_write_backoff",
+            "backoff_recovery",
             allow_zero=("drain_grace", "spool_min_free"),
         )
 
@@ -200,6 +204,11 @@ class Relay:
         self.on_delivery = on_delivery
         self._clock = clock
         self._index = DueIndex()
+        self.gate = DeliveryGate(
+            document, self.metrics.registry, clock=clock, recovery=settings.backoff_recovery
+        )
+        self._holds: dict[str, dict[str, float]] = {}
+        """Recipients a throttle or a pause holds: queue id → address → when to look again."""
         self._queued: dict[str, datetime] = {}
         """Every message in the spool that is not final, with its arrival time (for gauges)."""
         self._in_flight: set[str] = set()
@@ -257,6 +266,10 @@ class Relay:
         self.router = Router(document)
         self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.document = document
+        # Limits or pauses may have changed: what waits looks again at once.
+        for queue_id in self.gate.load(document):
+            if queue_id in self._queued:
+                self._enqueue(queue_id)
         self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
@@ -551,8 +564,13 @@ class Relay:
         if message.is_final:
             return
         now_wall = datetime.now(UTC)
+        holds = self._holds.pop(message.queue_id, {})
         waits = [
-            max(0.0, (r.next_attempt - now_wall).total_seconds()) if r.next_attempt else 0.0
+            max(0.0, holds[r.address] - self._clock())
+            if r.address in holds
+            else max(0.0, (r.next_attempt - now_wall).total_seconds())
+            if r.next_attempt
+            else 0.0
             for r in message.pending
         ]
         self._index.set(message.queue_id, self._clock() + min(waits, default=0.0))
@@ -584,6 +602,7 @@ class Relay:
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         self.metrics.queue_oldest_seconds.set(max(0.0, age))
         self.metrics.sessions.set(self.listener.active_sessions)
+        self.gate.update_gauges()
 
     async def _next_due(self) -> str:
         """Wait for the earliest due message that no other worker is on."""
@@ -629,6 +648,9 @@ class Relay:
             await self._defer_after_error(queue_id, e)
         finally:
             self._in_flight.discard(queue_id)
+            if queue_id not in self._queued:
+                self.gate.forget(queue_id)
+                self._holds.pop(queue_id, None)
             if not self._in_flight:
                 self._idle.set()
 
@@ -703,7 +725,7 @@ class Relay:
         # One route failing in a way nobody foresaw must not cost the other routes their
         # recorded outcome (they would be delivered again): each group stands alone.
         outcomes = await asyncio.gather(
-            *(self._deliver_group(message, members) for members in groups.values()),
+            *(self._deliver_gated(message, members) for members in groups.values()),
             return_exceptions=True,
         )
         for members, outcome in zip(groups.values(), outcomes, strict=True):
@@ -910,6 +932,64 @@ class Relay:
             ]
         return updates
 
+    async def _deliver_gated(
+        self,
+        message: SpooledMessage,
+        members: Sequence[tuple[RecipientState, RouteDecision]],
+    ) -> list[RecipientState]:
+        """Deliver one route's recipients within its throttles and pause (engine/throttles.py):
+        what is held keeps its state (not an attempt) and waits."""
+        updates: list[RecipientState] = []
+        for chunk in self.gate.chunks(members):
+            admission = self.gate.admit(message.queue_id, message.arrival, chunk[0][1])
+            if admission.ticket is None:
+                updates.extend(self._held(message, chunk, admission))
+                continue
+            outcome: list[RecipientState] = []
+            try:
+                outcome = await self._deliver_group(
+                    message, [(state, admission.decision) for state, _ in chunk]
+                )
+            finally:
+                for waiter in self.gate.release(admission.ticket, outcome):
+                    if waiter != message.queue_id and waiter in self._queued:
+                        self._enqueue(waiter)
+            updates.extend(outcome)
+        return updates
+
+    def _held(
+        self,
+        message: SpooledMessage,
+        chunk: Sequence[tuple[RecipientState, RouteDecision]],
+        admission: Admission,
+    ) -> list[RecipientState]:
+        """Held recipients wait, unchanged, until the queue lifetime; then they fail (and the
+        sender gets a bounce), as deferred ones do."""
+        name = str(chunk[0][1].connector.ref) if chunk[0][1].connector else "(default route)"
+        left = self.settings.queue_lifetime - (datetime.now(UTC) - message.arrival).total_seconds()
+        if left <= 0:
+            reason = (
+                f"4.4.7 queue lifetime exceeded; held by the {admission.reason} limit of {name}"
+            )
+            logger.warning(
+                "queue %s: %d recipient(s) expired: %s", message.queue_id, len(chunk), reason
+            )
+            return [final(state, RecipientStatus.FAILED, 451, reason) for state, _ in chunk]
+        until = min(admission.until, self._clock() + left)
+        holds = self._holds.setdefault(message.queue_id, {})
+        for state, _ in chunk:
+            holds[state.address] = until
+        logger.log(
+            logging.INFO if admission.first else logging.DEBUG,
+            "queue %s: %d recipient(s) held connector=%s limit=%s: looking again in %.1fs",
+            message.queue_id,
+            len(chunk),
+            name,
+            admission.reason,
+            until - self._clock(),
+        )
+        return []
+
     async def _deliver_group(
         self,
         message: SpooledMessage,
@@ -1019,7 +1099,11 @@ def _group_key(decision: RouteDecision) -> tuple[object, ...]:
         decision.tls,
     )
     # The recipient's MX and DomainMatch both depend on the recipient domain.
-    if isinstance(decision.destination, RecipientMx) or decision.tls.mode is TlsMode.DOMAIN_MATCH:
+    if (
+        isinstance(decision.destination, RecipientMx)
+        or decision.tls.mode is TlsMode.DOMAIN_MATCH
+        or DeliveryGate.domain_limited(decision)  # a throttle of its own
+    ):
         key += (decision.domain,)
     return key
 

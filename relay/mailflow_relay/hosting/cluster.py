@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import logging
 import os
 from typing import Any
@@ -28,7 +29,11 @@ from kubernetes.client.exceptions import ApiException
 
 from mailflow_relay.engine.relay import Relay
 from mailflow_relay.errors import RoutingDocumentError
-from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION, ROUTING_KEY
+from mailflow_relay.routing.contract import (
+    POD_BACKOFF_ANNOTATION,
+    POD_GENERATION_ANNOTATION,
+    ROUTING_KEY,
+)
 from mailflow_relay.routing.document import RoutingDocument
 
 __all__ = ["GENERATION_ANNOTATION", "ROUTING_KEY", "RoutingSecretSource", "kube_api"]
@@ -70,6 +75,8 @@ class RoutingSecretSource:
         """The document text last seen: a change of content, not of resourceVersion, is what
         matters (an update that rewrites the same bytes is no reload)."""
         self._annotated: int | None = None
+        self._backoff_annotated = "{}"
+        """A new pod has no backoff: nothing is written until there is one."""
 
     @property
     def api(self) -> kubernetes.client.CoreV1Api:
@@ -113,6 +120,20 @@ class RoutingSecretSource:
             generation,
         )
 
+    def _annotate_backoff(self, factors: dict[str, float]) -> None:
+        """Tell the operator which connectors this relay slowed down (engine/throttles.py)."""
+        text = json.dumps(factors, sort_keys=True, separators=(",", ":"))
+        if self.pod_name is None or text == self._backoff_annotated:
+            return
+        self.api.patch_namespaced_pod(
+            self.pod_name,
+            self.pod_namespace,
+            {"metadata": {"annotations": {POD_BACKOFF_ANNOTATION: text}}},
+            _request_timeout=self.request_timeout,
+        )
+        self._backoff_annotated = text
+        logger.info("pod %s/%s annotated: backoff %s", self.pod_namespace, self.pod_name, text)
+
     async def first(self) -> RoutingDocument:
         where = f"Secret {self.namespace}/{self.name} key {ROUTING_KEY}"
         while True:
@@ -143,6 +164,7 @@ class RoutingSecretSource:
             try:
                 if self._annotated != relay.document.generation:
                     await asyncio.to_thread(self._annotate, relay.document.generation)
+                await asyncio.to_thread(self._annotate_backoff, relay.gate.reported_backoff())
                 found = await asyncio.to_thread(self._read)
                 if found is None:
                     logger.warning(

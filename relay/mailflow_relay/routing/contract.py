@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CHECKSUM_ANNOTATION",
+    "POD_BACKOFF_ANNOTATION",
     "POD_GENERATION_ANNOTATION",
     "PUBLISHED_BY_LABEL",
     "ROUTING_KEY",
@@ -27,6 +28,11 @@ CHECKSUM_ANNOTATION = "mailflow.dev/checksum"
 POD_GENERATION_ANNOTATION = "mailflow.dev/config-generation"
 """On a relay pod: the generation of the document the relay serves (set by the relay);
 the operator's ``Programmed`` condition reads it."""
+
+POD_BACKOFF_ANNOTATION = "mailflow.dev/backoff"
+"""On a relay pod: JSON ``{"namespace/name": factor}`` of the connectors whose rate the relay
+lowered after 421 / 4.7.x replies (engine/throttles.py), absent or ``{}`` when none; the
+operator's ``RateLimited`` condition reads it."""
 
 PUBLISHED_BY_LABEL = "mailflow.dev/published-by"
 """On the routing Secret: who wrote it (``mailflow-operator``)."""

@@ -53,13 +53,16 @@ __all__ = [
     "DefaultRoute",
     "Destination",
     "DkimKey",
+    "DomainThrottle",
     "ObjectRef",
     "ProfilePool",
     "RecipientMx",
     "RoutingDocument",
     "ServerAddress",
+    "ServerLimits",
     "SmartHost",
     "SmtpCredentials",
+    "Throttle",
     "TlsMode",
     "TlsPolicy",
 ]
@@ -168,12 +171,52 @@ class SmartHost:
 
 
 @dataclass(frozen=True)
+class Throttle:
+    """Limits that keep mail queued (never refused): fleet-wide, see engine/throttles.py.
+
+    None: no limit of that kind."""
+
+    max_connections: int | None = None
+    messages_per_minute: int | None = None
+    recipients_per_message: int | None = None
+    """More recipients than this for one destination are split into several messages."""
+
+    @property
+    def limits_anything(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.max_connections, self.messages_per_minute, self.recipients_per_message)
+        )
+
+
+@dataclass(frozen=True)
+class DomainThrottle:
+    """A throttle for one recipient domain (exact, lower case) of a connector's mail."""
+
+    domain: str
+    throttle: Throttle
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """A profile server's pause and throttle (servers without any are not listed)."""
+
+    server: ServerAddress
+    paused: bool = False
+    throttle: Throttle = Throttle()
+
+
+@dataclass(frozen=True)
 class ProfilePool:
     """The servers of a MultiSmtpProfile; no servers means the profile was not found."""
 
     profile: ObjectRef
     servers: tuple[ServerAddress, ...]
     balancing: Balancing = Balancing.ROUND_ROBIN
+    server_limits: tuple[ServerLimits, ...] = ()
+
+    def limits_of(self, server: ServerAddress) -> ServerLimits | None:
+        return next((s for s in self.server_limits if s.server == server), None)
 
     def describe(self) -> str:
         if not self.servers:
@@ -248,6 +291,10 @@ class Connector:
     """None: every submitting client. Otherwise only mail from these clients."""
     dkim_sign: bool = True
     """False (``dkim: {sign: false}``): the next hop signs; see :mod:`mailflow_relay.engine.signing`."""
+    paused: bool = False
+    """Its mail stays queued and nothing is delivered (nor bounced before the queue lifetime)."""
+    throttle: Throttle | None = None
+    domain_throttles: tuple[DomainThrottle, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,6 +328,8 @@ class RoutingDocument:
     dkim_keys: tuple[DkimKey, ...] = ()
     """Enabled DKIM keys with their private keys (this document lives in a Secret; never log
     :meth:`to_json`)."""
+    fleet_relays: int = 1
+    """The ready relays the operator counted: each takes this share of a throttle."""
 
     def __post_init__(self) -> None:
         # One value, one order: documents built from the same parts in any order are equal
@@ -324,6 +373,7 @@ class RoutingDocument:
             conflicts=tuple(_read_conflict(r) for r in top.items("conflicts")),
             default_route=_read_default_route(top.child("defaultRoute")),
             dkim_keys=tuple(_read_dkim_key(r) for r in top.optional_items("dkimKeys")),
+            fleet_relays=_read_fleet(top.optional_child("fleet")),
         )
         expected = top.text("checksum")
         if expected != document.checksum:
@@ -357,6 +407,8 @@ def _document_body(document: RoutingDocument) -> dict[str, object]:
     # older relay, which does not read this field, refuses a document with it (checksum).
     if document.dkim_keys:
         body["dkimKeys"] = [_dkim_key_dict(k) for k in document.dkim_keys]
+    if document.fleet_relays != 1:
+        body["fleet"] = {"relays": document.fleet_relays}
     return body
 
 
@@ -416,6 +468,12 @@ def _destination_dict(destination: Destination) -> dict[str, object]:
             "profile": str(destination.profile),
             "balancing": destination.balancing.value,
             "servers": [{"host": s.host, "port": s.port} for s in destination.servers],
+            # Only when set: documents without server limits keep their bytes and checksum.
+            **(
+                {"serverLimits": [_server_limits_dict(s) for s in destination.server_limits]}
+                if destination.server_limits
+                else {}
+            ),
         }
     return {"kind": "RecipientMx"}
 
@@ -438,6 +496,7 @@ def _connector_dict(connector: Connector) -> dict[str, object]:
         **({} if connector.clients is None else {"clients": _clients_dict(connector.clients)}),
         # Only the opt-out is written, so documents without it keep their bytes (see above).
         **({} if connector.dkim_sign else {"dkim": {"sign": False}}),
+        **_limits_dict(connector),
     }
 
 
@@ -540,6 +599,72 @@ def _read_tls(r: _Reader) -> TlsPolicy:
     )
 
 
+def _throttle_dict(throttle: Throttle) -> dict[str, object]:
+    return {
+        "maxConnections": throttle.max_connections,
+        "messagesPerMinute": throttle.messages_per_minute,
+        "recipientsPerMessage": throttle.recipients_per_message,
+    }
+
+
+def _server_limits_dict(limits: ServerLimits) -> dict[str, object]:
+    return {
+        "host": limits.server.host,
+        "port": limits.server.port,
+        "paused": limits.paused,
+        "throttle": _throttle_dict(limits.throttle),
+    }
+
+
+def _limits_dict(connector: Connector) -> dict[str, object]:
+    """Pause and throttles, only when set (documents without them keep their checksum)."""
+    limits: dict[str, object] = {}
+    if connector.paused:
+        limits["paused"] = True
+    if connector.throttle is not None:
+        limits["throttle"] = _throttle_dict(connector.throttle)
+    if connector.domain_throttles:
+        limits["domainThrottles"] = [
+            {"domain": d.domain, "throttle": _throttle_dict(d.throttle)}
+            for d in connector.domain_throttles
+        ]
+    return limits
+
+
+def _read_throttle(r: _Reader) -> Throttle:
+    values = []
+    for key in ("maxConnections", "messagesPerMinute", "recipientsPerMessage"):
+        value = r._get(key, (int, type(None)), "an integer or null")
+        if value is not None and not 1 <= value <= 1_000_000:
+            raise RoutingDocumentError(r._at(key), "expected an integer from 1 to 1000000")
+        values.append(value)
+    return Throttle(*values)
+
+
+def _read_server_limits(r: _Reader) -> ServerLimits:
+    return ServerLimits(
+        server=ServerAddress(r.text("host"), _port(r, "port")),
+        paused=r.boolean("paused"),
+        throttle=_read_throttle(r.child("throttle")),
+    )
+
+
+def _read_domain_throttle(r: _Reader) -> DomainThrottle:
+    domain = r.text("domain")
+    if not domain or domain != domain.lower() or domain.startswith("*"):
+        raise RoutingDocumentError(r._at("domain"), "expected one domain name in lower case")
+    return DomainThrottle(domain, _read_throttle(r.child("throttle")))
+
+
+def _read_fleet(r: _Reader | None) -> int:
+    if r is None:
+        return 1
+    relays = r.integer("relays")
+    if not 1 <= relays <= 10_000:
+        raise RoutingDocumentError(r._at("relays"), "expected an integer from 1 to 10000")
+    return relays
+
+
 def _read_destination(r: _Reader) -> Destination:
     kind = r.text("kind")
     if kind == "SmartHost":
@@ -547,7 +672,10 @@ def _read_destination(r: _Reader) -> Destination:
     if kind == "Profile":
         servers = tuple(ServerAddress(s.text("host"), _port(s, "port")) for s in r.items("servers"))
         return ProfilePool(
-            profile=r.ref("profile"), servers=servers, balancing=r.choice("balancing", Balancing)
+            profile=r.ref("profile"),
+            servers=servers,
+            balancing=r.choice("balancing", Balancing),
+            server_limits=tuple(_read_server_limits(s) for s in r.optional_items("serverLimits")),
         )
     if kind == "RecipientMx":
         return RecipientMx()
@@ -579,7 +707,16 @@ def _read_connector(r: _Reader) -> Connector:
         unresolved=tuple(r.texts("unresolved")),
         clients=_read_clients(r),
         dkim_sign=_read_dkim_sign(r.optional_child("dkim")),
+        paused=r.boolean("paused") if "paused" in r.raw else False,
+        throttle=_opt(r.optional_child("throttle"), _read_throttle),
+        domain_throttles=tuple(
+            _read_domain_throttle(d) for d in r.optional_items("domainThrottles")
+        ),
     )
+
+
+def _opt(r: _Reader | None, read: Any) -> Any:
+    return None if r is None else read(r)
 
 
 def _read_clients(r: _Reader) -> ClientScope | None:

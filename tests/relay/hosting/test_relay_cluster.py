@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import warnings
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.hosting.cluster import GENERATION_ANNOTATION, RoutingSecretSource
 from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.deliverer import DeliverySettings
+from mailflow_relay.routing.contract import POD_BACKOFF_ANNOTATION as BACKOFF_ANNOTATION
 from mailflow_relay.routing.document import (
     Connector,
     ObjectRef,
@@ -211,3 +213,35 @@ def test_the_relay_waits_for_a_routing_secret_that_does_not_exist_yet(tmp_path: 
             return (await asyncio.wait_for(first, 10)).generation
 
     assert run(scenario) == 7
+
+
+def test_the_relay_reports_a_backoff_on_its_pod_and_clears_it(tmp_path: Path) -> None:
+    async def scenario() -> list[str | None]:
+        seen: list[str | None] = []
+        async with cluster() as k8s, SmtpSink(data_reply="421 4.7.28 slow down") as sink:
+            await k8s.apply(POD)
+            await k8s.apply(secret(document(sink.port, 1).to_json()))
+            source = source_for(k8s)
+            quick = dataclasses.replace(settings(tmp_path), backoff_recovery=1.0)
+            relay = Relay(quick, await source.first())
+            runner = asyncio.create_task(relay.run())
+            follower = asyncio.create_task(source.follow(relay))
+            try:
+                await relay.ready.wait()
+                await send(relay, "limited")
+
+                def backoff() -> str | None:
+                    return k8s.pod_annotations("mail", "relay-0").get(BACKOFF_ANNOTATION)
+
+                await until(lambda: backoff() not in (None, "{}"), what="backoff on the pod")
+                seen.append(backoff())
+                sink.data_reply = None
+                await until(lambda: backoff() == "{}", within=30, what="backoff cleared")
+                seen.append(backoff())
+                return seen
+            finally:
+                relay.stop()
+                await runner
+                follower.cancel()
+
+    assert run(scenario, within=60) == ['{"mail/all":0.5}', "{}"]
