@@ -580,7 +580,31 @@ def _queue_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     again.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
     removal = actions.add_parser("delete", help="remove messages for good: no delivery, no bounce")
     removal.add_argument("queue_ids", nargs="+", metavar="QUEUE_ID")
-    for parser in (listing, shown, again, removal):
+    marks = [
+        actions.add_parser(
+            "hold", help="hold recipients: neither delivered nor bounced until released"
+        ),
+        actions.add_parser("release", help="release held recipients: they are tried at once"),
+        actions.add_parser(
+            "bounce",
+            help="return recipients to the sender: the relay fails them and sends an RFC 3464 "
+            "report",
+        ),
+    ]
+    for parser in marks:
+        parser.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
+        parser.add_argument(
+            "--all",
+            action="store_true",
+            help="every message (without queue ids or filters, nothing is changed)",
+        )
+    for parser in (listing, *marks):
+        _queue_filters(parser)
+    shown.add_argument(
+        "--routing", metavar="FILE", help="routing document for the routes shown (default: the "
+        "one the relay left in the spool folder)"
+    )
+    for parser in (listing, shown, again, removal, *marks):
         parser.add_argument(
             "--spool", required=True, metavar="DIR", help="the relay's spool folder"
         )
@@ -588,6 +612,30 @@ def _queue_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         parser.add_argument(
             "--output", "-o", choices=["text", "json"], default="text", help="output format"
         )
+
+
+def _queue_filters(parser: argparse.ArgumentParser) -> None:
+    filters = parser.add_argument_group(
+        "filters", "select recipients still to deliver; several filters must all match"
+    )
+    filters.add_argument(
+        "--connector",
+        metavar="NAME",
+        help="the connector that takes the recipient now (NAMESPACE/NAME or NAME; 'default' "
+        "for the default route), as the relay's routing document says",
+    )
+    filters.add_argument("--domain", metavar="DOMAIN", help="the recipient's domain")
+    filters.add_argument(
+        "--sender", metavar="ADDRESS", help="the envelope sender; @DOMAIN for a sender domain, "
+        "<> for bounces"
+    )
+    filters.add_argument(
+        "--older-than", metavar="AGE", help="messages in the queue longer than AGE (90s, 15m, 2h, 3d)"
+    )
+    filters.add_argument(
+        "--routing", metavar="FILE", help="routing document for --connector (default: the one "
+        "the relay left in the spool folder)"
+    )
 
 
 def run_hash_password(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

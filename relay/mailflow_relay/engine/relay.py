@@ -36,8 +36,10 @@ from typing import Any, TypeVar
 
 from mailflow_relay.engine.attempts import log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
+from mailflow_relay.engine.holds import active, admin_bounced, due, holds_any
 from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import is_peer, take_origin
+from mailflow_relay.engine.published import publish
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
@@ -180,6 +182,7 @@ class Relay:
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
+        publish(settings.spool_dir, document)
         self.deliverer = Deliverer(
             settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
         )
@@ -257,6 +260,7 @@ class Relay:
         self.router = Router(document)
         self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.document = document
+        publish(self.settings.spool_dir, document)
         self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
@@ -453,6 +457,9 @@ class Relay:
 
     def _track(self, message: SpooledMessage) -> None:
         self._queued[message.queue_id] = message.arrival
+        if message.queue_id in self._fresh:
+            # A flush's reread: the spool's states win (a hold set by `mailflow queue`).
+            self._fresh[message.queue_id] = message
         self._schedule(message)
 
     def _enqueue(self, queue_id: str) -> None:
@@ -553,8 +560,11 @@ class Relay:
         now_wall = datetime.now(UTC)
         waits = [
             max(0.0, (r.next_attempt - now_wall).total_seconds()) if r.next_attempt else 0.0
-            for r in message.pending
+            for r in active(message)
         ]
+        if not waits:  # all on hold: due again once `mailflow queue release` flushes
+            self._index.drop(message.queue_id)
+            return
         self._index.set(message.queue_id, self._clock() + min(waits, default=0.0))
         self._work_available.set()
 
@@ -638,7 +648,7 @@ class Relay:
             # What the spool could not write yet still holds: a delivered one stays delivered.
             message = self._with_unrecorded(await self._io(self.spool.load, queue_id))
             reason = f"4.3.0 internal error: {type(error).__name__}"
-            updates = [self._deferred(state, 451, reason) for state in message.pending]
+            updates = [self._deferred(state, 451, reason) for state in active(message)]
             updates = self._expire(message, updates, datetime.now(UTC))
             updates = await self._notify_sender(message, updates, datetime.now(UTC))
             states = await self._io(self.spool.update, queue_id, *updates)
@@ -683,11 +693,13 @@ class Relay:
     async def _attempt(self, message: SpooledMessage, now: datetime) -> list[RecipientState]:
         """Route and deliver the recipients that are due; their new states."""
         queue_id = message.queue_id
-        due = [r for r in message.pending if r.next_attempt is None or r.next_attempt <= now]
         router = self.router
         groups: dict[tuple[object, ...], list[tuple[RecipientState, RouteDecision]]] = {}
         updates: list[RecipientState] = []
-        for state in due:
+        for state in due(message, now):
+            if state.bounce_requested:
+                updates.append(admin_bounced(state))
+                continue
             try:
                 decision = router.route_for(state.address, message.sender, _client_of(message))
             except InvalidAddressError as e:
@@ -990,7 +1002,8 @@ class Relay:
             with contextlib.suppress(MessageNotFoundError, OSError):
                 await self._io(self.spool.remove, message.queue_id, force=True)
                 self._queued.pop(message.queue_id, None)
-        remaining = [m for m in scanned if not m.is_final]
+        # Held mail stays here: the peer would not know of the hold, and would deliver it.
+        remaining = [m for m in scanned if not m.is_final and not holds_any(m)]
         handoff = HandOff(
             peer=peer,
             local_hostname=self.settings.listener.hostname,
