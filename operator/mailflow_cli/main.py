@@ -14,9 +14,11 @@ import argparse
 import dataclasses
 import errno
 import importlib
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from mailflow_cli import __version__
@@ -601,8 +603,10 @@ def _queue_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     for parser in (listing, *marks):
         _queue_filters(parser)
     shown.add_argument(
-        "--routing", metavar="FILE", help="routing document for the routes shown (default: the "
-        "one the relay left in the spool folder)"
+        "--routing",
+        metavar="FILE",
+        help="routing document for the routes shown (default: the "
+        "one the relay left in the spool folder)",
     )
     for parser in (listing, shown, again, removal, *marks):
         parser.add_argument(
@@ -626,15 +630,20 @@ def _queue_filters(parser: argparse.ArgumentParser) -> None:
     )
     filters.add_argument("--domain", metavar="DOMAIN", help="the recipient's domain")
     filters.add_argument(
-        "--sender", metavar="ADDRESS", help="the envelope sender; @DOMAIN for a sender domain, "
-        "<> for bounces"
+        "--sender",
+        metavar="ADDRESS",
+        help="the envelope sender; @DOMAIN for a sender domain, <> for bounces",
     )
     filters.add_argument(
-        "--older-than", metavar="AGE", help="messages in the queue longer than AGE (90s, 15m, 2h, 3d)"
+        "--older-than",
+        metavar="AGE",
+        help="messages in the queue longer than AGE (90s, 15m, 2h, 3d)",
     )
     filters.add_argument(
-        "--routing", metavar="FILE", help="routing document for --connector (default: the one "
-        "the relay left in the spool folder)"
+        "--routing",
+        metavar="FILE",
+        help="routing document for --connector (default: the one "
+        "the relay left in the spool folder)",
     )
 
 
@@ -691,6 +700,20 @@ def _in_use_message(error: OSError, args: argparse.Namespace | None) -> str:
     )
 
 
+def _error_line(err: TextIO, text: str, args: argparse.Namespace | None) -> None:
+    """The one-line error; a JSON line when the command logs JSON (nothing else is text)."""
+    if getattr(args, "log_format", None) != "json":
+        err.write(text + "\n")
+        return
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": "error",
+        "logger": "mailflow_cli",
+        "message": text,
+    }
+    err.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -701,7 +724,7 @@ def main(
         args = build_parser().parse_args(argv)
         return _command(args.command)(args, out, err)
     except UsageError as e:
-        err.write(f"mailflow: error: {e}\n")
+        _error_line(err, f"mailflow: error: {e}", args)
         return EXIT_USAGE
     except CrdError as e:
         err.write(f"mailflow: broken installation: {e}\n")
@@ -710,7 +733,7 @@ def main(
         in_use = _address_in_use(e)
         if in_use is None:
             raise
-        err.write(f"mailflow: error: {_in_use_message(in_use, args)}\n")
+        _error_line(err, f"mailflow: error: {_in_use_message(in_use, args)}", args)
         return EXIT_USAGE
 
 

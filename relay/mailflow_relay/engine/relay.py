@@ -34,13 +34,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailflow_relay.engine.attempts import log_attempts, tls_shown
+from mailflow_relay.engine.attempts import delivery_fields, log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.holds import active, admin_bounced, due, holds_any
 from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import is_peer, take_origin
-from mailflow_relay.engine.published import publish
 from mailflow_relay.engine.outcomes import deferred, final, with_states
+from mailflow_relay.engine.published import publish
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.errors import (
@@ -444,7 +444,7 @@ class Relay:
             self._fresh[stored.queue_id] = stored
             self._fresh_bytes += stored.size
         self.metrics.accepted.inc()
-        logger.info(
+        logger.debug(  # the delivery line is the one INFO line per message
             "queued %s from=<%s> recipients=%d size=%d client=%s",
             stored.queue_id,
             stored.sender,
@@ -780,7 +780,7 @@ class Relay:
             # delivers again, as one between the next hop's 250 and any write would.
             await self._io(self.spool.remove, queue_id, force=True)
             self._queued.pop(queue_id, None)
-            logger.info("queue %s: done, removed from the spool", queue_id)
+            logger.debug("queue %s: done, removed from the spool", queue_id)
             return
         if updates:
             states = await self._io(self.spool.update, queue_id, *updates)
@@ -789,7 +789,7 @@ class Relay:
         if all(s.status.is_final for s in states):
             await self._io(self.spool.remove, queue_id)
             self._queued.pop(queue_id, None)
-            logger.info("queue %s: done, removed from the spool", queue_id)
+            logger.debug("queue %s: done, removed from the spool", queue_id)
         else:
             self._schedule(with_states(message, states))
 
@@ -976,6 +976,7 @@ class Relay:
                 report.verified,
                 result.status.value,
                 result.message,
+                extra=delivery_fields(state.address, name, report, result),
             )
             if result.status is DeliveryStatus.DELIVERED:
                 self.metrics.delivered.labels(*labels).inc()

@@ -2,8 +2,9 @@
 
 It works on the spool folder directly, also while a relay runs on it: it only reads what
 the relay writes (no repair of a spool in use), and every change is an atomic spool
-operation under the same per-message lock the relay takes. ``retry``, ``hold``, ``release`` and ``bounce`` also leave a
-flush request that a running relay picks up within a second, so it acts on them at once.
+operation under the same per-message lock the relay takes. ``retry``, ``hold``,
+``release`` and ``bounce`` also leave a flush request that a running relay picks up within
+a second, so it acts on them at once.
 
 ``hold``, ``release`` and ``bounce`` take queue ids, filters (:mod:`.selection`) or both,
 and act on the recipients still to deliver that match. Without either they refuse (an
@@ -12,6 +13,7 @@ operator who forgot a filter must not bounce the whole queue); ``--all`` means a
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -149,7 +151,9 @@ def _message_json(
 
 
 def _status(state: RecipientState) -> str:
-    marks = [m for m, on in (("held", state.held), ("bounce requested", state.bounce_requested)) if on]
+    marks = [
+        m for m, on in (("held", state.held), ("bounce requested", state.bounce_requested)) if on
+    ]
     return state.status.value + "".join(f" [{m}]" for m in marks)
 
 
@@ -165,9 +169,7 @@ def list_queue(
         return 0
     if not messages:
         given = [] if selection is None else selection.filter.describe()
-        out.write(
-            f"no message matches {' '.join(given)}\n" if given else "the queue is empty\n"
-        )
+        out.write(f"no message matches {' '.join(given)}\n" if given else "the queue is empty\n")
         return 0
     out.write(f"{'QUEUE ID':<31}  {'AGE':>5}  {'SIZE':>8}  SENDER / RECIPIENTS\n")
     for message in messages:
@@ -179,9 +181,7 @@ def list_queue(
             reason = (
                 f"  ({r.last_reply_text})" if r.last_reply_text and not r.status.is_final else ""
             )
-            out.write(
-                f"{'':<50}  <{r.address}> {_status(r)}, {r.attempts} attempt(s){reason}\n"
-            )
+            out.write(f"{'':<50}  <{r.address}> {_status(r)}, {r.attempts} attempt(s){reason}\n")
     pending = sum(1 for m in messages if not m.is_final)
     out.write(f"-- {len(messages)} message(s), {pending} with recipients to deliver\n")
     return 0
@@ -261,6 +261,12 @@ def delete(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
     return 1 if problems else 0
 
 
+def _only(
+    addresses: set[str], change: Callable[[RecipientState], RecipientState], state: RecipientState
+) -> RecipientState:
+    return change(state) if state.address in addresses else state
+
+
 def mark(spool_dir: Path, action: str, selection: Selection, out: TextIO) -> int:
     """``hold``, ``release`` or ``bounce`` the selected recipients; 1 if a queue id was not
     found or a change was refused."""
@@ -277,9 +283,7 @@ def mark(spool_dir: Path, action: str, selection: Selection, out: TextIO) -> int
     for message in messages:
         chosen = {r.address for r in selection.recipients(message, now)}
         try:
-            states = spool.amend(
-                message.queue_id, lambda s: change(s) if s.address in chosen else s
-            )
+            states = spool.amend(message.queue_id, functools.partial(_only, chosen, change))
         except MessageNotFoundError:
             continue  # finished by the relay meanwhile: nothing left to act on
         except SpoolError as e:

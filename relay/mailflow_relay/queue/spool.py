@@ -586,7 +586,11 @@ class Spool:
         for name in names:
             # .relay.lock: the running relay's lock (queue/lock.py), not a message.
             # .routing.json: the document in force, for `mailflow queue` (engine/published.py).
-            if name.startswith(_TEMP_PREFIX) or name in (_CORRUPT_DIR, ".relay.lock", ".routing.json"):
+            if name.startswith(_TEMP_PREFIX) or name in (
+                _CORRUPT_DIR,
+                ".relay.lock",
+                ".routing.json",
+            ):
                 continue
             stem, dot, suffix = name.rpartition(".")
             if not dot or f".{suffix}" not in (_RECORD_SUFFIX, _STATE_SUFFIX):

@@ -60,7 +60,8 @@ def report_of(message_text: str) -> dict[str, str]:
     assert parsed.get_param("report-type") == "delivery-status"
     (status,) = [p for p in parsed.walk() if p.get_content_type() == "message/delivery-status"]
     blocks = status.get_payload()
-    assert isinstance(blocks, list) and len(blocks) == 2  # per-message, then one recipient
+    assert isinstance(blocks, list)
+    assert len(blocks) == 2  # per-message, then one recipient
     recipient = blocks[1]
     assert isinstance(recipient, email.message.Message)
     return {k: str(v) for k, v in recipient.items()}
@@ -88,8 +89,10 @@ def test_held_mail_waits_past_its_lifetime_until_released_and_a_bounce_reports_i
         send(relay, "kept@dest.test")
         send(relay, "returned@dest.test")
         eventually(
-            lambda: {r["status"] for r in listed(spool).values()} == {"deferred"}
-            and len(listed(spool)) == 2
+            lambda: (
+                {r["status"] for r in listed(spool).values()} == {"deferred"}
+                and len(listed(spool)) == 2
+            )
         )
         held = queue("hold", "--domain", "dest.test", "--spool", str(spool))
         assert held.returncode == 0, held.stderr
@@ -108,7 +111,9 @@ def test_held_mail_waits_past_its_lifetime_until_released_and_a_bounce_reports_i
             }
             assert "<kept@dest.test> deferred [held]" in queue("list", "--spool", str(spool)).stdout
 
-            released = queue("release", str(states["kept@dest.test"]["queueId"]), "--spool", str(spool))
+            released = queue(
+                "release", str(states["kept@dest.test"]["queueId"]), "--spool", str(spool)
+            )
             assert released.returncode == 0, released.stderr
             (arrived,) = destination.wait_for(1)
             assert arrived.recipients == ["kept@dest.test"]

@@ -53,9 +53,7 @@ def spool_dir(tmp_path: Path) -> Path:
     document = RoutingDocument(
         generation=3,
         connectors=(
-            connector(
-                "partner", "partner.test", auth=SmtpCredentials("relay", "s3cret-password")
-            ),
+            connector("partner", "partner.test", auth=SmtpCredentials("relay", "s3cret-password")),
             connector("corp", "corp.test"),
         ),
     )
@@ -141,7 +139,9 @@ def test_hold_release_and_bounce_mark_only_the_selected_recipients(spool_dir: Pa
     ]
     assert not spool.load(first.queue_id).recipient("a@partner.test").held
 
-    status, out, _ = run("bounce", first.queue_id, "--domain", "other.test", "--spool", str(spool_dir))
+    status, out, _ = run(
+        "bounce", first.queue_id, "--domain", "other.test", "--spool", str(spool_dir)
+    )
     assert status == 0
     states = {r.address: r for r in spool.load(first.queue_id).recipients}
     assert states["b@other.test"].bounce_requested
@@ -190,11 +190,14 @@ def test_filter_errors_name_the_option_and_the_fix(spool_dir: Path) -> None:
     (spool_dir / PUBLISHED_DOCUMENT).unlink()
     status, _, err = run("hold", "--spool", str(spool_dir), "--connector", "partner")
     assert status == 2
-    assert "--connector" in err and "--routing FILE" in err
+    assert "--connector" in err
+    assert "--routing FILE" in err
     assert len(err.strip().splitlines()) == 1
     status, out, _ = run("release", "0123456789abcd-0123456789abcdef", "--spool", str(spool_dir))
-    assert (status, out) == (1, "0123456789abcd-0123456789abcdef: not in the spool (delivered, "
-                             "bounced or deleted)\n")
+    assert (status, out) == (
+        1,
+        "0123456789abcd-0123456789abcdef: not in the spool (delivered, bounced or deleted)\n",
+    )
 
 
 def test_show_gives_the_route_each_recipient_takes_now(spool_dir: Path) -> None:
