@@ -31,6 +31,14 @@ __all__ = ["build_parser", "main"]
 # The log formats of every long-running command: one set, so a deployment says one word.
 LOG_FORMATS = ("text", "json")
 
+# What the chart names, installed as release "mailflow" (`helm install mailflow helm/mailflow`):
+# `mailflow operator --namespace NS` then finds the chart's routing Secret and relay pods.
+CHART_ROUTING_SECRET = "mailflow-routing"
+CHART_RELAY_SELECTOR = (
+    "app.kubernetes.io/name=mailflow,app.kubernetes.io/instance=mailflow,"
+    "app.kubernetes.io/component=relay"
+)
+
 # command -> "module:function"; the module is imported when that command runs.
 COMMANDS = {
     "validate": "mailflow_cli.check_command:run_validate",
@@ -170,15 +178,16 @@ def _operator_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     )
     parser.add_argument(
         "--routing-secret",
-        required=True,
         metavar="NAMESPACE/NAME",
-        help="the relay config Secret that receives routing.json",
+        help="the relay config Secret that receives routing.json (default: "
+        f"FIRST-NAMESPACE/{CHART_ROUTING_SECRET}, the chart's as release mailflow)",
     )
     parser.add_argument(
         "--relay-selector",
-        required=True,
+        default=CHART_RELAY_SELECTOR,
         metavar="LABELSELECTOR",
-        help="selects the relay pods in the routing Secret's namespace, e.g. app=mailflow-relay",
+        help="selects the relay pods in the routing Secret's namespace (default: %(default)s, "
+        "the chart's relay pods as release mailflow)",
     )
     parser.add_argument(
         "--probe-interval",
