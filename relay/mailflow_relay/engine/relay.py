@@ -41,6 +41,7 @@ from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.published import publish
+from mailflow_relay.engine.queue_gauges import QueueView, reason_class
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.errors import (
@@ -203,6 +204,9 @@ class Relay:
         self.on_delivery = on_delivery
         self._clock = clock
         self._index = DueIndex()
+        self._queue_view = QueueView(
+            self.metrics.queue_depth, self.metrics.queue_oldest_age, self.metrics.queue_held
+        )
         self._queued: dict[str, datetime] = {}
         """Every message in the spool that is not final, with its arrival time (for gauges)."""
         self._in_flight: set[str] = set()
@@ -261,6 +265,7 @@ class Relay:
         self.signer = DkimSigner(document.dkim_keys, self.metrics.dkim)
         self.document = document
         publish(self.settings.spool_dir, document)
+        self._queue_view.reroute(self.router)
         self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
@@ -555,6 +560,7 @@ class Relay:
         return next_due is not None and next_due <= self._clock()
 
     def _schedule(self, message: SpooledMessage) -> None:
+        self._queue_view.track(message, self.router)
         if message.is_final:
             return
         now_wall = datetime.now(UTC)
@@ -593,6 +599,7 @@ class Relay:
         oldest = min(self._queued.values(), default=None)
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         self.metrics.queue_oldest_seconds.set(max(0.0, age))
+        self._queue_view.publish(self._queued, datetime.now(UTC))
         self.metrics.sessions.set(self.listener.active_sessions)
 
     async def _next_due(self) -> str:
@@ -992,6 +999,7 @@ class Relay:
         return updates
 
     def _deferred(self, state: RecipientState, code: int, reason: str) -> RecipientState:
+        self.metrics.deferrals.labels(reason_class(reason)).inc()
         return deferred(state, code, reason, self.settings.retry_initial, self.settings.retry_max)
 
     # --- hand-off ----------------------------------------------------------------------------
