@@ -182,8 +182,7 @@ def build() -> dict[str, object]:
                 "Oldest waiting by connector and destination",
                 "s",
                 _query(
-                    "max by (connector, destination) "
-                    f"({m('mailflow_queue_oldest_age_seconds')})",
+                    f"max by (connector, destination) ({m('mailflow_queue_oldest_age_seconds')})",
                     "{{connector}} -> {{destination}}",
                 ),
             )

@@ -67,6 +67,13 @@ def scrape(port: int) -> dict[str, float]:
     }
 
 
+def scrape_when(port: int, series: str, value: float) -> dict[str, float]:
+    """The scrape once ``series`` has ``value`` (raises until then, for eventually())."""
+    metrics = scrape(port)
+    assert metrics.get(series) == value, metrics
+    return metrics
+
+
 @pytest.mark.slow
 def test_the_gauges_follow_deferred_and_held_mail(tmp_path: Path) -> None:
     http = free_port()
@@ -88,9 +95,7 @@ def test_the_gauges_follow_deferred_and_held_mail(tmp_path: Path) -> None:
                 "a@sender.test", ["x@down.test", "y@down.test"], "Subject: 1\r\n\r\nx\r\n"
             )
         route = f'{{connector="mail/down",destination="127.0.0.1:{down}"}}'
-        metrics = eventually(
-            lambda: (m := scrape(http)).get(f"mailflow_queue_depth{route}") == 2 and m
-        )
+        metrics = eventually(lambda: scrape_when(http, f"mailflow_queue_depth{route}", 2))
         assert metrics['mailflow_deferrals_total{reason_class="connection"}'] == 2
         assert metrics[f"mailflow_queue_oldest_age_seconds{route}"] >= 0
         assert metrics["mailflow_queue_held"] == 0
@@ -102,6 +107,6 @@ def test_the_gauges_follow_deferred_and_held_mail(tmp_path: Path) -> None:
             check=True,
         )
         assert held.stdout.splitlines()[-1] == "2 recipient(s) held"
-        metrics = eventually(lambda: (m := scrape(http)).get("mailflow_queue_held") == 2 and m)
+        metrics = eventually(lambda: scrape_when(http, "mailflow_queue_held", 2))
         # Nothing waits on that route any more: the series is gone, not stuck at 2.
         assert f"mailflow_queue_depth{route}" not in metrics

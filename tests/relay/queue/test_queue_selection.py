@@ -20,13 +20,13 @@ from mailflow_relay.queue.admin import FLUSH_REQUEST, PUBLISHED_DOCUMENT
 from mailflow_relay.queue.spool import RecipientStatus, Spool
 from mailflow_relay.routing.document import (
     Connector,
-    DomainPattern,
     ObjectRef,
     RoutingDocument,
     SmartHost,
     SmtpCredentials,
     TlsPolicy,
 )
+from mailflow_relay.routing.domains import DomainPattern
 
 
 def connector(name: str, *recipients: str, auth: SmtpCredentials | None = None) -> Connector:
