@@ -464,7 +464,7 @@ class Spool:
         """
         queue_id = _checked_queue_id(queue_id)
         with self._lock_for(queue_id), self._process_lock(queue_id):
-            return self._update_locked(queue_id, states)
+            return self._update_locked(queue_id, states, keep_marks=True)
 
     def make_due(self, queue_id: str) -> int:
         """Deferred recipients due now (``mailflow queue retry``); how many there were.
@@ -505,7 +505,7 @@ class Spool:
             return tuple(changed)
 
     def _update_locked(
-        self, queue_id: str, states: Sequence[RecipientState]
+        self, queue_id: str, states: Sequence[RecipientState], *, keep_marks: bool = False
     ) -> tuple[RecipientState, ...]:
         # The envelope and current states are enough; re-reading a large body on
         # every delivery attempt would undo the point of the separate state file.
@@ -521,7 +521,9 @@ class Spool:
                     f"{state.address!r} is already {previous.status.value}; "
                     "a final state never changes",
                 )
-            by_address[state.address] = state
+            # An outcome the relay decided on an older read must not undo a hold or a bounce
+            # that `mailflow queue` wrote meanwhile: only amend() changes those marks.
+            by_address[state.address] = _with_marks(state, previous) if keep_marks else state
         updated = tuple(by_address[state.address] for state in current)
         payload = _dump_json(
             {"queue_id": queue_id, "recipients": [_state_to_json(s) for s in updated]}
@@ -810,6 +812,15 @@ def _envelope_to_json(message: SpooledMessage) -> dict[str, Any]:
         **({"user": message.user} if message.user is not None else {}),
         **({"arrived": message.arrived.isoformat()} if message.arrived is not None else {}),
     }
+
+
+def _with_marks(state: RecipientState, previous: RecipientState) -> RecipientState:
+    if (state.held, state.bounce_requested) == (previous.held, previous.bounce_requested):
+        return state
+    marked = replace(state, held=previous.held, bounce_requested=previous.bounce_requested)
+    if previous.bounce_requested and not state.status.is_final:
+        marked = replace(marked, next_attempt=None)  # the bounce is due now, not at the backoff
+    return marked
 
 
 def _state_to_json(state: RecipientState) -> dict[str, Any]:

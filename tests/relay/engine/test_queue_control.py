@@ -134,3 +134,44 @@ def test_held_mail_waits_past_its_lifetime_until_released_and_a_bounce_reports_i
     assert fields["Status"] == "5.0.0"
     assert "returned to the sender by an administrator" in fields["Diagnostic-Code"]
     assert "Subject: returned@dest.test" in report.text  # the original headers
+
+
+def test_a_draining_relay_keeps_held_mail_and_hands_off_the_rest(tmp_path: Path) -> None:
+    require("smtp-sink")
+    spool = tmp_path / "spool"
+    with SmtpSink() as peer:  # stands in for the peer relay: it takes what is handed off
+        leaving = RelayProcess(
+            tmp_path,
+            connector("all", '["*"]', free_port()),  # the destination is down
+            "--accept-from",
+            "127.0.0.1/32",
+            "--retry-initial",
+            "3600",
+            "--drain-grace",
+            "1",
+            "--handoff",
+            f"127.0.0.1:{peer.port}",
+            spool=spool,
+        )
+        with leaving:
+            send(leaving, "held@dest.test")
+            send(leaving, "moving@dest.test")
+            eventually(
+                lambda: (
+                    len(listed(spool)) == 2
+                    and {r["status"] for r in listed(spool).values()} == {"deferred"}
+                )
+            )
+            assert queue("hold", "--domain", "dest.test", "--spool", str(spool)).returncode == 0
+            # Released again before the stop: that one goes to the peer, the other stays.
+            queue(
+                "release", str(listed(spool)["moving@dest.test"]["queueId"]), "--spool", str(spool)
+            )
+            assert leaving.stop() == 0
+        (handed,) = peer.wait_for(1)
+        assert handed.recipients == ["moving@dest.test"]
+        time.sleep(0.5)
+        assert len(peer.messages()) == 1
+    states = listed(spool)
+    assert list(states) == ["held@dest.test"]
+    assert states["held@dest.test"]["held"] is True

@@ -215,3 +215,25 @@ def test_show_gives_the_route_each_recipient_takes_now(spool_dir: Path) -> None:
     publish(spool_dir, RoutingDocument(generation=4, connectors=(connector("all", "*"),)))
     status, out, _ = run("show", message.queue_id, "--spool", str(spool_dir))
     assert out.count("route now: mail/all -> ") == 2
+
+
+def test_an_outcome_decided_before_a_hold_does_not_undo_it(spool_dir: Path) -> None:
+    """The relay records a deferral it decided on a read from before `queue hold|bounce`:
+    the marks the CLI wrote meanwhile stay."""
+    spool = Spool(spool_dir)
+    message = next(m for m in spool.scan(repair=False) if m.sender == "bob@corp.test")
+    (before,) = message.recipients  # what the relay read when it started the attempt
+    run("hold", message.queue_id, "--spool", str(spool_dir))
+    later = datetime.now(UTC) + timedelta(hours=1)
+    decided = replace(
+        before, status=RecipientStatus.DEFERRED, attempts=1, next_attempt=later, held=False
+    )
+    (state,) = spool.update(message.queue_id, decided)
+    assert (state.status, state.attempts, state.held) == (RecipientStatus.DEFERRED, 1, True)
+
+    run("bounce", message.queue_id, "--spool", str(spool_dir))
+    again = replace(decided, attempts=2)
+    (state,) = spool.update(message.queue_id, again)
+    assert (state.bounce_requested, state.held, state.next_attempt) == (True, False, None)
+    (state,) = spool.load(message.queue_id).recipients
+    assert (state.attempts, state.bounce_requested, state.next_attempt) == (2, True, None)
