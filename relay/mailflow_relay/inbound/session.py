@@ -483,7 +483,7 @@ class SmtpSession(SMTP):
         # A client that delivers mail is not probing: its earlier errors are forgiven
         # (as Postfix counts errors "without delivering mail").
         self._errors = 0
-        log.info(
+        log.debug(  # the delivery line is the one INFO line per message
             "Accepted message %s from %s: sender <%s>, %d recipient(s), user %s, %s",
             printable(queue_id),
             self.client,
@@ -491,6 +491,7 @@ class SmtpSession(SMTP):
             len(message.rcpt_tos),
             printable(message.authenticated_user) if message.authenticated_user else "-",
             "TLS" if message.tls else "plaintext",
+            extra={"queue_id": queue_id},
         )
         return f"250 2.0.0 OK: queued as {printable(queue_id)}"
 

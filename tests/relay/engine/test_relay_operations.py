@@ -183,6 +183,8 @@ def test_json_logs_follow_one_message_by_its_queue_id(tmp_path: Path, sink: Smtp
     assert any(e["message"].startswith("Connection from 127.0.0.1") for e in connection)
     assert any(e["message"].startswith("Connection from 127.0.0.1 closed") for e in connection)
     assert delivery.get("session_id") is None  # delivered by a worker, not the session
+    accepted = [e for e in traced if e["message"].startswith(f"Accepted message {queue_id}")]
+    assert [e["session_id"] for e in accepted] == [session]
 
 
 def test_the_queue_command_lists_shows_deletes_and_retries(tmp_path: Path) -> None:
