@@ -183,7 +183,6 @@ class Relay:
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
-        publish(settings.spool_dir, document)
         self.deliverer = Deliverer(
             settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
         )
@@ -486,6 +485,7 @@ class Relay:
             lock.release()
 
     async def _run(self) -> None:
+        publish(self.settings.spool_dir, self.document)  # the spool is ours now (locked)
         for message in await self._io(self.spool.scan):
             if message.is_final:
                 # A crash came between recording the last outcome and removing the record.
