@@ -126,3 +126,30 @@ def test_a_session_id_tags_every_line_of_its_context_and_its_tasks(
     entries = [json.loads(line) for line in json_log.getvalue().splitlines()]
     ours = [e for e in entries if e["logger"] == "mailflow_relay.test"]
     assert [e.get("session_id") for e in ours] == [first, first, None]
+
+
+def test_the_text_format_names_the_session_too() -> None:
+    import contextvars
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure_logging("INFO", "text", stream)
+        logger = logging.getLogger("mailflow_relay.test")
+
+        def in_session() -> str:
+            session_id = bind_new_session()
+            logger.info("Connection from 127.0.0.1")
+            return session_id
+
+        session_id = contextvars.copy_context().run(in_session)
+        logger.info("outside")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    first, second = stream.getvalue().splitlines()
+    assert first.endswith(
+        f"INFO mailflow_relay.test [session {session_id}]: Connection from 127.0.0.1"
+    )
+    assert second.endswith("INFO mailflow_relay.test: outside")

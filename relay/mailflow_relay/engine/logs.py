@@ -74,6 +74,9 @@ class TextFormatter(logging.Formatter):
     """The text format, one line per record whatever the record's arguments hold."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        session_id = SESSION_ID.get()
+        # The session id ties a connection's lines together here too, after the logger name.
+        record.session = "" if session_id is None else f" [session {session_id}]"
         return escape_controls(super().formatMessage(record))
 
     def formatException(self, ei: Any) -> str:
@@ -140,7 +143,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | N
         handler.setFormatter(JsonFormatter())
         sys.excepthook = _log_uncaught
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            TextFormatter("%(asctime)s %(levelname)s %(name)s%(session)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
