@@ -76,11 +76,20 @@ class Selection:
             )
         ]
 
-    def messages(self, spool: Spool, now: datetime) -> list[SpooledMessage]:
+    def messages(
+        self, spool: Spool, now: datetime, missing: list[str] | None = None
+    ) -> list[SpooledMessage]:
         """The selected messages (by id, else all), those with a selected recipient when
-        filters are given."""
+        filters are given. Ids not in the spool go to ``missing`` (without it, they raise)."""
         if self.queue_ids:
-            found = [spool.load(q) for q in dict.fromkeys(self.queue_ids)]
+            found = []
+            for queue_id in dict.fromkeys(self.queue_ids):
+                try:
+                    found.append(spool.load(queue_id))
+                except MessageNotFoundError:
+                    if missing is None:
+                        raise
+                    missing.append(queue_id)
         else:
             found = spool.scan(repair=False)
         if self.filter.empty:
@@ -273,13 +282,12 @@ def mark(spool_dir: Path, action: str, selection: Selection, out: TextIO) -> int
     change, meaning, done = MARKS[action]
     spool = Spool(spool_dir)
     now = datetime.now(UTC)
-    problems = 0
     changed = 0
-    try:
-        messages = selection.messages(spool, now)
-    except MessageNotFoundError as e:
-        out.write(f"{e.queue_id}: not in the spool (delivered, bounced or deleted)\n")
-        return 1
+    missing: list[str] = []
+    messages = selection.messages(spool, now, missing)
+    for queue_id in missing:
+        out.write(f"{queue_id}: not in the spool (delivered, bounced or deleted)\n")
+    problems = len(missing)
     for message in messages:
         chosen = {r.address for r in selection.recipients(message, now)}
         try:

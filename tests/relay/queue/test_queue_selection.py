@@ -196,7 +196,8 @@ def test_filter_errors_name_the_option_and_the_fix(spool_dir: Path) -> None:
     status, out, _ = run("release", "0123456789abcd-0123456789abcdef", "--spool", str(spool_dir))
     assert (status, out) == (
         1,
-        "0123456789abcd-0123456789abcdef: not in the spool (delivered, bounced or deleted)\n",
+        "0123456789abcd-0123456789abcdef: not in the spool (delivered, bounced or deleted)\n"
+        "0 recipient(s) released\n",
     )
 
 
@@ -237,3 +238,16 @@ def test_an_outcome_decided_before_a_hold_does_not_undo_it(spool_dir: Path) -> N
     assert (state.bounce_requested, state.held, state.next_attempt) == (True, False, None)
     (state,) = spool.load(message.queue_id).recipients
     assert (state.attempts, state.bounce_requested, state.next_attempt) == (2, True, None)
+
+
+def test_a_queue_id_not_in_the_spool_does_not_stop_the_others(spool_dir: Path) -> None:
+    spool = Spool(spool_dir)
+    message = next(m for m in spool.scan(repair=False) if m.sender == "bob@corp.test")
+    gone = "0123456789abcd-0123456789abcdef"
+    status, out, _ = run("hold", gone, message.queue_id, "--spool", str(spool_dir))
+    assert status == 1
+    assert out.splitlines() == [
+        f"{gone}: not in the spool (delivered, bounced or deleted)",
+        f"{message.queue_id}: <c@partner.test> held: not delivered, not bounced until released",
+        "1 recipient(s) held",
+    ]
