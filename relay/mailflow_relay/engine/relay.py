@@ -41,7 +41,7 @@ from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.published import publish
-from mailflow_relay.engine.queue_gauges import QueueView, reason_class
+from mailflow_relay.engine.queue_gauges import QueueView, destination_label, reason_class
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.errors import (
@@ -941,7 +941,8 @@ class Relay:
         name = str(connector.ref) if connector else "(default route)"
         assert decision.destination is not None
         destination = decision.destination.describe()
-        labels = (name, destination, decision.tls.mode.value)
+        # The destination's stable name, not its description: a pool's members change.
+        labels = (name, destination_label(decision.destination), decision.tls.mode.value)
         if connector is not None and connector.unresolved:
             reason = "4.3.5 connector not ready: " + "; ".join(connector.unresolved)
             logger.warning("queue %s: %s", message.queue_id, reason)
@@ -959,7 +960,7 @@ class Relay:
         )
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
         if report.protocol_errors:
-            self.metrics.protocol_errors.labels(name, destination).inc(report.protocol_errors)
+            self.metrics.protocol_errors.labels(*labels[:2]).inc(report.protocol_errors)
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value
