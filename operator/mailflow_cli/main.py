@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import errno
 import importlib
+import itertools
 import json
 import re
 import sys
@@ -64,8 +65,17 @@ def _default(settings: type[Any], name: str) -> Any:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse's own exit is 2 as well; this only keeps the message format ours.
-        self.print_usage(sys.stderr)
+        if not _wants_json(sys.argv[1:]):  # with JSON logs, the error line alone (as JSON)
+            self.print_usage(sys.stderr)
         raise UsageError(message)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for JSON logs, for errors found before it is parsed."""
+    words = list(argv)
+    return "--log-format=json" in words or any(
+        a == "--log-format" and b == "json" for a, b in itertools.pairwise(words)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -729,6 +739,8 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     args: argparse.Namespace | None = None
+    if _wants_json(sys.argv[1:] if argv is None else argv):
+        args = argparse.Namespace(log_format="json")  # until parsed: for an error line
     try:
         args = build_parser().parse_args(argv)
         return _command(args.command)(args, out, err)

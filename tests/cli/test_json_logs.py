@@ -72,6 +72,14 @@ def test_a_usage_error_of_a_json_command_is_json(tmp_path: Path) -> None:
     assert "missing.yaml" in str(line["message"])
 
 
+def test_an_option_error_with_json_logs_is_one_json_line(tmp_path: Path) -> None:
+    """Found by argparse, before the command knows its log format: no usage text either."""
+    result = mailflow("relay", "--log-format", "json", "--manifests", "x.yaml")
+    assert result.returncode == 2
+    (line,) = jq_lines(result.stderr)
+    assert line["message"] == "mailflow: error: the following arguments are required: --spool"
+
+
 @pytest.fixture
 def json_log() -> Iterator[io.StringIO]:
     root = logging.getLogger()
