@@ -167,6 +167,43 @@ def build() -> dict[str, object]:
                 ),
             )
         )
+        .with_panel(
+            _series(
+                "Waiting recipients by connector and destination",
+                "short",
+                _query(
+                    f"sum by (connector, destination) ({m('mailflow_queue_depth')})",
+                    "{{connector}} -> {{destination}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Oldest waiting by connector and destination",
+                "s",
+                _query(
+                    f"max by (connector, destination) ({m('mailflow_queue_oldest_age_seconds')})",
+                    "{{connector}} -> {{destination}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Deferrals by reason class",
+                "reqps",
+                _query(
+                    f"sum by (reason_class) (rate({m('mailflow_deferrals_total')}[5m]))",
+                    "{{reason_class}}",
+                ),
+            )
+        )
+        .with_panel(
+            _series(
+                "Recipients on hold",
+                "short",
+                _query(f"sum by (pod) ({m('mailflow_queue_held')})", "{{pod}}"),
+            )
+        )
         .with_row(dashboard.Row("Deferrals, refusals and TLS"))
         .with_panel(
             _series(

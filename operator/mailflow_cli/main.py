@@ -14,9 +14,12 @@ import argparse
 import dataclasses
 import errno
 import importlib
+import itertools
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from mailflow_cli import __version__
@@ -28,6 +31,14 @@ __all__ = ["build_parser", "main"]
 
 # The log formats of every long-running command: one set, so a deployment says one word.
 LOG_FORMATS = ("text", "json")
+
+# What the chart names, installed as release "mailflow" (`helm install mailflow helm/mailflow`):
+# `mailflow operator --namespace NS` then finds the chart's routing Secret and relay pods.
+CHART_ROUTING_SECRET = "mailflow-routing"  # noqa: S105 - a Secret's name, not a password
+CHART_RELAY_SELECTOR = (
+    "app.kubernetes.io/name=mailflow,app.kubernetes.io/instance=mailflow,"
+    "app.kubernetes.io/component=relay"
+)
 
 # command -> "module:function"; the module is imported when that command runs.
 COMMANDS = {
@@ -54,8 +65,17 @@ def _default(settings: type[Any], name: str) -> Any:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse's own exit is 2 as well; this only keeps the message format ours.
-        self.print_usage(sys.stderr)
+        if not _wants_json(sys.argv[1:]):  # with JSON logs, the error line alone (as JSON)
+            self.print_usage(sys.stderr)
         raise UsageError(message)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for JSON logs, for errors found before it is parsed."""
+    words = list(argv)
+    return "--log-format=json" in words or any(
+        a == "--log-format" and b == "json" for a, b in itertools.pairwise(words)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,15 +188,16 @@ def _operator_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     )
     parser.add_argument(
         "--routing-secret",
-        required=True,
         metavar="NAMESPACE/NAME",
-        help="the relay config Secret that receives routing.json",
+        help="the relay config Secret that receives routing.json (default: "
+        f"FIRST-NAMESPACE/{CHART_ROUTING_SECRET}, the chart's as release mailflow)",
     )
     parser.add_argument(
         "--relay-selector",
-        required=True,
+        default=CHART_RELAY_SELECTOR,
         metavar="LABELSELECTOR",
-        help="selects the relay pods in the routing Secret's namespace, e.g. app=mailflow-relay",
+        help="selects the relay pods in the routing Secret's namespace (default: %(default)s, "
+        "the chart's relay pods as release mailflow)",
     )
     parser.add_argument(
         "--probe-interval",
@@ -595,7 +616,33 @@ def _queue_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
     again.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
     removal = actions.add_parser("delete", help="remove messages for good: no delivery, no bounce")
     removal.add_argument("queue_ids", nargs="+", metavar="QUEUE_ID")
-    for parser in (listing, shown, again, removal):
+    marks = [
+        actions.add_parser(
+            "hold", help="hold recipients: neither delivered nor bounced until released"
+        ),
+        actions.add_parser("release", help="release held recipients: they are tried at once"),
+        actions.add_parser(
+            "bounce",
+            help="return recipients to the sender: the relay fails them and sends an RFC 3464 "
+            "report",
+        ),
+    ]
+    for parser in marks:
+        parser.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
+        parser.add_argument(
+            "--all",
+            action="store_true",
+            help="every message (without queue ids or filters, nothing is changed)",
+        )
+    for parser in (listing, *marks):
+        _queue_filters(parser)
+    shown.add_argument(
+        "--routing",
+        metavar="FILE",
+        help="routing document for the routes shown (default: the "
+        "one the relay left in the spool folder)",
+    )
+    for parser in (listing, shown, again, removal, *marks):
         parser.add_argument(
             "--spool", required=True, metavar="DIR", help="the relay's spool folder"
         )
@@ -603,6 +650,35 @@ def _queue_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         parser.add_argument(
             "--output", "-o", choices=["text", "json"], default="text", help="output format"
         )
+
+
+def _queue_filters(parser: argparse.ArgumentParser) -> None:
+    filters = parser.add_argument_group(
+        "filters", "select recipients still to deliver; several filters must all match"
+    )
+    filters.add_argument(
+        "--connector",
+        metavar="NAME",
+        help="the connector that takes the recipient now (NAMESPACE/NAME or NAME; 'default' "
+        "for the default route), as the relay's routing document says",
+    )
+    filters.add_argument("--domain", metavar="DOMAIN", help="the recipient's domain")
+    filters.add_argument(
+        "--sender",
+        metavar="ADDRESS",
+        help="the envelope sender; @DOMAIN for a sender domain, <> for bounces",
+    )
+    filters.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="messages in the queue longer than AGE (90s, 15m, 2h, 3d)",
+    )
+    filters.add_argument(
+        "--routing",
+        metavar="FILE",
+        help="routing document for --connector (default: the one "
+        "the relay left in the spool folder)",
+    )
 
 
 def run_hash_password(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -658,17 +734,33 @@ def _in_use_message(error: OSError, args: argparse.Namespace | None) -> str:
     )
 
 
+def _error_line(err: TextIO, text: str, args: argparse.Namespace | None) -> None:
+    """The one-line error; a JSON line when the command logs JSON (nothing else is text)."""
+    if getattr(args, "log_format", None) != "json":
+        err.write(text + "\n")
+        return
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": "error",
+        "logger": "mailflow_cli",
+        "message": text,
+    }
+    err.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     args: argparse.Namespace | None = None
+    if _wants_json(sys.argv[1:] if argv is None else argv):
+        args = argparse.Namespace(log_format="json")  # until parsed: for an error line
     try:
         args = build_parser().parse_args(argv)
         return _command(args.command)(args, out, err)
     except UsageError as e:
-        err.write(f"mailflow: error: {e}\n")
+        _error_line(err, f"mailflow: error: {e}", args)
         return EXIT_USAGE
     except CrdError as e:
         err.write(f"mailflow: broken installation: {e}\n")
@@ -677,7 +769,7 @@ def main(
         in_use = _address_in_use(e)
         if in_use is None:
             raise
-        err.write(f"mailflow: error: {_in_use_message(in_use, args)}\n")
+        _error_line(err, f"mailflow: error: {_in_use_message(in_use, args)}", args)
         return EXIT_USAGE
 
 

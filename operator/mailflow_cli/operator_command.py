@@ -15,6 +15,7 @@ from typing import TextIO
 import kopf
 
 from mailflow_cli.endpoints import parse_dns_servers, parse_endpoint
+from mailflow_cli.main import CHART_ROUTING_SECRET
 from mailflow_compiler.errors import UsageError
 from mailflow_operator.reconcile import ReconcileSettings
 from mailflow_operator.runner import OperatorConfig, WebhookConfig, run_operator
@@ -25,8 +26,10 @@ __all__ = ["config_from_args", "run_operator_command"]
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    # The chart puts the Secret in its release namespace, the operator's first one.
+    secret = args.routing_secret or f"{args.namespace[0]}/{CHART_ROUTING_SECRET}"
     try:
-        routing_secret = ObjectRef.parse(args.routing_secret)
+        routing_secret = ObjectRef.parse(secret)
     except ValueError as e:
         raise UsageError(f"--routing-secret: {e}") from e
     if args.queue_lifetime <= 0:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
+import logging
 from pathlib import Path
 from typing import TextIO
 
@@ -52,10 +54,31 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+class _LoggedLines(io.StringIO):
+    """``err`` for the notes written before the relay runs (compile warnings, a relay nobody
+    may use), when the logs are JSON: each line becomes a log record, so a pipeline reading
+    the relay's output never meets a line of text."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                level = logging.ERROR if line.lower().startswith("error") else logging.WARNING
+                logging.getLogger("mailflow_cli.relay").log(level, "%s", line)
+        return len(text)
+
+
+def _notes_stream(args: argparse.Namespace, err: TextIO) -> TextIO:
+    if args.log_format != "json":
+        return err
+    configure_logging(args.log_level, args.log_format, err)
+    return _LoggedLines()
+
+
 def relay_setup(
     args: argparse.Namespace, err: TextIO
 ) -> tuple[RelaySettings, DocumentSource, tuple[str, int] | None]:
     """Everything `mailflow relay` needs, checked before anything listens or connects."""
+    log_stream, err = err, _notes_stream(args, err)
     listen_host, listen_port = parse_endpoint(args.listen, "--listen")
     http = parse_endpoint(args.http, "--http") if args.http else None
     networks = parse_networks(args.accept_from)
@@ -86,7 +109,7 @@ def relay_setup(
         err.write(
             "warning: no --accept-from and no --auth-secret: nobody may relay through this relay\n"
         )
-    configure_logging(args.log_level, args.log_format, err)
+    configure_logging(args.log_level, args.log_format, log_stream)
     handoff = parse_endpoint(args.handoff, "--handoff", names=True) if args.handoff else None
     try:
         settings = _settings(

@@ -53,3 +53,55 @@ def test_the_operator_arguments_parse(render: Callable[..., Rendered], values: s
     args = container_args(render(values), "Deployment", "operator")
     parsed = build_parser().parse_args(args)
     assert parsed.command == "operator"
+
+
+def test_mailflow_operator_with_a_namespace_only_finds_what_the_chart_installs(
+    render: Callable[..., Rendered],
+) -> None:
+    """`mailflow operator --namespace NS` outside the chart (a laptop, a debug session)
+    publishes to the Secret and selects the pods the chart made as release mailflow."""
+    from mailflow_cli.operator_command import config_from_args
+
+    chart_args = build_parser().parse_args(
+        container_args(render("default"), "Deployment", "operator")
+    )
+    chart = config_from_args(chart_args).reconcile
+    bare = config_from_args(build_parser().parse_args(["operator", "--namespace", "mail"]))
+    assert bare.reconcile.routing_secret == chart.routing_secret
+    assert bare.reconcile.relay_selector == chart.relay_selector
+    assert bare.reconcile.namespaces == chart.namespaces == ("mail",)
+
+
+@pytest.mark.parametrize("values", VALUES_SETS)
+def test_the_operator_is_ready_only_when_its_services_can_use_it(
+    render: Callable[..., Rendered], values: str
+) -> None:
+    rendered = render(values)
+    (deployment,) = [
+        d
+        for d in rendered.of_kind("Deployment")
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    readiness = container["readinessProbe"]
+    ports = {p["name"] for p in container["ports"]}
+    if "webhook" in ports:
+        assert readiness["tcpSocket"] == {"port": "webhook"}
+    else:
+        assert readiness["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    assert readiness["periodSeconds"] >= 1
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_relay_log_format_overrides_the_top_level_one(render: Callable[..., Rendered]) -> None:
+    def relay_format(*extra: str) -> str:
+        args = container_args(render("default", *extra), "StatefulSet", "relay")
+        return str(build_parser().parse_args(args).log_format)
+
+    assert relay_format() == "json"
+    assert relay_format("--set", "relay.logFormat=text") == "text"
+    assert relay_format("--set", "logFormat=text") == "text"
+    operator_args = container_args(
+        render("default", "--set", "relay.logFormat=text"), "Deployment", "operator"
+    )
+    assert build_parser().parse_args(operator_args).log_format == "json"

@@ -339,3 +339,19 @@ def test_docs_claim_the_kubernetes_releases_that_are_validated() -> None:
     )
     assert f"Kubernetes **{claim}**" in (ROOT / "docs" / "install.md").read_text()
     assert f"for Kubernetes {claim}" in (ROOT / "README.md").read_text()
+
+
+def test_notes_say_what_the_relay_logs_hold(helm_binary: Path) -> None:
+    def notes(*settings: str) -> str:
+        args = ["install", "mailflow", str(CHART), "--namespace", "mail", "--dry-run=client"]
+        result = helm(*args, *(arg for s in settings for arg in ("--set", s)))
+        assert result.returncode == 0, result.stderr
+        return " ".join(result.stdout.split("NOTES:", 1)[1].split())
+
+    default = notes()
+    assert "JSON only, one object per line: queue_id on every line about a message" in default
+    assert "session_id on every line about an SMTP connection" in default
+    # The delivery line's fields (tests/relay/engine/test_relay_operations.py reads them).
+    assert "with recipient, connector, server, tls_version, verified, status and reply" in default
+    assert "text, one line per event" in notes("relay.logFormat=text")
+    assert "every step of each message" in notes("relay.logLevel=DEBUG")

@@ -131,18 +131,27 @@ def http_text(port: int, path: str = "/metrics") -> str:
 
 def relay_scrape(folder: Path, sink: SmtpSink) -> str:
     http = free_port()
+    # One message delivered, one deferred (its destination is down) and waiting: the
+    # queue gauges and the deferral counter have samples, not only their declarations.
+    manifests = connector("down", '["down.test"]', free_port()) + connector(
+        "all", '["*"]', sink.port
+    )
     with RelayProcess(
         folder,
-        connector("all", '["*"]', sink.port),
+        manifests,
         "--accept-from",
         "127.0.0.1/32",
         "--http",
         f"127.0.0.1:{http}",
+        "--retry-initial",
+        "3600",
     ) as relay:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.sendmail("a@sender.test", ["b@dest.test"], "Subject: m\r\n\r\nx\r\n")
+            client.sendmail("a@sender.test", ["c@down.test"], "Subject: m\r\n\r\nx\r\n")
         sink.wait_for(1)
         eventually(lambda: "mailflow_recipients_delivered_total{" in http_text(http))
+        eventually(lambda: "mailflow_queue_depth{" in http_text(http))
         return http_text(http)
 
 

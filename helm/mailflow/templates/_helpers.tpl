@@ -52,6 +52,11 @@ app.kubernetes.io/instance: {{ .context.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
+{{/* The relays' log format: relay.logFormat, else the top-level logFormat. */}}
+{{- define "mailflow.relay.logFormat" -}}
+{{- default .Values.logFormat .Values.relay.logFormat }}
+{{- end }}
+
 {{- define "mailflow.relay.selector" -}}
 {{- printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component=relay" (include "mailflow.name" .) .Release.Name }}
 {{- end }}

@@ -6,6 +6,9 @@ gets its own line first, naming its server and what happened there. The recipien
 never says ``server=None`` (``-``: no server was reached, e.g. the DNS lookup failed)
 nor ``tls=none`` for a session whose TLS handshake or certificate check failed: that
 reads ``tls=failed(<reason>)``, the reason the TLS failure metric counts.
+
+The recipient line is the one INFO line per message (and recipient); the attempt lines are
+DEBUG. In JSON the recipient line's values are fields too (:func:`delivery_fields`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import logging
 
 from mailflow_relay.outbound.deliverer import DeliveryReport
+from mailflow_relay.outbound.results import RecipientResult
 
-__all__ = ["log_attempts", "tls_shown"]
+__all__ = ["delivery_fields", "log_attempts", "tls_shown"]
 
 logger = logging.getLogger("mailflow_relay.engine.relay")
 
@@ -26,11 +30,28 @@ def tls_shown(report: DeliveryReport) -> str:
     return report.tls_version or "none"
 
 
+def delivery_fields(
+    recipient: str, connector: str, report: DeliveryReport, result: RecipientResult
+) -> dict[str, object]:
+    """The recipient line's values as JSON fields (``extra=``), so a pipeline needs no regex."""
+    return {
+        "recipient": recipient,
+        "connector": connector,
+        "server": report.server,
+        "tls_version": report.tls_version,
+        "tls": tls_shown(report),
+        "verified": report.verified,
+        "status": result.status.value,
+        "reply_code": result.code,
+        "reply": result.message,
+    }
+
+
 def log_attempts(queue_id: str, connector: str, report: DeliveryReport) -> None:
     if len(report.attempts) < 2:
         return  # the recipient line says it all
     for number, attempt in enumerate(report.attempts, start=1):
-        logger.info(
+        logger.debug(
             "queue %s: attempt %d/%d connector=%s server=%s: %s",
             queue_id,
             number,

@@ -82,6 +82,34 @@ class RelayMetrics:
             "Age of the oldest message in the spool (0 when empty).",
             registry=self.registry,
         )
+        route_now = ["connector", "destination"]
+        self.queue_depth = Gauge(
+            "mailflow_queue_depth",
+            "Recipients waiting in the spool (not on hold), by the connector and destination "
+            "that take them now.",
+            route_now,
+            registry=self.registry,
+        )
+        self.queue_oldest_age = Gauge(
+            "mailflow_queue_oldest_age_seconds",
+            "Age of the oldest message with a recipient waiting, by the connector and "
+            "destination that take it now.",
+            route_now,
+            registry=self.registry,
+        )
+        self.queue_held = Gauge(
+            "mailflow_queue_held",
+            "Recipients on hold (mailflow queue hold): neither tried nor bounced until released.",
+            registry=self.registry,
+        )
+        self.deferrals = Counter(
+            "mailflow_deferrals",
+            "Recipients deferred, by reason class (from the enhanced status code): connection, "
+            "dns, tls, security, protocol, system, internal, connector_not_ready, address, "
+            "mailbox, content, network, remote_reply.",
+            ["reason_class"],
+            registry=self.registry,
+        )
         self.config_generation = Gauge(
             "mailflow_config_generation",
             "Generation of the routing document in force.",

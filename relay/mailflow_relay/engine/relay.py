@@ -34,11 +34,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailflow_relay.engine.attempts import log_attempts, tls_shown
+from mailflow_relay.engine.attempts import delivery_fields, log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
+from mailflow_relay.engine.holds import active, admin_bounced, due, holds_any
 from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
+from mailflow_relay.engine.published import publish
+from mailflow_relay.engine.queue_gauges import QueueView, destination_label, reason_class
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.engine.throttles import Admission, DeliveryGate
@@ -209,6 +212,9 @@ class Relay:
         )
         self._holds: dict[str, dict[str, float]] = {}
         """Recipients a throttle or a pause holds: queue id → address → when to look again."""
+        self._queue_view = QueueView(
+            self.metrics.queue_depth, self.metrics.queue_oldest_age, self.metrics.queue_held
+        )
         self._queued: dict[str, datetime] = {}
         """Every message in the spool that is not final, with its arrival time (for gauges)."""
         self._in_flight: set[str] = set()
@@ -270,6 +276,8 @@ class Relay:
         for queue_id in self.gate.load(document):
             if queue_id in self._queued:
                 self._enqueue(queue_id)
+        publish(self.settings.spool_dir, document)
+        self._queue_view.reroute(self.router)
         self.leave_out(left_out)
         self.metrics.config_generation.set(document.generation)
         self.metrics.config_reloads.labels("loaded").inc()
@@ -453,7 +461,7 @@ class Relay:
             self._fresh[stored.queue_id] = stored
             self._fresh_bytes += stored.size
         self.metrics.accepted.inc()
-        logger.info(
+        logger.debug(  # the delivery line is the one INFO line per message
             "queued %s from=<%s> recipients=%d size=%d client=%s",
             stored.queue_id,
             stored.sender,
@@ -466,6 +474,9 @@ class Relay:
 
     def _track(self, message: SpooledMessage) -> None:
         self._queued[message.queue_id] = message.arrival
+        if message.queue_id in self._fresh:
+            # A flush's reread: the spool's states win (a hold set by `mailflow queue`).
+            self._fresh[message.queue_id] = message
         self._schedule(message)
 
     def _enqueue(self, queue_id: str) -> None:
@@ -487,6 +498,7 @@ class Relay:
             lock.release()
 
     async def _run(self) -> None:
+        publish(self.settings.spool_dir, self.document)  # the spool is ours now (locked)
         for message in await self._io(self.spool.scan):
             if message.is_final:
                 # A crash came between recording the last outcome and removing the record.
@@ -561,6 +573,7 @@ class Relay:
         return next_due is not None and next_due <= self._clock()
 
     def _schedule(self, message: SpooledMessage) -> None:
+        self._queue_view.track(message, self.router)
         if message.is_final:
             return
         now_wall = datetime.now(UTC)
@@ -571,8 +584,11 @@ class Relay:
             else max(0.0, (r.next_attempt - now_wall).total_seconds())
             if r.next_attempt
             else 0.0
-            for r in message.pending
+            for r in active(message)
         ]
+        if not waits:  # all on hold: due again once `mailflow queue release` flushes
+            self._index.drop(message.queue_id)
+            return
         self._index.set(message.queue_id, self._clock() + min(waits, default=0.0))
         self._work_available.set()
 
@@ -601,6 +617,7 @@ class Relay:
         oldest = min(self._queued.values(), default=None)
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         self.metrics.queue_oldest_seconds.set(max(0.0, age))
+        self._queue_view.publish(self._queued, datetime.now(UTC))
         self.metrics.sessions.set(self.listener.active_sessions)
         self.gate.update_gauges()
 
@@ -660,7 +677,7 @@ class Relay:
             # What the spool could not write yet still holds: a delivered one stays delivered.
             message = self._with_unrecorded(await self._io(self.spool.load, queue_id))
             reason = f"4.3.0 internal error: {type(error).__name__}"
-            updates = [self._deferred(state, 451, reason) for state in message.pending]
+            updates = [self._deferred(state, 451, reason) for state in active(message)]
             updates = self._expire(message, updates, datetime.now(UTC))
             updates = await self._notify_sender(message, updates, datetime.now(UTC))
             states = await self._io(self.spool.update, queue_id, *updates)
@@ -705,11 +722,13 @@ class Relay:
     async def _attempt(self, message: SpooledMessage, now: datetime) -> list[RecipientState]:
         """Route and deliver the recipients that are due; their new states."""
         queue_id = message.queue_id
-        due = [r for r in message.pending if r.next_attempt is None or r.next_attempt <= now]
         router = self.router
         groups: dict[tuple[object, ...], list[tuple[RecipientState, RouteDecision]]] = {}
         updates: list[RecipientState] = []
-        for state in due:
+        for state in due(message, now):
+            if state.bounce_requested:
+                updates.append(admin_bounced(state))
+                continue
             try:
                 decision = router.route_for(state.address, message.sender, _client_of(message))
             except InvalidAddressError as e:
@@ -790,7 +809,7 @@ class Relay:
             # delivers again, as one between the next hop's 250 and any write would.
             await self._io(self.spool.remove, queue_id, force=True)
             self._queued.pop(queue_id, None)
-            logger.info("queue %s: done, removed from the spool", queue_id)
+            logger.debug("queue %s: done, removed from the spool", queue_id)
             return
         if updates:
             states = await self._io(self.spool.update, queue_id, *updates)
@@ -799,7 +818,7 @@ class Relay:
         if all(s.status.is_final for s in states):
             await self._io(self.spool.remove, queue_id)
             self._queued.pop(queue_id, None)
-            logger.info("queue %s: done, removed from the spool", queue_id)
+            logger.debug("queue %s: done, removed from the spool", queue_id)
         else:
             self._schedule(with_states(message, states))
 
@@ -1002,7 +1021,8 @@ class Relay:
         name = str(connector.ref) if connector else "(default route)"
         assert decision.destination is not None
         destination = decision.destination.describe()
-        labels = (name, destination, decision.tls.mode.value)
+        # The destination's stable name, not its description: a pool's members change.
+        labels = (name, destination_label(decision.destination), decision.tls.mode.value)
         if connector is not None and connector.unresolved:
             reason = "4.3.5 connector not ready: " + "; ".join(connector.unresolved)
             logger.warning("queue %s: %s", message.queue_id, reason)
@@ -1020,7 +1040,7 @@ class Relay:
         )
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
         if report.protocol_errors:
-            self.metrics.protocol_errors.labels(name, destination).inc(report.protocol_errors)
+            self.metrics.protocol_errors.labels(*labels[:2]).inc(report.protocol_errors)
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value
@@ -1044,6 +1064,7 @@ class Relay:
                 report.verified,
                 result.status.value,
                 result.message,
+                extra=delivery_fields(state.address, name, report, result),
             )
             if result.status is DeliveryStatus.DELIVERED:
                 self.metrics.delivered.labels(*labels).inc()
@@ -1059,6 +1080,7 @@ class Relay:
         return updates
 
     def _deferred(self, state: RecipientState, code: int, reason: str) -> RecipientState:
+        self.metrics.deferrals.labels(reason_class(reason)).inc()
         return deferred(state, code, reason, self.settings.retry_initial, self.settings.retry_max)
 
     # --- hand-off ----------------------------------------------------------------------------
@@ -1070,7 +1092,8 @@ class Relay:
             with contextlib.suppress(MessageNotFoundError, OSError):
                 await self._io(self.spool.remove, message.queue_id, force=True)
                 self._queued.pop(message.queue_id, None)
-        remaining = [m for m in scanned if not m.is_final]
+        # Held mail stays here: the peer would not know of the hold, and would deliver it.
+        remaining = [m for m in scanned if not m.is_final and not holds_any(m)]
         handoff = HandOff(
             peer=peer,
             local_hostname=self.settings.listener.hostname,

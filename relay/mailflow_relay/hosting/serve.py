@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mailflow_relay.engine.logs import announce
 from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.routing.document import RoutingDocument
 
@@ -185,12 +185,10 @@ async def serve(
             runner = tasks.create_task(relay.run(), name="mailflow-relay")
             follower = tasks.create_task(_follow(source, relay), name="mailflow-config-follower")
             await relay.ready.wait()
-            print(
+            announce(  # plain text, or a JSON line: never text among JSON lines
                 f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "
                 f"{settings.spool_dir}, routing document generation {document.generation} "
-                f"({len(document.connectors)} connector(s))",
-                file=sys.stderr,
-                flush=True,
+                f"({len(document.connectors)} connector(s))"
             )
             await runner
             follower.cancel()

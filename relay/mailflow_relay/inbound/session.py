@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
+from mailflow_relay.inbound.session_ids import SESSION_ID, bind_new_session
 from mailflow_relay.inbound.settings import (
     COMMAND_LINE_LIMIT,
     CONTROL_CHARACTERS,
@@ -151,6 +152,7 @@ class SmtpSession(SMTP):
         self.client = "unknown"
         self.client_ip: IPAddress | None = None
         self.authenticated_user: str | None = None
+        self.session_id = ""
         self._refused = False
         self._lost = False
         self._errors = 0
@@ -182,11 +184,13 @@ class SmtpSession(SMTP):
         if self._original_transport is not None:
             # STARTTLS completed: the same connection, now under TLS. RFC 3207 4.2: the
             # server forgets what the client said before, aiosmtpd resets the session.
+            SESSION_ID.set(self.session_id)  # this callback runs in a context of its own
             super().connection_made(transport)
             self.authenticated_user = None
             cipher = transport.get_extra_info("cipher")
             log.info("TLS established with %s: %s", self.client, cipher or "unknown cipher")
             return
+        self.session_id = bind_new_session()  # before the session's task copies the context
         self.client_ip = client_ip(transport.get_extra_info("peername"))
         self.client = str(self.client_ip) if self.client_ip is not None else "unknown"
         refusal = self.listener._admit(self)
@@ -479,7 +483,7 @@ class SmtpSession(SMTP):
         # A client that delivers mail is not probing: its earlier errors are forgiven
         # (as Postfix counts errors "without delivering mail").
         self._errors = 0
-        log.info(
+        log.debug(  # the delivery line is the one INFO line per message
             "Accepted message %s from %s: sender <%s>, %d recipient(s), user %s, %s",
             printable(queue_id),
             self.client,
@@ -487,6 +491,7 @@ class SmtpSession(SMTP):
             len(message.rcpt_tos),
             printable(message.authenticated_user) if message.authenticated_user else "-",
             "TLS" if message.tls else "plaintext",
+            extra={"queue_id": queue_id},
         )
         return f"250 2.0.0 OK: queued as {printable(queue_id)}"
 

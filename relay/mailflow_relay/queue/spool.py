@@ -275,6 +275,12 @@ class RecipientState:
     """The text of that reply, for the bounce and for ``mailflow queue``."""
     delay_notified: bool = False
     """A delay warning (RFC 3464 ``Action: delayed``) went to the sender for this recipient."""
+    held: bool = False
+    """Put on hold by an administrator (``mailflow queue hold``): neither tried nor bounced,
+    and not aged into a bounce, until released."""
+    bounce_requested: bool = False
+    """An administrator asked to return it to the sender (``mailflow queue bounce``): the
+    relay fails it without another attempt and sends the sender an RFC 3464 report."""
 
     def __post_init__(self) -> None:
         if self.attempts < 0:
@@ -458,7 +464,7 @@ class Spool:
         """
         queue_id = _checked_queue_id(queue_id)
         with self._lock_for(queue_id), self._process_lock(queue_id):
-            return self._update_locked(queue_id, states)
+            return self._update_locked(queue_id, states, keep_marks=True)
 
     def make_due(self, queue_id: str) -> int:
         """Deferred recipients due now (``mailflow queue retry``); how many there were.
@@ -477,8 +483,29 @@ class Spool:
                 self._update_locked(queue_id, due)
             return len(due)
 
+    def amend(
+        self, queue_id: str, change: Callable[[RecipientState], RecipientState]
+    ) -> tuple[RecipientState, ...]:
+        """Apply ``change`` to every recipient not final yet, under the message's lock; the
+        states that changed (``mailflow queue hold|release|bounce``).
+
+        Like :meth:`make_due`, a read-modify-write that an outcome the relay records at
+        the same moment can neither lose nor overwrite.
+        """
+        queue_id = _checked_queue_id(queue_id)
+        with self._lock_for(queue_id), self._process_lock(queue_id):
+            current = self._read_current_states(queue_id)
+            changed = [
+                new
+                for state in current
+                if not state.status.is_final and (new := change(state)) != state
+            ]
+            if changed:
+                self._update_locked(queue_id, changed)
+            return tuple(changed)
+
     def _update_locked(
-        self, queue_id: str, states: Sequence[RecipientState]
+        self, queue_id: str, states: Sequence[RecipientState], *, keep_marks: bool = False
     ) -> tuple[RecipientState, ...]:
         # The envelope and current states are enough; re-reading a large body on
         # every delivery attempt would undo the point of the separate state file.
@@ -494,7 +521,9 @@ class Spool:
                     f"{state.address!r} is already {previous.status.value}; "
                     "a final state never changes",
                 )
-            by_address[state.address] = state
+            # An outcome the relay decided on an older read must not undo a hold or a bounce
+            # that `mailflow queue` wrote meanwhile: only amend() changes those marks.
+            by_address[state.address] = _with_marks(state, previous) if keep_marks else state
         updated = tuple(by_address[state.address] for state in current)
         payload = _dump_json(
             {"queue_id": queue_id, "recipients": [_state_to_json(s) for s in updated]}
@@ -558,7 +587,12 @@ class Spool:
         messages: list[SpooledMessage] = []
         for name in names:
             # .relay.lock: the running relay's lock (queue/lock.py), not a message.
-            if name.startswith(_TEMP_PREFIX) or name in (_CORRUPT_DIR, ".relay.lock"):
+            # .routing.json: the document in force, for `mailflow queue` (engine/published.py).
+            if name.startswith(_TEMP_PREFIX) or name in (
+                _CORRUPT_DIR,
+                ".relay.lock",
+                ".routing.json",
+            ):
                 continue
             stem, dot, suffix = name.rpartition(".")
             if not dot or f".{suffix}" not in (_RECORD_SUFFIX, _STATE_SUFFIX):
@@ -780,6 +814,15 @@ def _envelope_to_json(message: SpooledMessage) -> dict[str, Any]:
     }
 
 
+def _with_marks(state: RecipientState, previous: RecipientState) -> RecipientState:
+    if (state.held, state.bounce_requested) == (previous.held, previous.bounce_requested):
+        return state
+    marked = replace(state, held=previous.held, bounce_requested=previous.bounce_requested)
+    if previous.bounce_requested and not state.status.is_final:
+        marked = replace(marked, next_attempt=None)  # the bounce is due now, not at the backoff
+    return marked
+
+
 def _state_to_json(state: RecipientState) -> dict[str, Any]:
     return {
         "address": state.address,
@@ -789,6 +832,9 @@ def _state_to_json(state: RecipientState) -> dict[str, Any]:
         "last_reply_code": state.last_reply_code,
         "last_reply_text": state.last_reply_text,
         "delay_notified": state.delay_notified,
+        # Optional, so that states without them still load (and look the same).
+        **({"held": True} if state.held else {}),
+        **({"bounce_requested": True} if state.bounce_requested else {}),
     }
 
 
@@ -906,6 +952,8 @@ def _parse_one_state(path: Path, raw: Any) -> RecipientState:
         last_reply_text=text,
         # Absent in states written before the field existed.
         delay_notified=bool(raw.get("delay_notified", False)),
+        held=raw.get("held", False) is True,
+        bounce_requested=raw.get("bounce_requested", False) is True,
     )
 
 

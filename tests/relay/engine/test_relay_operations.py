@@ -139,6 +139,8 @@ def test_json_logs_follow_one_message_by_its_queue_id(tmp_path: Path, sink: Smtp
         "127.0.0.1/32",
         "--log-format",
         "json",
+        "--log-level",
+        "DEBUG",
     ) as relay:
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=10) as client:
             client.ehlo()
@@ -149,11 +151,40 @@ def test_json_logs_follow_one_message_by_its_queue_id(tmp_path: Path, sink: Smtp
         queue_id = reply.decode().rsplit(" ", 1)[1]
         sink.wait_for(1)
         eventually(lambda: "removed from the spool" in relay.output())
-    entries = [json.loads(line) for line in relay.output().splitlines() if line.startswith("{")]
-    traced = [e["message"] for e in entries if e.get("queue_id") == queue_id]
-    assert traced[0].startswith(f"queued {queue_id} from=<a@sender.test>")
-    assert any("status=delivered" in m for m in traced)
-    assert traced[-1] == f"queue {queue_id}: done, removed from the spool"
+    # Start, delivery and drain: stdout and stderr (one file here) hold JSON lines only,
+    # as jq reads them; the start-up line too.
+    log = relay.output()
+    parsed = subprocess.run(
+        ["jq", "-c", "."], input=log, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert parsed.returncode == 0, parsed.stderr
+    lines = log.splitlines()
+    assert len(parsed.stdout.splitlines()) == len(lines)
+    entries = [json.loads(line) for line in lines]
+    assert any(e["message"].startswith("mailflow relay: listening on") for e in entries)
+    assert any(e["message"].startswith("stopping: draining") for e in entries)
+
+    traced = [e for e in entries if e.get("queue_id") == queue_id]
+    (queued,) = [e for e in traced if e["message"].startswith(f"queued {queue_id} from=<a@")]
+    assert traced[-1]["message"] == f"queue {queue_id}: done, removed from the spool"
+    # One INFO line per message: the delivery line, with its values as fields.
+    (delivery,) = [e for e in traced if e["level"] == "info"]
+    assert delivery["recipient"] == "b@dest.test"
+    assert delivery["connector"] == "mail/all"
+    assert delivery["server"] == f"127.0.0.1:{sink.port}"
+    assert delivery["status"] == "delivered"
+    assert delivery["reply_code"] == 250
+    assert isinstance(delivery["verified"], bool)
+    assert "tls_version" in delivery
+    assert delivery["reply"]
+    # The session id ties the connection's lines to the message it handed over.
+    session = queued["session_id"]
+    connection = [e for e in entries if e.get("session_id") == session]
+    assert any(e["message"].startswith("Connection from 127.0.0.1") for e in connection)
+    assert any(e["message"].startswith("Connection from 127.0.0.1 closed") for e in connection)
+    assert delivery.get("session_id") is None  # delivered by a worker, not the session
+    accepted = [e for e in traced if e["message"].startswith(f"Accepted message {queue_id}")]
+    assert [e["session_id"] for e in accepted] == [session]
 
 
 def test_the_queue_command_lists_shows_deletes_and_retries(tmp_path: Path) -> None:
