@@ -70,14 +70,14 @@ async def fault_then_recovery(
                 relay,
                 "mailflow_recipients_deferred_total",
                 connector="mail/dest",
-                destination=f"smart host 127.0.0.1:{port}",
+                destination=f"127.0.0.1:{port}",
                 tls_mode="Opportunistic",
             )
             protocol_errors = metric(
                 relay,
                 "mailflow_next_hop_protocol_errors_total",
                 connector="mail/dest",
-                destination=f"smart host 127.0.0.1:{port}",
+                destination=f"127.0.0.1:{port}",
             )
             hop.mode, hop.delay = "ok", recover_delay
             if fault == "down":

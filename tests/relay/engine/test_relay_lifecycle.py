@@ -161,7 +161,7 @@ def test_the_retry_state_survives_a_restart(tmp_path: Path) -> None:
                         relay,
                         "mailflow_recipients_deferred_total",
                         connector="mail/all",
-                        destination=f"smart host 127.0.0.1:{port}",
+                        destination=f"127.0.0.1:{port}",
                         tls_mode="Opportunistic",
                     )
                     >= 1
@@ -273,7 +273,7 @@ def test_no_bounce_goes_to_the_null_sender(tmp_path: Path) -> None:
                             relay,
                             "mailflow_recipients_failed_total",
                             connector="mail/all",
-                            destination=f"smart host 127.0.0.1:{sink.port}",
+                            destination=f"127.0.0.1:{sink.port}",
                             tls_mode="Opportunistic",
                         )
                         == 1
@@ -438,7 +438,7 @@ def test_drain_hands_the_queue_to_a_peer_and_each_message_arrives_once(tmp_path:
                                 leaving,
                                 "mailflow_recipients_deferred_total",
                                 connector="mail/all",
-                                destination=f"smart host 127.0.0.1:{dead}",
+                                destination=f"127.0.0.1:{dead}",
                                 tls_mode="Opportunistic",
                             )
                             >= 8
@@ -474,7 +474,7 @@ def test_metrics_move_with_the_traffic(tmp_path: Path) -> None:
             )
             labels = {
                 "connector": "mail/all",
-                "destination": f"smart host 127.0.0.1:{sink.port}",
+                "destination": f"127.0.0.1:{sink.port}",
                 "tls_mode": "Opportunistic",
             }
             async with running(relay):

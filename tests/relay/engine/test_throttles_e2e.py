@@ -80,7 +80,7 @@ def test_a_rate_limit_holds_across_two_relays_sharing_it(tmp_path: Path) -> None
                         r,
                         "mailflow_recipients_deferred_total",
                         connector=CONNECTOR,
-                        destination=f"smart host 127.0.0.1:{sink.port}",
+                        destination=f"127.0.0.1:{sink.port}",
                         tls_mode="Opportunistic",
                     )
                     for r in relays
