@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from mailflow_relay.queue.folders import SpoolSet
 from mailflow_relay.queue.spool import (
     MessageNotFoundError,
-    Spool,
     SpooledMessage,
     SpoolError,
 )
@@ -57,7 +57,7 @@ def _message_json(message: SpooledMessage, now: datetime) -> dict[str, object]:
 
 
 def list_queue(spool_dir: Path, out: TextIO, *, as_json: bool = False) -> int:
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)  # with worker processes, every worker's folder too
     messages = spool.scan(repair=False)
     now = datetime.now(UTC)
     if as_json:
@@ -88,7 +88,7 @@ def list_queue(spool_dir: Path, out: TextIO, *, as_json: bool = False) -> int:
 def show(
     spool_dir: Path, queue_id: str, out: TextIO, *, body: bool = False, as_json: bool = False
 ) -> int:
-    message = Spool(spool_dir).load(queue_id)
+    message = SpoolSet(spool_dir).load(queue_id)
     now = datetime.now(UTC)
     if as_json:
         entry = _message_json(message, now)
@@ -113,7 +113,7 @@ def show(
 
 def retry(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
     """Make deferred recipients due now (all messages when no id is given)."""
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)
     targets = [spool.load(q) for q in queue_ids] if queue_ids else spool.scan(repair=False)
     count = 0
     for message in targets:
@@ -123,14 +123,14 @@ def retry(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
             continue  # delivered or removed by the relay meanwhile: nothing to retry
         except SpoolError as e:
             out.write(f"{message.queue_id}: not retried: {e}\n")
-    (spool_dir / FLUSH_REQUEST).touch()
+    spool.touch_all(FLUSH_REQUEST)
     out.write(f"{count} deferred recipient(s) made due now\n")
     return 0
 
 
 def delete(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
     """Remove messages for good: no delivery, no bounce."""
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)
     problems = 0
     for queue_id in queue_ids:
         try:
