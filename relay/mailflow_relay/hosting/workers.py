@@ -109,14 +109,15 @@ def _may_hold_mail(folder: Path) -> bool:
     """Whether ``folder`` has anything a spool could have written (a false yes only costs a
     worker that rescans the folder and stops; a false no would strand mail, so unknown
     entries count as mail)."""
-    for entry in os.scandir(folder):
-        if entry.name.startswith("."):
-            continue  # locks, temp files, flush requests
-        if entry.is_dir() and (
-            worker_index(Path(entry.name)) is not None or entry.name == "corrupt"
-        ):
-            continue
-        return True
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # locks, temp files, flush requests
+            if entry.is_dir() and (
+                worker_index(Path(entry.name)) is not None or entry.name == "corrupt"
+            ):
+                continue
+            return True
     return False
 
 
