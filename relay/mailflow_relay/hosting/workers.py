@@ -228,7 +228,7 @@ class Supervisor:
                 code = await worker.process.wait()
             finally:
                 self.running.labels(str(spec.accept_mail).lower()).dec()
-            if self.stopping:
+            if self._stopping.is_set():  # (not the property: mypy narrowed it in the loop)
                 logger.info("%s stopped (exit code %d)", spec.name, code)
                 return
             if not spec.accept_mail and code == 0:
