@@ -338,8 +338,8 @@ def _md_cell(value: Any, digits: int | None) -> str:
 def _table_label(table: Mapping[str, Any]) -> str:
     parameters = table.get("parameters", {})
     return (
-        f"{table['title']} — reuse {parameters.get('reuse', '?')}, "
-        f"{parameters.get('recipients', 1)} rcpt, {parameters.get('processes', 1)} proc"
+        f"{parameters.get('hop', table['title'])}, reuse {parameters.get('reuse', '?')}, "
+        f"{parameters.get('recipients', 1)} rcpt"
     )
 
 
@@ -416,15 +416,25 @@ def write_plot(document: Mapping[str, Any], path: Path) -> None:
     from matplotlib import pyplot
 
     points = plot_points(document)
-    relays = sorted({relay for _, ratios in points for relay in ratios})
-    figure, axes = pyplot.subplots(figsize=(11, 0.9 + 0.55 * max(1, len(points)) * len(relays) / 2))
-    height = 0.8 / max(1, len(relays))
-    for n, relay in enumerate(relays):
-        ys = [i + n * height for i in range(len(points))]
-        values = [ratios.get(relay, 0.0) for _, ratios in points]
-        axes.barh(ys, values, height=height, label=relay)
-    axes.set_yticks([i + 0.4 - height / 2 for i in range(len(points))])
-    axes.set_yticklabels([label for label, _ in points], fontsize=7)
+    relays = sorted(
+        {relay for _, ratios in points for relay in ratios}, key=lambda r: (r != "mailflow", r)
+    )
+    colours = {relay: f"C{n}" for n, relay in enumerate(relays)}
+    bars = sum(len(ratios) for _, ratios in points)
+    figure, axes = pyplot.subplots(figsize=(9, 1.2 + 0.28 * bars + 0.2 * len(points)))
+    y, ticks, labelled = 0.0, [], set()
+    for _, ratios in points:
+        first = y
+        for relay in sorted(ratios, key=relays.index):
+            label = relay if relay not in labelled else None
+            labelled.add(relay)
+            axes.barh(y, ratios[relay], height=0.8, color=colours[relay], label=label)
+            axes.text(ratios[relay], y, f" {ratios[relay]:.2f}", va="center", fontsize=7)
+            y += 1
+        ticks.append((first + y - 1) / 2)
+        y += 0.6
+    axes.set_yticks(ticks)
+    axes.set_yticklabels([label for label, _ in points], fontsize=8)
     axes.invert_yaxis()
     for x, style, name in ((1.0, ":", "parity"), (1.5, "--", "target 1.5×"), (2.0, "-", "goal 2×")):
         axes.axvline(x, color="grey", linestyle=style, linewidth=1, label=name)

@@ -790,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                 for relay in case.relays
             ]
             parameters = {
+                "hop": case.hop,
                 "messages": load.messages,
                 "size": load.size,
                 "sessions": load.sessions,
