@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -469,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     plot = None
     if args.plot is not None:
-        plot = str(args.plot.resolve().relative_to(args.readme.resolve().parent))
+        plot = os.path.relpath(args.plot.resolve(), args.readme.resolve().parent)
     text = args.readme.read_text(encoding="utf-8")
     args.readme.write_text(replace_readme_section(text, section, plot), encoding="utf-8")
     return 0

@@ -20,6 +20,7 @@ from report import (
     to_json,
     write_plot,
 )
+from report import main as report_main
 from run import Sink, TlsSink, cases, mailflow_command, mailflow_manifests, parse_args
 from tls_sink import make_certificate
 
@@ -135,3 +136,15 @@ def test_the_plot_shows_every_variant_over_postfix(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the plot needs matplotlib: pip install '.[bench]'")
     write_plot(document(), tmp_path / "ratios.png")
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_command_rewrites_only_the_readme_section(tmp_path: Path) -> None:
+    figures = tmp_path / "latest.json"
+    figures.write_text(json.dumps(document()))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\nnote by hand\n")
+    assert report_main([str(figures), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{README_BEGIN}\n\nRun of today on 2 ×")
+    assert text.endswith(f"{README_END}\nnote by hand\n")
+    assert "old" not in text
