@@ -374,9 +374,12 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     try:
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reservation.bind((host, port))
-    except BaseException:
+    except OSError as e:
         reservation.close()
-        raise
+        # Worded as asyncio words it, so the CLI names the option (--listen) in its one line.
+        raise OSError(
+            e.errno, f"error while attempting to bind on address ({host!r}, {port}): {e.strerror}"
+        ) from e
     return reservation
 
 

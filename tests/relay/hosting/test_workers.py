@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -262,3 +263,25 @@ def test_merged_metrics_name_each_family_once_with_a_worker_label() -> None:
         "# TYPE g gauge",
         'g{worker="worker-0",reason="x"} 2.0',
     ]
+
+
+def test_a_port_another_program_listens_on_fails_the_start_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(connector("all", '["*"]', free_port()))
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT: not ours to share
+        port = taken.getsockname()[1]
+        command = [MAILFLOW, "relay", "--manifests", str(tmp_path / "m.yaml")]
+        command += ["--spool", str(tmp_path / "spool"), "--listen", f"127.0.0.1:{port}"]
+        command += ["--hostname", "relay.test", "--accept-from", "127.0.0.1/32"]
+        started = subprocess.run(
+            [*command, "--processes", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert started.returncode == 2
+    assert started.stderr.splitlines()[-1] == (
+        f"mailflow: error: --listen 127.0.0.1:{port}: address already in use: another process "
+        f"(another relay?) listens on 127.0.0.1:{port}; stop it or choose another port"
+    )
+    assert "started: PID" not in started.stderr  # no worker was started
