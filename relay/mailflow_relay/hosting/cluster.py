@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from mailflow_relay.engine.relay import Relay
 from mailflow_relay.errors import RoutingDocumentError
+from mailflow_relay.hosting.generations import PodGenerations
 from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION, ROUTING_KEY
 from mailflow_relay.routing.document import RoutingDocument
 
@@ -70,6 +71,8 @@ class RoutingSecretSource:
         """The document text last seen: a change of content, not of resourceVersion, is what
         matters (an update that rewrites the same bytes is no reload)."""
         self._annotated: int | None = None
+        self._pod = PodGenerations.from_environment()
+        """With worker processes: the pod serves the lowest generation of them all."""
 
     @property
     def api(self) -> kubernetes.client.CoreV1Api:
@@ -141,8 +144,9 @@ class RoutingSecretSource:
         where = f"Secret {self.namespace}/{self.name}"
         while True:
             try:
-                if self._annotated != relay.document.generation:
-                    await asyncio.to_thread(self._annotate, relay.document.generation)
+                serving = self._pod.serving(relay.document.generation)
+                if serving is not None and self._annotated != serving:
+                    await asyncio.to_thread(self._annotate, serving)
                 found = await asyncio.to_thread(self._read)
                 if found is None:
                     logger.warning(
@@ -151,11 +155,10 @@ class RoutingSecretSource:
                 elif found[1] != self._version:
                     _, text = found
                     self._version = text
-                    if (
-                        relay.load_document_json(text)
-                        and self._annotated != relay.document.generation
-                    ):
-                        await asyncio.to_thread(self._annotate, relay.document.generation)
+                    loaded = relay.load_document_json(text)
+                    serving = self._pod.serving(relay.document.generation)
+                    if loaded and serving is not None and self._annotated != serving:
+                        await asyncio.to_thread(self._annotate, serving)
             except RoutingDocumentError as e:
                 relay.refuse_document(str(e))
             except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:

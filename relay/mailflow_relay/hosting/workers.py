@@ -18,6 +18,8 @@ that the kernel spreads new connections among them. The parent accepts no mail:
   (``--handoff``), and the parent exits when the last worker has;
 * it serves the HTTP port: ``/readyz`` is ready when every listening worker is,
   ``/metrics`` is every worker's metrics with a ``worker`` label, plus its own.
+* in a cluster, worker 0 alone annotates the pod, with the lowest generation of all the
+  listening workers (:mod:`.generations`).
 
 Workers learn their HTTP port from the system (``--http 127.0.0.1:0``) and write it into
 a file the parent reads; they die with the parent (``PR_SET_PDEATHSIG``: SIGTERM, so a
@@ -44,6 +46,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from mailflow_relay.hosting.generations import FOLDER_ENV, NAME_ENV, WORKERS_ENV
 from mailflow_relay.hosting.serve import HealthServer
 from mailflow_relay.queue.folders import spool_folders, worker_folder, worker_index
 from mailflow_relay.queue.lock import SpoolLock
@@ -140,6 +143,7 @@ class Supervisor:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _workers: list[_Worker] = field(default_factory=list, init=False)
+    _run_dir: Path | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -163,7 +167,7 @@ class Supervisor:
         lock.acquire()
         reservation = _reserve_port(*self.listen)
         port = int(reservation.getsockname()[1])
-        run_dir = Path(tempfile.mkdtemp(prefix="mailflow-workers-"))
+        run_dir = self._run_dir = Path(tempfile.mkdtemp(prefix="mailflow-workers-"))
         health = _SupervisorHealth(supervisor=self)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -256,6 +260,11 @@ class Supervisor:
             # One process annotates the pod (cluster.py); N patches of one annotation would
             # race each other for nothing.
             env.pop("POD_NAME", None)
+        if spec.accept_mail and self._run_dir is not None:
+            # The pod serves a generation once every listening worker does (generations.py).
+            env[FOLDER_ENV] = str(self._run_dir)
+            env[NAME_ENV] = spec.name
+            env[WORKERS_ENV] = ",".join(s.name for s in self.specs if s.accept_mail)
         return env
 
     async def worker_http(self, worker: _Worker, path: str) -> tuple[int, bytes] | None:
