@@ -33,6 +33,7 @@ __all__ = [
     "markdown_report",
     "percentile",
     "ratio",
+    "ratio_summary",
     "replace_readme_section",
     "to_json",
     "write_plot",
@@ -384,6 +385,35 @@ def markdown_report(document: Mapping[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def ratio_summary(documents: Sequence[Mapping[str, Any]]) -> str:
+    """Over several runs: each table's ratios over Postfix as median and range (what the
+    README's note states; one run on a shared machine says little)."""
+    collected: dict[tuple[str, str], list[float]] = {}
+    for document in documents:
+        for label, ratios in plot_points(document):
+            for relay, value in ratios.items():
+                collected.setdefault((label, relay), []).append(value)
+    if not collected:
+        return ""
+    lines = [
+        f"Over {len(documents)} run(s), throughput over Postfix's (median, range):",
+        "",
+        "| table | relay | median | range | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for (label, relay), values in collected.items():
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        median = (
+            ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        )
+        lines.append(
+            f"| {label} | {relay} | {median:.2f}× | {ordered[0]:.2f}–{ordered[-1]:.2f}× "
+            f"| {len(values)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def replace_readme_section(readme: str, section: str, plot: str | None = None) -> str:
     """``readme`` with the text between the bench markers replaced (markers kept)."""
     pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
@@ -457,14 +487,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bench/report.py",
         description="Render a make bench JSON into the README's section and a PNG plot.",
     )
-    parser.add_argument("json", type=Path, help="the figures (bench/results/latest.json)")
+    parser.add_argument(
+        "json",
+        type=Path,
+        nargs="+",
+        help="the figures (bench/results/latest.json); several runs: the tables and the plot "
+        "are the last one's, and the ratios are summed up over all (median, range)",
+    )
     parser.add_argument("--readme", type=Path, help="replace the bench section of this README")
     parser.add_argument("--plot", type=Path, help="write the PNG plot of the ratios here")
     args = parser.parse_args(argv)
-    document = json.loads(args.json.read_text(encoding="utf-8"))
+    documents = [json.loads(path.read_text(encoding="utf-8")) for path in args.json]
+    document = documents[-1]
     if args.plot is not None:
         write_plot(document, args.plot)
     section = markdown_report(document)
+    if len(documents) > 1:
+        section += "\n" + ratio_summary(documents)
     if args.readme is None:
         sys.stdout.write(section)
         return 0

@@ -17,6 +17,7 @@ from report import (
     Table,
     markdown_report,
     plot_points,
+    ratio_summary,
     replace_readme_section,
     to_json,
     write_plot,
@@ -149,3 +150,18 @@ def test_the_report_command_rewrites_only_the_readme_section(tmp_path: Path) -> 
     assert text.startswith(f"intro\n{README_BEGIN}\n\nRun of today on 2 ×")
     assert text.endswith(f"{README_END}\nnote by hand\n")
     assert "old" not in text
+
+
+def test_several_runs_give_each_ratio_as_median_and_range() -> None:
+    runs = []
+    for mailflow_seconds in (1.0, 2.0, 0.5):
+        table = Table(
+            "t",
+            {"hop": "plain", "reuse": "on"},
+            (run("postfix", 2.0), run("mailflow", mailflow_seconds)),
+        )
+        runs.append(json.loads(to_json(machine={}, tables=[table], control_plane=[])))
+    summary = ratio_summary(runs)
+    assert "Over 3 run(s)" in summary
+    assert "| plain, reuse on, 1 rcpt | mailflow | 2.00× | 1.00–4.00× | 3 |" in summary
+    assert ratio_summary([]) == ""
