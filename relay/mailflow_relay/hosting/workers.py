@@ -392,7 +392,11 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return reservation
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+"""Loaded here, not in the forked child: between fork and exec only the call itself runs
+(no dlopen, whose lock another thread of the parent may have held at the fork)."""
+
+
 def _die_with_parent() -> None:
     """In the worker, before exec: SIGTERM (a drain) when the parent dies, however it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

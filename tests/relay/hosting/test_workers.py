@@ -285,3 +285,31 @@ def test_a_port_another_program_listens_on_fails_the_start_in_one_line(tmp_path:
         f"(another relay?) listens on 127.0.0.1:{port}; stop it or choose another port"
     )
     assert "started: PID" not in started.stderr  # no worker was started
+
+
+def test_workers_drain_and_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    http = free_port()
+    relay = RelayProcess(
+        tmp_path,
+        connector("all", '["*"]', free_port()),
+        "--accept-from",
+        "127.0.0.1/32",
+        "--processes",
+        "2",
+        "--http",
+        f"127.0.0.1:{http}",
+    )
+    with relay:
+        all_ready(http)
+        workers = [worker_pid(relay, "worker-0"), worker_pid(relay, "worker-1")]
+        relay.kill()  # SIGKILL: the parent cannot pass anything on
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        eventually(lambda: all(gone(pid) for pid in workers), within=30, what="workers gone")
+    assert relay.output().count("relay stopped;") == 2  # each drained, as on SIGTERM
