@@ -165,7 +165,11 @@ class Supervisor:
         self.root.mkdir(parents=True, exist_ok=True)
         lock = SpoolLock(self.root, SUPERVISOR_LOCK)
         lock.acquire()
-        reservation = _reserve_port(*self.listen)
+        try:
+            reservation = _reserve_port(*self.listen)
+        except BaseException:
+            lock.release()
+            raise
         port = int(reservation.getsockname()[1])
         run_dir = self._run_dir = Path(tempfile.mkdtemp(prefix="mailflow-workers-"))
         health = _SupervisorHealth(supervisor=self)
@@ -220,6 +224,8 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
             )
+            if self._stopping.is_set():  # the signal came while this one was being started
+                worker.process.send_signal(signal.SIGTERM)
             logger.info(
                 "%s started: PID %d, spool %s%s",
                 spec.name,
