@@ -313,3 +313,24 @@ def test_workers_drain_and_exit_when_the_parent_is_killed(tmp_path: Path) -> Non
 
         eventually(lambda: all(gone(pid) for pid in workers), within=30, what="workers gone")
     assert relay.output().count("relay stopped;") == 2  # each drained, as on SIGTERM
+
+
+def test_a_second_supervisor_on_the_same_spool_refuses_to_start(tmp_path: Path) -> None:
+    relay = RelayProcess(
+        tmp_path,
+        connector("all", '["*"]', free_port()),
+        "--accept-from",
+        "127.0.0.1/32",
+        "--processes",
+        "2",
+    )
+    with relay:
+        second = [*relay.command[: relay.command.index("--listen")], "--listen"]
+        second += [f"127.0.0.1:{free_port()}", *relay.command[relay.command.index("--spool") :]]
+        started = subprocess.run(second, capture_output=True, text=True, timeout=60, check=False)
+        assert started.returncode == 2
+        assert (
+            f"--spool {relay.spool}: spool {relay.spool} is in use by the relay with PID"
+            in (started.stderr.splitlines()[-1])
+        )
+        assert "started: PID" not in started.stderr
