@@ -84,6 +84,7 @@ demo: venv
 BENCH_ARGS ?=
 BENCH_JSON ?= bench/results/latest.json
 bench: venv
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install --quiet --progress-bar off -e '.[bench]'
 	$(BIN)/python bench/run.py --json $(BENCH_JSON) $(BENCH_ARGS)
 
 soak: venv

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import platform
 import shutil
@@ -35,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,18 +48,32 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from postfix_instance import PostfixInstance
 from procstat import TreeSampler
-from report import ControlPlaneResult, RunResult, Table, format_control_plane, format_table, to_json
+from report import (
+    BacklogResult,
+    ControlPlaneResult,
+    RunResult,
+    Table,
+    format_backlog,
+    format_control_plane,
+    format_table,
+    to_json,
+    write_plot,
+)
 from smtp_peers import (
     LOCALHOST,
     CountingSink,
     LatencyProbe,
     free_port,
+    message_body,
     source_command,
     stop_process,
     tool,
     wait_for_port,
 )
 from tls_sink import make_certificate, parse_counts
+
+from mailflow_relay.queue.folders import worker_folder
+from mailflow_relay.queue.spool import Spool
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -71,8 +88,23 @@ spec:
   description: "Everything to the benchmark's sink"
   recipientDomains: ["*"]
   destination: {{smartHost: {{host: 127.0.0.1, port: {port}}}}}
-  tls: {{mode: Opportunistic}}
+  tls: {{mode: {mode}{tls_extra}}}
 """
+
+CA_BUNDLE = """\
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: bench-ca, namespace: bench}}
+stringData:
+  ca.crt: |
+{pem}
+"""
+VERIFYING = {
+    "TrustedCA": ", caBundle: {secretRef: {name: bench-ca}}",
+    "NameMatch": ", certificateName: tls-sink.bench.test, caBundle: {secretRef: {name: bench-ca}}",
+}
+"""The verifying TLS modes, trusting the TLS sink's own certificate (tls_sink.py)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +118,10 @@ class Load:
     probe_max: int
     profile: Path | None = None
     """Record the mailflow relay with py-spy during the timed part, into this folder."""
+    recipients: int = 1
+    """Recipients per message (smtp-source -r)."""
+    processes: int = 1
+    """``mailflow relay --processes``: relay processes on the one port."""
 
 
 def log(text: str) -> None:
@@ -120,6 +156,7 @@ class PlainSink(Sink):
 class TlsSink(Sink):
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self.cert_file = folder / "tls-sink.crt"
         self.count_file = folder / "tls-sink.count"
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -168,8 +205,10 @@ class TlsSink(Sink):
 
 @contextlib.contextmanager
 def sink_for(hop: str, folder: Path) -> Iterator[Sink]:
-    if hop == "plain":
-        with CountingSink() as counting:
+    if hop in ("plain", "plain-nopipelining"):
+        # -p: smtp-sink does not announce PIPELINING, so a relay that pipelines its
+        # outbound transaction waits for each reply, as with a peer that cannot.
+        with CountingSink(extra_args=("-p",) if hop == "plain-nopipelining" else ()) as counting:
             yield PlainSink(counting)
         return
     tls = TlsSink(folder)
@@ -234,24 +273,61 @@ def dkim_key(algorithm: str) -> str:
     return DKIM_KEY.format(pem=indented, algorithm=algorithm)
 
 
-@contextlib.contextmanager
-def mailflow_relay(
-    sink: Sink, folder: Path, load: Load, *, dkim: str | None = None
-) -> Iterator[tuple[int, int | None]]:
-    port = free_port()
-    manifests = folder / "connector.yaml"
-    manifests.write_text(CONNECTOR.format(port=sink.port) + (dkim_key(dkim) if dkim else ""))
+def mailflow_manifests(sink: Sink, *, dkim: str | None, tls_mode: str) -> str:
+    """The connector to the sink (in ``tls_mode``) and, when asked, a DkimKey."""
+    text = CONNECTOR.format(port=sink.port, mode=tls_mode, tls_extra=VERIFYING.get(tls_mode, ""))
+    if tls_mode in VERIFYING:
+        if not isinstance(sink, TlsSink):
+            raise ValueError(f"tls mode {tls_mode} needs the TLS sink (hop tls)")
+        pem = sink.cert_file.read_text()
+        text += CA_BUNDLE.format(pem="\n".join("    " + line for line in pem.splitlines()))
+    return text + (dkim_key(dkim) if dkim else "")
+
+
+def mailflow_command(manifests: Path, port: int, http: int, spool: Path, load: Load) -> list[str]:
     mailflow = Path(sys.executable).parent / "mailflow"
     command = [str(mailflow), "relay", "--manifests", str(manifests)]
-    command += ["--listen", f"{LOCALHOST}:{port}", "--spool", str(folder / "spool")]
+    command += ["--listen", f"{LOCALHOST}:{port}", "--spool", str(spool)]
     command += ["--accept-from", "127.0.0.0/8", "--hostname", "mailflow.bench.test"]
     command += ["--idle-connections", str(load.idle_connections if load.reuse else 0)]
+    command += ["--processes", str(load.processes), "--http", f"{LOCALHOST}:{http}"]
+    # smtp-source -r sends up to this many recipients per message.
+    return [*command, "--max-recipients", str(max(100, load.recipients))]
+
+
+def wait_until_ready(http: int, process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds until ``/readyz`` answers 200 (every worker process listens)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"mailflow relay exited with {process.returncode}")
+        url = f"http://{LOCALHOST}:{http}/readyz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+            if answer.status == 200:
+                return time.monotonic() - started
+        time.sleep(0.05)
+    raise RuntimeError(f"mailflow relay not ready within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def mailflow_relay(
+    sink: Sink,
+    folder: Path,
+    load: Load,
+    *,
+    dkim: str | None = None,
+    tls_mode: str = "Opportunistic",
+) -> Iterator[tuple[int, int | None]]:
+    port, http = free_port(), free_port()
+    manifests = folder / "connector.yaml"
+    manifests.write_text(mailflow_manifests(sink, dkim=dkim, tls_mode=tls_mode))
+    command = mailflow_command(manifests, port, http, folder / "spool", load)
     with (folder / "mailflow.log").open("wb") as output:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
         )
     try:
-        wait_for_port(port, timeout=30)
+        wait_until_ready(http, process, timeout=60)
         yield port, process.pid
     finally:
         stop_process(process)
@@ -265,6 +341,21 @@ RELAYS: dict[
     "mailflow": mailflow_relay,
     "mailflow-dkim-rsa": functools.partial(mailflow_relay, dkim="RSA-SHA256"),
     "mailflow-dkim-ed25519": functools.partial(mailflow_relay, dkim="Ed25519-SHA256"),
+    "mailflow-trustedca": functools.partial(mailflow_relay, tls_mode="TrustedCA"),
+    "mailflow-namematch": functools.partial(mailflow_relay, tls_mode="NameMatch"),
+}
+BASE_RELAYS = ("floor", "postfix", "mailflow")
+EXTRA_RELAYS = {
+    # Signing costs CPU at acceptance: measured where nothing else (TLS) hides it.
+    "plain": ("mailflow-dkim-rsa", "mailflow-dkim-ed25519"),
+    # Verifying the next hop's certificate: only a TLS hop has one.
+    "tls": ("mailflow-trustedca", "mailflow-namematch"),
+}
+"""Run with connection reuse on (the default table), next to the base relays."""
+HOP_TITLES = {
+    "plain": "Outbound hop in plaintext (smtp-sink)",
+    "tls": "Outbound hop with STARTTLS (TLS sink)",
+    "plain-nopipelining": "Outbound hop in plaintext, sink without PIPELINING (smtp-sink -p)",
 }
 
 
@@ -295,6 +386,7 @@ def _warm_up(port: int, sink: Sink, smtp_source: str, load: Load, label: str) ->
         reuse=load.reuse,
         smtp_source=smtp_source,
     )
+    command[1:1] = ["-r", str(load.recipients)]
     subprocess.run(command, capture_output=True, timeout=60, check=True)
     count = _wait_for_sink(sink, WARMUP_MESSAGES, time.monotonic() + 60, f"{label} warm-up")
     if count < WARMUP_MESSAGES:
@@ -322,6 +414,7 @@ def run_one(relay: str, hop: str, load: Load, smtp_source: str, folder: Path) ->
             reuse=load.reuse,
             smtp_source=smtp_source,
         )
+        command[1:1] = ["-r", str(load.recipients)]
         log(f"  {label}: {load.messages} messages through port {port} …")
         spy = _start_py_spy(pid, load.profile, label) if relay == "mailflow" else None
         if sampler is not None:
@@ -450,6 +543,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "postfix": postfix_version,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        # Other work on the machine moves every figure: recorded next to them.
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -492,17 +587,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reuse",
         choices=("on", "off", "both"),
-        default="on",
+        default="both",
         help="connection reuse: smtp-source -d inbound; Postfix smtp_connection_cache_on_demand "
-        "and mailflow --idle-connections outbound (default: on)",
+        "and mailflow --idle-connections outbound; off is one message per connection "
+        "(default: both, one table each)",
     )
     parser.add_argument(
         "--idle-connections", type=int, default=4, help="mailflow relay, with reuse on"
     )
     parser.add_argument(
-        "--hops", default="plain,tls", help="outbound hops: plain, tls or both (default)"
+        "--hops",
+        default="plain,tls",
+        help="outbound hops: plain, tls, plain-nopipelining (default: plain,tls)",
     )
-    parser.add_argument("--relays", default="floor,postfix,mailflow", help="which paths to run")
+    parser.add_argument(
+        "--relays",
+        default="",
+        help=f"which paths to run in every table, among {', '.join(RELAYS)} (default: floor, "
+        "postfix, mailflow; with reuse on also the DKIM ones in plaintext and the verifying "
+        "TLS modes with STARTTLS)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="mailflow relay --processes (default: one per CPU here, %(default)s)",
+    )
+    parser.add_argument(
+        "--recipients",
+        type=int,
+        default=5,
+        help="recipients per message in the multi-recipient table; 1 skips it (default: 5)",
+    )
+    parser.add_argument(
+        "--no-pipelining-case",
+        dest="pipelining_case",
+        action="store_false",
+        help="skip the table with a sink that does not announce PIPELINING",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=10_000,
+        help="messages queued before a relay start-up that is timed; 0 skips it "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-plot", dest="plot", action="store_false", help="no PNG next to the --json file"
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per run")
     parser.add_argument(
         "--probe-max", type=int, default=3000, help="latency samples at most per run"
@@ -518,56 +650,162 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class Case:
+    """One table: a message set and a hop, through each of ``relays``."""
+
+    title: str
+    hop: str
+    load: Load
+    relays: tuple[str, ...]
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    """The tables of a run: both hops (each with and without connection reuse), then one
+    with several recipients per message and one with a sink that does not pipeline."""
+    chosen = tuple(r.strip() for r in args.relays.split(",") if r.strip()) if args.relays else ()
+    for name in chosen:
+        if name not in RELAYS:
+            raise SystemExit(f"unknown relay {name!r}: choose among {', '.join(RELAYS)}")
+    reuses = {"on": [True], "off": [False], "both": [True, False]}[args.reuse]
+    hops = [h.strip() for h in args.hops.split(",") if h.strip()]
+    for hop in hops:
+        if hop not in HOP_TITLES:
+            raise SystemExit(f"unknown hop {hop!r}: choose among {', '.join(HOP_TITLES)}")
+
+    def load(reuse: bool, recipients: int = 1) -> Load:
+        return Load(
+            messages=args.messages,
+            size=args.size,
+            sessions=args.sessions,
+            reuse=reuse,
+            idle_connections=args.idle_connections,
+            timeout=args.timeout,
+            probe_max=args.probe_max,
+            profile=args.profile,
+            recipients=recipients,
+            processes=args.processes,
+        )
+
+    found = []
+    for reuse in reuses:
+        for hop in hops:
+            extra = EXTRA_RELAYS.get(hop, ()) if reuse else ()
+            found.append(Case(HOP_TITLES[hop], hop, load(reuse), chosen or (*BASE_RELAYS, *extra)))
+    if args.recipients > 1:
+        title = f"{args.recipients} recipients per message, outbound hop in plaintext (smtp-sink)"
+        found.append(Case(title, "plain", load(True, args.recipients), chosen or BASE_RELAYS))
+    if args.pipelining_case:
+        hop = "plain-nopipelining"
+        found.append(Case(HOP_TITLES[hop], hop, load(True), chosen or BASE_RELAYS))
+    return found
+
+
+def fill_spool(folders: Sequence[Path], count: int, size: int) -> float:
+    """``count`` messages spread over ``folders``, stored as the relay stores them (fsync'ed);
+    the seconds it took."""
+    body = message_body(size)
+    spools = [Spool(folder) for folder in folders]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        stored = pool.map(
+            lambda n: spools[n % len(spools)].store(
+                "source@source.bench.test", [f"{n}rcpt@sink.bench.test"], body
+            ),
+            range(count),
+        )
+        for _ in stored:
+            pass
+    return time.monotonic() - started
+
+
+def backlog_startup(count: int, load: Load, folder: Path) -> BacklogResult:
+    """A relay started on ``count`` queued messages: time to ready, to the last delivery,
+    and its peak memory meanwhile (a backlog must not be held in memory)."""
+    folder.mkdir(parents=True)
+    root = folder / "spool"
+    folders = (
+        [root] if load.processes == 1 else [worker_folder(root, i) for i in range(load.processes)]
+    )
+    fill = fill_spool(folders, count, load.size)
+    log(f"  backlog: {count} messages spooled in {fill:.1f}s; starting the relay …")
+    with sink_for("plain", folder) as sink:
+        manifests = folder / "connector.yaml"
+        manifests.write_text(mailflow_manifests(sink, dkim=None, tls_mode="Opportunistic"))
+        port, http = free_port(), free_port()
+        command = mailflow_command(manifests, port, http, root, load)
+        started = time.monotonic()
+        with (folder / "mailflow.log").open("wb") as output:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+        sampler = TreeSampler(process.pid)
+        sampler.start()
+        error = None
+        ready = None
+        try:
+            ready = wait_until_ready(http, process, timeout=load.timeout)
+            delivered = _wait_for_sink(sink, count, started + load.timeout, "backlog")
+        except RuntimeError as e:
+            error, delivered = str(e), sink.received()
+        finished = time.monotonic()
+        usage = sampler.stop()
+        stop_process(process)
+    if delivered < count and error is None:
+        error = f"the sink counted {delivered}/{count} within {load.timeout:.0f}s"
+    result = BacklogResult(
+        messages=count,
+        processes=load.processes,
+        fill_seconds=round(fill, 3),
+        ready_seconds=None if ready is None else round(ready, 3),
+        drained_seconds=round(finished - started, 3),
+        delivered=delivered,
+        cpu_seconds=usage.cpu_seconds,
+        peak_rss_bytes=usage.peak_rss_bytes,
+        error=error,
+    )
+    log(format_backlog(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     smtp_source = ensure_tools()
     info = machine()
     log(
         f"==> Mailflow benchmark on {info['nproc']} × {info['cpu_model']}, "
-        f"Postfix {info['postfix']}, Python {info['python']}"
+        f"Postfix {info['postfix']}, Python {info['python']}, load average {info['loadavg']}, "
+        f"mailflow relay with {args.processes} process(es)"
     )
-    reuses = {"on": [True], "off": [False], "both": [True, False]}[args.reuse]
-    hops = [h.strip() for h in args.hops.split(",") if h.strip()]
-    relays = [r.strip() for r in args.relays.split(",") if r.strip()]
-    for name in relays:
-        if name not in RELAYS:
-            raise SystemExit(f"unknown relay {name!r}: choose among {', '.join(RELAYS)}")
     tables: list[Table] = []
+    backlog: BacklogResult | None = None
     work = Path(tempfile.mkdtemp(prefix="mailflow-bench-"))
     work.chmod(0o755)  # Postfix's daemons run as the postfix user: they must reach their folders
     try:
-        for reuse in reuses:
-            load = Load(
-                messages=args.messages,
-                size=args.size,
-                sessions=args.sessions,
-                reuse=reuse,
-                idle_connections=args.idle_connections,
-                timeout=args.timeout,
-                probe_max=args.probe_max,
-                profile=args.profile,
-            )
-            for hop in hops:
-                title = {
-                    "plain": "Outbound hop in plaintext (smtp-sink)",
-                    "tls": "Outbound hop with STARTTLS (TLS sink)",
-                }[hop]
-                log(f"==> {title}, connection reuse {'on' if reuse else 'off'}")
-                runs = []
-                for relay in relays:
-                    folder = work / f"{relay}-{hop}-{'reuse' if reuse else 'noreuse'}"
-                    runs.append(run_one(relay, hop, load, smtp_source, folder))
-                parameters = {
-                    "messages": load.messages,
-                    "size": load.size,
-                    "sessions": load.sessions,
-                    "reuse": "on" if reuse else "off",
-                }
-                table = Table(title, parameters, tuple(runs))
-                tables.append(table)
-                log("")
-                log(format_table(table))
-                log("")
+        for number, case in enumerate(cases(args)):
+            load = case.load
+            log(f"==> {case.title}, connection reuse {'on' if load.reuse else 'off'}")
+            runs = [
+                run_one(relay, case.hop, load, smtp_source, work / f"{number}-{relay}")
+                for relay in case.relays
+            ]
+            parameters = {
+                "hop": case.hop,
+                "messages": load.messages,
+                "size": load.size,
+                "sessions": load.sessions,
+                "reuse": "on" if load.reuse else "off",
+                "recipients": load.recipients,
+                "processes": load.processes,
+            }
+            table = Table(case.title, parameters, tuple(runs))
+            tables.append(table)
+            log("")
+            log(format_table(table))
+            log("")
+        if args.backlog:
+            log(f"==> Start-up with a backlog of {args.backlog} messages")
+            backlog = backlog_startup(args.backlog, cases(args)[0].load, work / "backlog")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -583,14 +821,25 @@ def main(argv: list[str] | None = None) -> int:
     for table in tables:
         log("")
         log(format_table(table))
+    if backlog is not None:
+        log("")
+        log(format_backlog(backlog))
     if control:
         log("")
         log(format_control_plane(control))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(to_json(machine=info, tables=tables, control_plane=control))
+        args.json.write_text(
+            to_json(machine=info, tables=tables, control_plane=control, backlog=backlog)
+        )
         log(f"\nfigures written to {args.json}")
+        if args.plot:
+            plot = args.json.with_suffix(".png")
+            write_plot(json.loads(args.json.read_text()), plot)
+            log(f"plot of the ratios written to {plot}")
     failed = [f"{t.title}: {r.relay}" for t in tables for r in t.runs if not r.complete]
+    if backlog is not None and backlog.error is not None:
+        failed.append(f"backlog: {backlog.error}")
     if failed:
         log("incomplete runs: " + "; ".join(failed))
         return 1

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -96,8 +97,10 @@ def parse_counters(text: str) -> int:
 class CountingSink:
     """``smtp-sink -c`` on 127.0.0.1:<free port>, counting messages, storing none."""
 
-    def __init__(self, *, backlog: int = 256) -> None:
+    def __init__(self, *, backlog: int = 256, extra_args: Sequence[str] = ()) -> None:
         self.backlog = backlog
+        self.extra_args = tuple(extra_args)
+        """More smtp-sink options (``-p``: no PIPELINING in the EHLO reply)."""
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -122,6 +125,7 @@ class CountingSink:
                     "-4",
                     "-h",
                     "sink.bench.test",
+                    *self.extra_args,
                     f"{LOCALHOST}:{self.port}",
                     str(self.backlog),
                 ],

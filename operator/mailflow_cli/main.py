@@ -428,6 +428,19 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="deliveries in progress at once (default: %(default)s)",
     )
     relay.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="relay processes on the one --listen port (SO_REUSEPORT), each with its own spool "
+        "folder SPOOL/worker-<i>, supervised by this process (a dead one is restarted); 0: one "
+        "per CPU this process may use (default: %(default)s, one process on SPOOL itself)",
+    )
+    # A worker of `--processes N`, as its supervisor starts it; not for people.
+    relay.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    relay.add_argument("--drain-only", action="store_true", help=argparse.SUPPRESS)
+    relay.add_argument("--http-port-file", metavar="FILE", help=argparse.SUPPRESS)
+    relay.add_argument(
         "--retry-initial",
         type=float,
         default=_default(RelaySettings, "retry_initial"),
@@ -758,6 +771,8 @@ def main(
         args = argparse.Namespace(log_format="json")  # until parsed: for an error line
     try:
         args = build_parser().parse_args(argv)
+        # `mailflow relay --processes N` runs its workers with the same command line.
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return _command(args.command)(args, out, err)
     except UsageError as e:
         _error_line(err, f"mailflow: error: {e}", args)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -18,6 +21,7 @@ from mailflow_relay.engine.logs import configure_logging
 from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.errors import SettingsError
 from mailflow_relay.hosting.serve import DocumentSource, serve
+from mailflow_relay.hosting.workers import Supervisor, WorkerSpec, plan_workers
 from mailflow_relay.inbound.listener import ListenerConfigError, ListenerSettings
 from mailflow_relay.inbound.settings import IPNetwork, is_localhost_name
 from mailflow_relay.outbound.deliverer import DeliverySettings
@@ -42,8 +46,27 @@ def read_auth_dir(folder: str) -> dict[str, str]:
 
 def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     settings, source, http = relay_setup(args, err)
+    processes = args.processes or len(os.sched_getaffinity(0))
+    if processes < 0:
+        raise UsageError(
+            f"--processes {args.processes}: give a number of processes, 0 for one per CPU"
+        )
+    # A worker (started by a supervisor, --reuse-port) serves its one folder itself.
+    is_worker = args.reuse_port or args.drain_only
+    specs = [] if is_worker else plan_workers(settings.spool_dir, processes)
     try:
-        asyncio.run(serve(settings, source, http))
+        if len(specs) > 1 or (processes > 1 and not is_worker):
+            supervisor = Supervisor(
+                specs,
+                functools.partial(_worker_command, args),
+                (settings.listener.host, settings.listener.port),
+                http,
+                settings.spool_dir,
+            )
+            asyncio.run(supervisor.run())
+        else:
+            port_file = Path(args.http_port_file) if args.http_port_file else None
+            asyncio.run(serve(settings, source, http, http_port_file=port_file))
     except* SpoolInUseError as group:
         busy = group.exceptions[0]
         assert isinstance(busy, SpoolInUseError)
@@ -72,6 +95,19 @@ def _notes_stream(args: argparse.Namespace, err: TextIO) -> TextIO:
         return err
     configure_logging(args.log_level, args.log_format, err)
     return _LoggedLines()
+
+
+def _worker_command(
+    args: argparse.Namespace, spec: WorkerSpec, port: int, http_port_file: Path
+) -> list[str]:
+    """The supervised worker: this command line, with its own spool and the shared port
+    (later options win in argparse)."""
+    host, _ = parse_endpoint(args.listen, "--listen")
+    host = f"[{host}]" if ":" in host else host
+    command = [sys.executable, "-m", "mailflow_cli", *args.argv]
+    command += ["--processes", "1", "--spool", str(spec.spool_dir), "--listen", f"{host}:{port}"]
+    command += ["--reuse-port", "--http", "127.0.0.1:0", "--http-port-file", str(http_port_file)]
+    return [*command, "--drain-only"] if not spec.accept_mail else command
 
 
 def relay_setup(
@@ -198,6 +234,7 @@ def _settings(
             hard_error_limit=args.hard_error_limit,
             error_sleep=args.error_sleep,
             max_auth_failures=args.max_auth_failures,
+            reuse_port=args.reuse_port,
         ),
         spool_dir=spool_path(args.spool),
         delivery=DeliverySettings(
@@ -217,4 +254,5 @@ def _settings(
         # The peer is the relay Service: a name, resolved when the hand-off happens.
         handoff=handoff,
         handoff_peers=parse_networks(args.handoff_peer, "--handoff-peer"),
+        accept_mail=not args.drain_only,
     )

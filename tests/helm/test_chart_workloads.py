@@ -285,3 +285,27 @@ def test_the_shortest_allowed_grace_period_still_drains_ten_seconds(
     # 80 = preStop 10 + hand-off reserve 60 + the 10 s minimum drain.
     rendered = render("default", "--set", "relay.terminationGracePeriodSeconds=80")
     assert option(container(relay_of(rendered), "relay")["args"], "--drain-grace") == ["10"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "processes", "cpu"),
+    [
+        ((), "1", "100m"),
+        (("--set", "relay.processes=3"), "3", "300m"),
+        (("--set", "relay.processes=2", "--set", "relay.cpuPerProcess=1"), "2", "2000m"),
+        (("--set", "relay.processes=4", "--set", "relay.cpuPerProcess=250m"), "4", "1000m"),
+        # A CPU request given by the user wins over the computed one.
+        (
+            ("--set", "relay.processes=4", "--set", "relay.resources.requests.cpu=1500m"),
+            "4",
+            "1500m",
+        ),
+    ],
+)
+def test_relay_cpu_request_follows_the_process_count(
+    render: Callable[..., Rendered], settings: tuple[str, ...], processes: str, cpu: str
+) -> None:
+    relay = container(relay_of(render("default", *settings)), "relay")
+    assert option(relay["args"], "--processes") == [processes]
+    assert relay["resources"]["requests"] == {"cpu": cpu, "memory": "192Mi"}
+    assert relay["resources"]["limits"] == {"memory": "512Mi"}

@@ -128,6 +128,9 @@ class RelaySettings:
     message's arrival time and submitting client (engine/origin.py). From anyone else
     that header is removed and ignored. Empty: nobody is trusted, a handed-off message
     starts a new queue lifetime."""
+    accept_mail: bool = True
+    """False: no listener; deliver what the spool holds and stop once it is empty (a worker
+    process on a spool folder no listening worker owns, hosting/workers.py)."""
 
     def __post_init__(self) -> None:
         require_positive(
@@ -506,8 +509,9 @@ class Relay:
                 continue
             self._track(message)
         logger.info("spool rescanned: %d message(s) waiting", len(self._queued))
-        await self.listener.start()
-        logger.info("listening on %s:%d", self.settings.listener.host, self.listener.port)
+        if self.settings.accept_mail:
+            await self.listener.start()
+            logger.info("listening on %s:%d", self.settings.listener.host, self.listener.port)
         self.ready.set()
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -610,6 +614,9 @@ class Relay:
                         self._track(message)
                 logger.info("flush requested: %d message(s) rescheduled", len(self._index.due))
             self._update_gauges()
+            if not self.settings.accept_mail and not self._queued and not self.stopping:
+                logger.info("spool %s delivered: nothing left, stopping", self.settings.spool_dir)
+                self.stop()
             await asyncio.sleep(self.settings.scheduler_tick)
 
     def _update_gauges(self) -> None:

@@ -29,6 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 from mailflow_relay.engine.relay import Relay
 from mailflow_relay.errors import RoutingDocumentError
+from mailflow_relay.hosting.generations import PodGenerations
 from mailflow_relay.routing.contract import (
     POD_BACKOFF_ANNOTATION,
     POD_GENERATION_ANNOTATION,
@@ -77,6 +78,8 @@ class RoutingSecretSource:
         self._annotated: int | None = None
         self._backoff_annotated = "{}"
         """A new pod has no backoff: nothing is written until there is one."""
+        self._pod = PodGenerations.from_environment()
+        """With worker processes: the pod serves the lowest generation of them all."""
 
     @property
     def api(self) -> kubernetes.client.CoreV1Api:
@@ -162,8 +165,10 @@ class RoutingSecretSource:
         where = f"Secret {self.namespace}/{self.name}"
         while True:
             try:
-                if self._annotated != relay.document.generation:
-                    await asyncio.to_thread(self._annotate, relay.document.generation)
+                serving = self._pod.serving(relay.document.generation)
+                if serving is not None and self._annotated != serving:
+                    await asyncio.to_thread(self._annotate, serving)
+                # With worker processes only the annotating one writes it: its own backoff.
                 await asyncio.to_thread(self._annotate_backoff, relay.gate.reported_backoff())
                 found = await asyncio.to_thread(self._read)
                 if found is None:
@@ -173,11 +178,10 @@ class RoutingSecretSource:
                 elif found[1] != self._version:
                     _, text = found
                     self._version = text
-                    if (
-                        relay.load_document_json(text)
-                        and self._annotated != relay.document.generation
-                    ):
-                        await asyncio.to_thread(self._annotate, relay.document.generation)
+                    loaded = relay.load_document_json(text)
+                    serving = self._pod.serving(relay.document.generation)
+                    if loaded and serving is not None and self._annotated != serving:
+                        await asyncio.to_thread(self._annotate, serving)
             except RoutingDocumentError as e:
                 relay.refuse_document(str(e))
             except (ApiException, OSError, urllib3.exceptions.HTTPError) as e:

@@ -16,13 +16,14 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from mailflow_relay.engine.logs import announce
 from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.routing.document import RoutingDocument
 
-__all__ = ["DocumentSource", "HealthServer", "serve"]
+__all__ = ["DocumentSource", "HealthServer", "serve", "write_atomically"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class HealthServer:
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, limit=HTTP_LINE_LIMIT)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the system's pick when started with 0)."""
+        assert self._server is not None, "HealthServer.port before start()"
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -104,21 +111,7 @@ class HealthServer:
                 return
             parts = request.split(b" ")
             path = parts[1].decode("ascii", "replace") if len(parts) > 1 else "/"
-            content_type = "text/plain; charset=utf-8"
-            relay = self.relay
-            if path == "/healthz":
-                status, body = 200, b"ok\n"
-            elif path == "/readyz":
-                ready = relay is not None and relay.is_ready
-                status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
-                if relay is not None and relay.left_out:
-                    # The user opted in to leaving objects out; readiness says which.
-                    body += "".join(f"left out: {line}\n" for line in relay.left_out).encode()
-            elif path == "/metrics":
-                status, body = 200, b"" if relay is None else relay.metrics.render()
-                content_type = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                status, body = 404, b"not found\n"
+            status, body, content_type = await self.respond(path)
             reason = _REASONS[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
@@ -135,6 +128,32 @@ class HealthServer:
                 async with asyncio.timeout(5):
                     await writer.wait_closed()
 
+    async def respond(self, path: str) -> tuple[int, bytes, str]:
+        """(status, body, content type) for a GET of ``path``."""
+        content_type = "text/plain; charset=utf-8"
+        relay = self.relay
+        if path == "/healthz":
+            status, body = 200, b"ok\n"
+        elif path == "/readyz":
+            ready = relay is not None and relay.is_ready
+            status, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+            if relay is not None and relay.left_out:
+                # The user opted in to leaving objects out; readiness says which.
+                body += "".join(f"left out: {line}\n" for line in relay.left_out).encode()
+        elif path == "/metrics":
+            status, body = 200, b"" if relay is None else relay.metrics.render()
+            content_type = "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            status, body = 404, b"not found\n"
+        return status, body, content_type
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old content or the new, never a half-written file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
+
 
 async def _follow(source: DocumentSource, relay: Relay) -> None:
     """Follow configuration changes; a failure here must never take the relay down."""
@@ -149,13 +168,22 @@ async def _follow(source: DocumentSource, relay: Relay) -> None:
 
 
 async def serve(
-    settings: RelaySettings, source: DocumentSource, http: tuple[str, int] | None
+    settings: RelaySettings,
+    source: DocumentSource,
+    http: tuple[str, int] | None,
+    *,
+    http_port_file: Path | None = None,
 ) -> None:
-    """Run one relay process until SIGTERM/SIGINT, then drain and return."""
+    """Run one relay process until SIGTERM/SIGINT, then drain and return.
+
+    ``http_port_file``: once the HTTP port is bound, its number is written there (a worker
+    process tells its supervisor where to ask for its health and metrics)."""
     loop = asyncio.get_running_loop()
     health = HealthServer()
     if http is not None:
         await health.start(*http)
+        if http_port_file is not None:
+            write_atomically(http_port_file, f"{health.port}\n")
     stop_requested = asyncio.Event()
     relay: Relay | None = None
 
@@ -185,8 +213,13 @@ async def serve(
             runner = tasks.create_task(relay.run(), name="mailflow-relay")
             follower = tasks.create_task(_follow(source, relay), name="mailflow-config-follower")
             await relay.ready.wait()
+            where = (
+                f"listening on {settings.listener.host}:{relay.port}"
+                if settings.accept_mail
+                else "delivering what is left, not listening"
+            )
             announce(  # plain text, or a JSON line: never text among JSON lines
-                f"mailflow relay: listening on {settings.listener.host}:{relay.port}, spool "
+                f"mailflow relay: {where}, spool "
                 f"{settings.spool_dir}, routing document generation {document.generation} "
                 f"({len(document.connectors)} connector(s))"
             )

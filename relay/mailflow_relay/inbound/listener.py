@@ -189,7 +189,10 @@ class SmtpListener:
         self._previous_exception_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._loop_exception)
         self._server = await loop.create_server(
-            lambda: SmtpSession(self, loop), settings.host, settings.port
+            lambda: SmtpSession(self, loop),
+            settings.host,
+            settings.port,
+            reuse_port=settings.reuse_port or None,
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._accepting = True

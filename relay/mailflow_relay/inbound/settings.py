@@ -212,6 +212,10 @@ class ListenerSettings:
     """Addresses whose AUTH failures are remembered (oldest forgotten first; IPv6 per /64),
     which bounds the memory an attacker with many addresses can make us use."""
 
+    reuse_port: bool = False
+    """Bind with ``SO_REUSEPORT``: several worker processes listen on one port and the kernel
+    spreads new connections among them (``mailflow relay --processes``)."""
+
     def __post_init__(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ListenerConfigError(

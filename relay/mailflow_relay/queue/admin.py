@@ -21,11 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TextIO
 
+from mailflow_relay.queue.folders import SpoolSet
 from mailflow_relay.queue.selection import QueueFilter, Route, route_of
 from mailflow_relay.queue.spool import (
     MessageNotFoundError,
     RecipientState,
-    Spool,
     SpooledMessage,
     SpoolError,
 )
@@ -77,7 +77,7 @@ class Selection:
         ]
 
     def messages(
-        self, spool: Spool, now: datetime, missing: list[str] | None = None
+        self, spool: SpoolSet, now: datetime, missing: list[str] | None = None
     ) -> list[SpooledMessage]:
         """The selected messages (by id, else all), those with a selected recipient when
         filters are given. Ids not in the spool go to ``missing`` (without it, they raise)."""
@@ -169,7 +169,7 @@ def _status(state: RecipientState) -> str:
 def list_queue(
     spool_dir: Path, out: TextIO, *, as_json: bool = False, selection: Selection | None = None
 ) -> int:
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)  # with worker processes, every worker's folder too
     now = datetime.now(UTC)
     messages = (selection or Selection()).messages(spool, now)
     if as_json:
@@ -206,7 +206,7 @@ def show(
     router: Router | None = None,
 ) -> int:
     """One message; with a router, the route each recipient still to deliver takes now."""
-    message = Spool(spool_dir).load(queue_id)
+    message = SpoolSet(spool_dir).load(queue_id)
     now = datetime.now(UTC)
     routes = Selection(router=router)
     if as_json:
@@ -236,7 +236,7 @@ def show(
 
 def retry(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
     """Make deferred recipients due now (all messages when no id is given)."""
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)
     targets = [spool.load(q) for q in queue_ids] if queue_ids else spool.scan(repair=False)
     count = 0
     for message in targets:
@@ -246,14 +246,14 @@ def retry(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
             continue  # delivered or removed by the relay meanwhile: nothing to retry
         except SpoolError as e:
             out.write(f"{message.queue_id}: not retried: {e}\n")
-    (spool_dir / FLUSH_REQUEST).touch()
+    spool.touch_all(FLUSH_REQUEST)
     out.write(f"{count} deferred recipient(s) made due now\n")
     return 0
 
 
 def delete(spool_dir: Path, queue_ids: Sequence[str], out: TextIO) -> int:
     """Remove messages for good: no delivery, no bounce."""
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)
     problems = 0
     for queue_id in queue_ids:
         try:
@@ -280,7 +280,7 @@ def mark(spool_dir: Path, action: str, selection: Selection, out: TextIO) -> int
     """``hold``, ``release`` or ``bounce`` the selected recipients; 1 if a queue id was not
     found or a change was refused."""
     change, meaning, done = MARKS[action]
-    spool = Spool(spool_dir)
+    spool = SpoolSet(spool_dir)
     now = datetime.now(UTC)
     changed = 0
     missing: list[str] = []
@@ -301,6 +301,6 @@ def mark(spool_dir: Path, action: str, selection: Selection, out: TextIO) -> int
         for state in states:
             out.write(f"{message.queue_id}: <{state.address}> {meaning}\n")
         changed += len(states)
-    (spool_dir / FLUSH_REQUEST).touch()
+    spool.touch_all(FLUSH_REQUEST)
     out.write(f"{changed} recipient(s) {done}\n")
     return 1 if problems else 0

@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 class SpoolLock:
     """The exclusive lock on one spool folder, held from :meth:`acquire` to :meth:`release`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str = LOCK_FILE) -> None:
         self.directory = directory
-        self.path = directory / LOCK_FILE
+        self.path = directory / name
         self._fd: int | None = None
 
     def acquire(self) -> None:
