@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml scripts/install-debian-packages.sh scripts/install-helm
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "==> installing mailflow (editable) and the test tools"
-	$(BIN)/pip install --quiet --progress-bar off -e '.[test]'
+	$(BIN)/pip install --quiet --progress-bar off -e '.[test,bench]'
 	@touch $(STAMP)
 
 lint: venv
