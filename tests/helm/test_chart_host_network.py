@@ -33,7 +33,8 @@ def kubelet_expand(word: str) -> str:
 
 def test_the_default_is_the_pod_network(default: Rendered) -> None:
     pod = relay_of(default)["spec"]["template"]["spec"]
-    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+    assert "hostNetwork" not in pod
+    assert "dnsPolicy" not in pod
     assert "hostNetwork" not in operator_of(default)["spec"]["template"]["spec"]
     assert "command" not in container(relay_of(default), "relay")
 
@@ -57,7 +58,8 @@ def test_host_network_relays_listen_on_their_ordinal_ports(
     relay = container(relay_of(rendered), "relay")
     # Declared ports would be host ports, equal for all pods: a second pod could not fit a node.
     assert "ports" not in relay
-    assert "--listen" not in relay["args"] and "--http" not in relay["args"]
+    assert "--listen" not in relay["args"]
+    assert "--http" not in relay["args"]
     index = next(e for e in relay["env"] if e["name"] == "POD_INDEX")
     assert index["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.labels['apps.kubernetes.io/pod-index']"
@@ -85,7 +87,7 @@ def test_host_network_relays_listen_on_their_ordinal_ports(
 class _Health(http.server.BaseHTTPRequestHandler):
     ready = True
 
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_GET(self) -> None:
         ok = self.path == "/healthz" or (self.path == "/readyz" and _Health.ready)
         self.send_response(200 if ok else 503)
         self.end_headers()
@@ -112,7 +114,9 @@ def test_host_network_probes_ask_the_pods_own_port_and_fail_on_503(
     render: Callable[..., Rendered], health_server: int
 ) -> None:
     base = health_server - 2  # the server stands for the relay of ordinal 2
-    relay = container(relay_of(render("default", *HOST, "--set", f"relay.httpPort={base}")), "relay")
+    relay = container(
+        relay_of(render("default", *HOST, "--set", f"relay.httpPort={base}")), "relay"
+    )
     environment = {**env_of(relay), "POD_INDEX": "2", "PATH": os.environ["PATH"]}
     assert environment["MAILFLOW_PROBE_ADDRESS"] == "127.0.0.1"  # for listenAddress 0.0.0.0
 
@@ -132,9 +136,7 @@ def test_host_network_probes_ask_the_pods_own_port_and_fail_on_503(
 
 def test_host_network_hand_off_goes_to_the_named_target(render: Callable[..., Rendered]) -> None:
     rendered = render("default", *HOST, "--set", "relay.handoff.target=127.0.0.1:3525")
-    assert option(container(relay_of(rendered), "relay")["args"], "--handoff") == [
-        "127.0.0.1:3525"
-    ]
+    assert option(container(relay_of(rendered), "relay")["args"], "--handoff") == ["127.0.0.1:3525"]
 
 
 def test_host_network_operator_binds_and_probes_the_listen_address(
