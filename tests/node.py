@@ -258,7 +258,9 @@ class Node:
             kubeconfig = self.api.client_kubeconfig(
                 "kubelet", f"system:node:{NODE_NAME}", ["system:nodes"]
             )
-            # The node's address is 127.0.0.1: host-network pods get it as their pod IP.
+            # 127.0.0.1 keeps the machine's other addresses out of the API: the kubelet then
+            # reports no address at all ("nodeIP can't be loopback address" in its log), and
+            # the host-network pods have no pod IP; nothing here routes by either.
             argv += ["--kubeconfig", str(kubeconfig), "--node-ip", "127.0.0.1"]
         self._spawn("kubelet", argv)
         self._wait(self._healthy, "kubelet", 60)
@@ -293,6 +295,11 @@ class Node:
             return False
 
         self._wait(healthy, "kube-scheduler", 60)
+
+    def container_log(self, namespace: str, pod: str, container: str) -> str:
+        """Everything a pod's container wrote, as the kubelet keeps it (all its restarts)."""
+        paths = sorted((self.folder / "pod-logs").glob(f"{namespace}_{pod}_*/{container}/*.log"))
+        return "".join(path.read_text(errors="replace") for path in paths)
 
     def pod_logs(self, lines: int = 40) -> str:
         """The last lines of every container log the kubelet wrote (failures print them)."""

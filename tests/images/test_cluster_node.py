@@ -64,6 +64,13 @@ WORKLOAD_CONTROLLERS = (
 T = TypeVar("T")
 
 
+def diagnostics(node: Node) -> str:
+    return (
+        f"--- kubelet\n{node.log('kubelet')}\n--- containerd\n{node.log('containerd')}\n"
+        f"--- kube-scheduler\n{node.log('kube-scheduler')}\n{node.pod_logs()}"
+    )
+
+
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, diagnose: Node) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,9 +79,7 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float, diagnose:
             return value
         time.sleep(0.5)
     raise AssertionError(
-        f"timed out after {timeout:.0f}s waiting for {what}\n"
-        f"--- kubelet\n{diagnose.log('kubelet')}\n--- containerd\n{diagnose.log('containerd')}\n"
-        f"--- kube-scheduler\n{diagnose.log('kube-scheduler')}\n{diagnose.pod_logs()}"
+        f"timed out after {timeout:.0f}s waiting for {what}\n{diagnostics(diagnose)}"
     )
 
 
@@ -393,21 +398,39 @@ def test_the_chart_on_a_real_node_delivers_follows_routing_and_hands_off_on_scal
         compliance = sinks.start(tls=ca.issue("mail.contoso.com"))
         archive_cert = pki.self_signed("archive.contoso.example")
         archive_sink = sinks.start(tls=archive_cert)
+        # Same name, another key: not the pinned certificate.
+        impostor = sinks.start(tls=pki.self_signed("archive.contoso.example"))
         objects = examples(
             {
                 "all-via-compliance": (compliance.port, ""),
-                "tls-self-signed": (archive_sink.port, archive_cert.cert_pin),
+                "tls-self-signed": (impostor.port, archive_cert.cert_pin),
             },
             ca.pem,
         )
         cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
         wait_for("the examples in the routing Secret", lambda: routed(cluster, objects), 120, node)
+        serving(cluster)
 
-        # NameMatch against the CA of the contoso-ca Secret, SelfSigned against the pin.
+        # NameMatch against the CA of the contoso-ca Secret, SelfSigned against the pin: the
+        # impostor gets nothing, the message waits, and goes once the connector points at the
+        # pinned server.
         send(ports.relay_smtp(0), "bob@example.net", "via compliance")
         send(ports.relay_smtp(1), "records@archive.contoso.example", "to the archive")
         (to_compliance,) = wait_for("compliance mail", lambda: arrived(compliance, 1), 90, node)
+        # relay-1 connected to the impostor, refused its certificate and hung up: still queued.
+        wait_for(
+            "relay-1's attempt at the impostor",
+            lambda: impostor.connections >= 1 and impostor.sessions == 0,
+            60,
+            node,
+        )
+        wait_for(
+            "the message queued on relay-1", lambda: queued(ports.relay_http(1)) == 1, 30, node
+        )
+        assert impostor.messages == []
+        move(cluster, "tls-self-signed", archive_sink.port)
         (to_archive,) = wait_for("archive mail", lambda: arrived(archive_sink, 1), 90, node)
+        assert impostor.messages == []
         assert to_compliance.rcpt_tos == ("bob@example.net",)
         assert to_compliance.tls
         assert to_archive.rcpt_tos == ("records@archive.contoso.example",)
@@ -417,19 +440,7 @@ def test_the_chart_on_a_real_node_delivers_follows_routing_and_hands_off_on_scal
 
         # A connector change: the compliance server moves; both relays follow.
         moved = sinks.start(tls=ca.issue("mail2.contoso.com"))
-        patch = {"spec": {"destination": {"smartHost": {"port": moved.port}}}}
-        cluster.kubectl("patch", "outboundconnector", "all-via-compliance", "-n", NAMESPACE,
-                        "--type", "merge", "-p", yaml.safe_dump(patch))  # fmt: skip
-        wait_for(
-            "the moved destination in the routing Secret",
-            lambda: (
-                f'"port": {moved.port}' in routing_json(cluster)
-                or f'"port":{moved.port}' in routing_json(cluster)
-            ),
-            60,
-            node,
-        )
-        time.sleep(3)  # the relays poll the Secret every second (--config-poll 1)
+        move(cluster, "all-via-compliance", moved.port)
         for ordinal in (0, 1):
             send(ports.relay_smtp(ordinal), f"carol{ordinal}@example.net", f"moved {ordinal}")
         wait_for("mail at the moved destination", lambda: arrived(moved, 2), 90, node)
@@ -441,8 +452,46 @@ def test_the_chart_on_a_real_node_delivers_follows_routing_and_hands_off_on_scal
         wait_for("every pod gone", lambda: not cluster.pods("relay") and not cluster.pods(
             "operator"), 120, node)  # fmt: skip
         wait_for("no container left", lambda: node.running_tasks() == 0, 120, node)
+    except BaseException:
+        print(diagnostics(node))  # pytest shows it with the failure
+        raise
     finally:
         sinks.close()
+
+
+def generation(cluster: Cluster) -> int:
+    secret = cluster.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/{RELEASE}-routing")
+    annotations = (secret or {}).get("metadata", {}).get("annotations") or {}
+    return int(annotations.get("mailflow.dev/generation", 0))
+
+
+def serving(cluster: Cluster) -> None:
+    """Waits until every relay pod says (its annotation) it serves the Secret's generation."""
+    wanted = str(generation(cluster))
+
+    def all_serve() -> bool:
+        pods = [p for p in cluster.pods("relay") if not p["metadata"].get("deletionTimestamp")]
+        return bool(pods) and all(
+            (p["metadata"].get("annotations") or {}).get("mailflow.dev/config-generation") == wanted
+            for p in pods
+        )
+
+    wait_for(f"every relay serving generation {wanted}", all_serve, 60, cluster.node)
+
+
+def move(cluster: Cluster, connector: str, port: int) -> None:
+    """`kubectl patch` a connector's smart host port, until every relay serves the change."""
+    before = generation(cluster)
+    patch = {"spec": {"destination": {"smartHost": {"port": port}}}}
+    cluster.kubectl("patch", "outboundconnector", connector, "-n", NAMESPACE,
+                    "--type", "merge", "-p", yaml.safe_dump(patch))  # fmt: skip
+    wait_for(
+        f"{connector} moved in the routing Secret",
+        lambda: generation(cluster) > before and f"{port}" in routing_json(cluster),
+        60,
+        cluster.node,
+    )
+    serving(cluster)
 
 
 def routing_json(cluster: Cluster) -> str:
@@ -464,18 +513,7 @@ def scale_down_with_hand_off(
     relay-0, which delivers it once the destination is back: every message, once."""
     node = cluster.node
     down = free_port()
-    patch = {"spec": {"destination": {"smartHost": {"port": down}}}}
-    cluster.kubectl("patch", "outboundconnector", "tls-self-signed", "-n", NAMESPACE,
-                    "--type", "merge", "-p", yaml.safe_dump(patch))  # fmt: skip
-    wait_for(
-        "the archive destination moved",
-        lambda: (
-            f'"port": {down}' in routing_json(cluster) or f'"port":{down}' in routing_json(cluster)
-        ),
-        60,
-        node,
-    )
-    time.sleep(3)
+    move(cluster, "tls-self-signed", down)
     ids = {
         send(ports.relay_smtp(1), f"r{i}@archive.contoso.example", f"held {i}") for i in range(3)
     }
