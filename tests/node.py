@@ -5,7 +5,7 @@ plane"); it runs standalone (static pods from a folder) or, given a ``ControlPla
 with its API server as ``system:node:node-0`` (group ``system:nodes``: the Node authorizer),
 with the node address 127.0.0.1 and kube-scheduler from the same cache beside it; with
 ``failCgroupV1: false`` and ``cgroupDriver: cgroupfs`` for this machine's cgroup v1 layout, on
-127.0.0.1 and free ports. containerd runs with a private root, state and socket (native
+127.0.0.1 and free ports. containerd runs with a private root, state and socket (overlayfs
 snapshotter, runc, ``restrict_oom_score_adj``: root here cannot lower its OOM score; a CNI
 configuration naming only the loopback plugin, with no plugin binary at all, so that containerd
 reports its network ready: only host-network pods run here, and those never call CNI). The pod
@@ -140,7 +140,7 @@ state = "{root}/state"
   sandbox_image = "{pause}"
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
+    snapshotter = "overlayfs"
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
@@ -327,7 +327,7 @@ class Node:
     # --- images and pods ------------------------------------------------------------------
 
     def import_archive(self, archive: Path) -> None:
-        self.ctr("images", "import", "--snapshotter", "native", str(archive))
+        self.ctr("images", "import", "--snapshotter", "overlayfs", str(archive))
 
     def images(self) -> dict[str, str]:
         """image name -> manifest digest, as containerd lists them."""

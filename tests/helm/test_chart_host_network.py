@@ -18,7 +18,7 @@ import pytest
 from helm.chart import Rendered, helm, template_args
 from helm.test_chart_workloads import container, operator_of, option, relay_of
 
-HOST = ("--set", "relay.hostNetwork.enabled=true")
+HOST = ("--set", "relay.hostNetwork.enabled=true", "--set", "relay.handoff.target=10.0.0.5:2525")
 
 
 def env_of(spec: dict[str, Any]) -> dict[str, str]:
@@ -168,3 +168,20 @@ def test_host_network_listen_address_must_be_an_address() -> None:
     result = helm(*template_args("default", *HOST, "--set", "relay.hostNetwork.listenAddress=x"))
     assert result.returncode != 0
     assert "listenAddress" in result.stderr
+
+
+def test_host_network_refuses_a_hand_off_through_the_service_it_cannot_reach() -> None:
+    result = helm(*template_args("default", "--set", "relay.hostNetwork.enabled=true"))
+    assert result.returncode != 0
+    assert "needs relay.handoff.target" in result.stderr
+    off = ("--set", "relay.hostNetwork.enabled=true", "--set", "relay.handoff.enabled=false")
+    assert helm(*template_args("default", *off)).returncode == 0
+
+
+def test_host_network_notes_send_to_the_node_not_the_service() -> None:
+    result = helm("install", "--dry-run=client", "mailflow", "helm/mailflow", "-n", "mail", *HOST)
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "swaks --server <node address>:2525" in notes
+    assert "port-forward" not in notes
+    assert "svc.cluster.local" not in notes
