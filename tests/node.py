@@ -296,11 +296,6 @@ class Node:
 
         self._wait(healthy, "kube-scheduler", 60)
 
-    def container_log(self, namespace: str, pod: str, container: str) -> str:
-        """Everything a pod's container wrote, as the kubelet keeps it (all its restarts)."""
-        paths = sorted((self.folder / "pod-logs").glob(f"{namespace}_{pod}_*/{container}/*.log"))
-        return "".join(path.read_text(errors="replace") for path in paths)
-
     def pod_logs(self, lines: int = 40) -> str:
         """The last lines of every container log the kubelet wrote (failures print them)."""
         parts = []

@@ -214,9 +214,14 @@ def cluster(k8s_binaries: Binaries) -> Iterator[Cluster]:
             node.import_archive(archive(component))
         yield Cluster(plane, node, folder)
     finally:
+        started = time.monotonic()
         node.stop()
+        stopped = time.monotonic()
         plane.stop()
         shutil.rmtree(folder, ignore_errors=True)
+        print(
+            f"node stopped in {stopped - started:.1f}s, the rest in {time.monotonic() - stopped:.1f}s"
+        )
 
 
 def node_ready(cluster: Cluster) -> bool:
@@ -364,6 +369,7 @@ def install(cluster: Cluster, ports: Ports) -> None:
     spool_volumes(cluster, 2)
     values = cluster.folder / "values.yaml"
     values.write_text(yaml.safe_dump(chart_values(ports)))
+    started = time.monotonic()
     cluster.helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
                  "--values", str(values))  # fmt: skip
     node = cluster.node
@@ -374,6 +380,7 @@ def install(cluster: Cluster, ports: Ports) -> None:
         240,
         node,
     )
+    print(f"helm install to two relays Ready: {time.monotonic() - started:.1f}s")
 
 
 def test_the_chart_on_a_real_node_delivers_follows_routing_and_hands_off_on_scale_down(
