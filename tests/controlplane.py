@@ -247,6 +247,9 @@ class ControlPlane:
     processes: list[Process] = field(default_factory=list)
     api_port: int = 0
     etcd_port: int = 0
+    # The node suite adds the workload controllers (tests/images/test_cluster_node.py).
+    controllers: tuple[str, ...] = field(default_factory=lambda: CONTROLLERS)
+    authority: CertificateAuthority | None = None
 
     @property
     def url(self) -> str:
@@ -370,7 +373,7 @@ class ControlPlane:
                 # Only what the tests rely on: namespaces finalize, owners collect their
                 # dependents, every namespace gets its default ServiceAccount, tokens for
                 # legacy token Secrets and kube-root-ca.crt. Nothing that reaches a network.
-                "--controllers=" + ",".join(CONTROLLERS),
+                "--controllers=" + ",".join(self.controllers),
                 "--profiling=false",
                 "--v=1",
             ],
@@ -432,6 +435,17 @@ class ControlPlane:
         path.chmod(0o600)
         return path
 
+    def client_kubeconfig(
+        self, slug: str, common_name: str, organizations: Sequence[str] = ()
+    ) -> Path:
+        """A kubeconfig with a new client certificate of the cluster's CA (a kubelet's
+        ``system:node:<name>`` in ``system:nodes``, say); written to ``<slug>.kubeconfig``."""
+        assert self.authority is not None, "start() first"
+        self.authority.issue(slug, common_name, organizations=organizations)
+        path = self.folder / f"{slug}.kubeconfig"
+        self._write_kubeconfig(path, slug)
+        return path
+
     # --- internals ----------------------------------------------------------------------
 
     def _process(self, name: str, argv: list[str]) -> Process:
@@ -440,7 +454,7 @@ class ControlPlane:
         return process
 
     def _make_pki(self) -> None:
-        ca = CertificateAuthority(self.pki, "Kubernetes CA")
+        ca = self.authority = CertificateAuthority(self.pki, "Kubernetes CA")
         ca.issue(
             "apiserver",
             "kube-apiserver",
@@ -547,7 +561,7 @@ rules:
   - level: Metadata
 """
 
-CONTROLLERS = (
+CONTROLLERS: tuple[str, ...] = (
     "namespace-controller",
     "garbage-collector-controller",
     "serviceaccount-controller",

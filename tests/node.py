@@ -1,10 +1,14 @@
 """A real node on this machine: containerd (Debian's) and a kubelet built from its Go module.
 
 The kubelet comes from the cache of ``scripts/build-k8s.sh`` (issue "A real Kubernetes control
-plane"); it runs standalone here (no API server: static pods from a folder), with
+plane"); it runs standalone (static pods from a folder) or, given a ``ControlPlane``, registered
+with its API server as ``system:node:node-0`` (group ``system:nodes``: the Node authorizer),
+with the node address 127.0.0.1 and kube-scheduler from the same cache beside it; with
 ``failCgroupV1: false`` and ``cgroupDriver: cgroupfs`` for this machine's cgroup v1 layout, on
-127.0.0.1 and free ports. containerd runs with a private root, state and socket (native
-snapshotter, runc, ``restrict_oom_score_adj``: root here cannot lower its OOM score). The pod
+127.0.0.1 and free ports. containerd runs with a private root, state and socket (overlayfs
+snapshotter, runc, ``restrict_oom_score_adj``: root here cannot lower its OOM score; a CNI
+configuration naming only the loopback plugin, with no plugin binary at all, so that containerd
+reports its network ready: only host-network pods run here, and those never call CNI). The pod
 sandbox image is Kubernetes' own pause program, compiled from the kubelet's module source and
 packed here into an OCI archive. Every process is stopped and every mount undone on `stop()`.
 """
@@ -19,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tarfile
 import tempfile
@@ -30,11 +35,20 @@ from typing import Any
 
 import yaml
 
+from controlplane import ControlPlane
 from imagerun import missing
 from peers import free_port
 
 CACHE = Path(os.environ.get("MAILFLOW_CACHE", Path.home() / ".cache" / "mailflow"))
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+NODE_NAME = "node-0"
+# No pod network: host-network pods never call CNI. The configuration only tells containerd
+# (hence the kubelet's Ready condition) that one is configured; no plugin binary is installed.
+CNI_CONFIG = {
+    "cniVersion": "1.0.0",
+    "name": "mailflow-host-only",
+    "plugins": [{"type": "loopback"}],
+}
 
 
 def kubelet_binary() -> Path:
@@ -126,7 +140,7 @@ state = "{root}/state"
   sandbox_image = "{pause}"
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
+    snapshotter = "overlayfs"
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
@@ -142,7 +156,8 @@ class Node:
     """containerd + a standalone kubelet; `static(name, pod)` runs a pod, `remove(name)`
     deletes it as a node drain would (preStop, SIGTERM, grace period)."""
 
-    def __init__(self) -> None:
+    def __init__(self, api: ControlPlane | None = None) -> None:
+        self.api = api
         self.kubelet = kubelet_binary()
         for tool in ("containerd", "ctr", "gcc"):
             if shutil.which(tool) is None:
@@ -187,6 +202,7 @@ class Node:
         root = self.folder / "containerd"
         for sub in ("cni/bin", "cni/net.d"):
             (root / sub).mkdir(parents=True)
+        (root / "cni/net.d/10-host-only.conflist").write_text(json.dumps(CNI_CONFIG))
         (root / "config.toml").write_text(CONTAINERD_CONFIG.format(root=root, pause=PAUSE_IMAGE))
         self._spawn("containerd", ["containerd", "--config", str(root / "config.toml")])
         self._wait(lambda: self.socket.exists(), "containerd", 30)
@@ -227,21 +243,66 @@ class Node:
             "resolvConf": "",
         }
         (self.folder / "kubelet.yaml").write_text(yaml.safe_dump(config))
+        argv = [
+            str(self.kubelet),
+            "--config",
+            str(self.folder / "kubelet.yaml"),
+            "--root-dir",
+            str(self.folder / "kubelet"),
+            "--cert-dir",
+            str(self.folder / "kubelet-pki"),
+            "--hostname-override",
+            NODE_NAME,
+        ]
+        if self.api is not None:
+            kubeconfig = self.api.client_kubeconfig(
+                "kubelet", f"system:node:{NODE_NAME}", ["system:nodes"]
+            )
+            # 127.0.0.1 keeps the machine's other addresses out of the API: the kubelet then
+            # reports no address at all ("nodeIP can't be loopback address" in its log), and
+            # the host-network pods have no pod IP; nothing here routes by either.
+            argv += ["--kubeconfig", str(kubeconfig), "--node-ip", "127.0.0.1"]
+        self._spawn("kubelet", argv)
+        self._wait(self._healthy, "kubelet", 60)
+        if self.api is not None:
+            self._start_scheduler(self.api)
+
+    def _start_scheduler(self, api: ControlPlane) -> None:
+        kubeconfig = api.client_kubeconfig("scheduler", "system:kube-scheduler")
+        port = free_port()
         self._spawn(
-            "kubelet",
+            "kube-scheduler",
             [
-                str(self.kubelet),
-                "--config",
-                str(self.folder / "kubelet.yaml"),
-                "--root-dir",
-                str(self.folder / "kubelet"),
-                "--cert-dir",
-                str(self.folder / "kubelet-pki"),
-                "--hostname-override",
-                "node-0",
+                str(self.kubelet.parent / "kube-scheduler"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                "--leader-elect=false",
+                "--v=1",
             ],
         )
-        self._wait(self._healthy, "kubelet", 60)
+
+        def healthy() -> bool:
+            with contextlib.suppress(OSError):
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE  # its self-signed serving certificate
+                url = f"https://127.0.0.1:{port}/healthz"
+                with urllib.request.urlopen(url, timeout=2, context=context) as answer:
+                    return bool(answer.status == 200)
+            return False
+
+        self._wait(healthy, "kube-scheduler", 60)
+
+    def pod_logs(self, lines: int = 40) -> str:
+        """The last lines of every container log the kubelet wrote (failures print them)."""
+        parts = []
+        for path in sorted((self.folder / "pod-logs").glob("*/*/*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.relative_to(self.folder)}\n" + "\n".join(text))
+        return "\n".join(parts)
 
     def _healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.healthz}/healthz"
@@ -261,7 +322,7 @@ class Node:
     # --- images and pods ------------------------------------------------------------------
 
     def import_archive(self, archive: Path) -> None:
-        self.ctr("images", "import", "--snapshotter", "native", str(archive))
+        self.ctr("images", "import", "--snapshotter", "overlayfs", str(archive))
 
     def images(self) -> dict[str, str]:
         """image name -> manifest digest, as containerd lists them."""
@@ -305,6 +366,10 @@ class Node:
                     self.ctr("tasks", "delete", "--force", task, timeout=30)
 
     def stop(self) -> None:
+        scheduler = self.processes.pop("kube-scheduler", None)
+        if scheduler is not None and scheduler.poll() is None:
+            os.killpg(scheduler.pid, signal.SIGTERM)
+            scheduler.wait(15)
         kubelet = self.processes.pop("kubelet", None)
         if kubelet is not None and kubelet.poll() is None:
             os.killpg(kubelet.pid, signal.SIGTERM)

@@ -201,3 +201,15 @@ The relay's fail-closed guards, or a render error that says what to change:
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* An exec probe of a host-network relay: GET the path on its own ordinal port, through the
+image's Python without site packages (a few milliseconds), failing on anything but 2xx. */}}
+{{- define "mailflow.relay.hostProbe" -}}
+exec:
+  command:
+    - python3
+    - -I
+    - -S
+    - -c
+    - {{ printf "import os, urllib.request as r; r.urlopen('http://%%s:%%d%s' %% (os.environ['MAILFLOW_PROBE_ADDRESS'], int(os.environ['MAILFLOW_HTTP_PORT']) + int(os.environ['POD_INDEX'])), timeout=3)" . | quote }}
+{{- end }}
