@@ -51,10 +51,12 @@ from mailflow_relay.routing.domains import is_ip_literal
 __all__ = [
     "CertificateInfo",
     "TlsFailure",
+    "certificate_info",
     "TlsPolicyError",
     "check_certificate",
     "classify_handshake_error",
     "client_context",
+    "name_matches",
     "server_name_for",
 ]
 
@@ -68,6 +70,12 @@ class TlsFailure(enum.Enum):
     EXPIRED = "expired"
     NAME_MISMATCH = "name_mismatch"
     PIN_MISMATCH = "pin_mismatch"
+    DANE_MISMATCH = "dane_mismatch"
+    """Validated TLSA records exist and the server's chain matches none (RFC 7672)."""
+    DANE_LOOKUP = "dane_lookup"
+    """The trusted resolver could not answer (SERVFAIL: bogus or expired signatures)."""
+    DANE_REQUIRED = "dane_required"
+    """``tls.dane: Mandatory`` and no usable TLSA record."""
 
 
 class TlsPolicyError(MailflowRelayError, ConnectionError):
@@ -253,6 +261,11 @@ def _names_to_match(info: CertificateInfo, der: bytes) -> tuple[str, ...]:
         str(attribute.value).lower().rstrip(".")
         for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     )
+
+
+def name_matches(presented: str, reference: str) -> bool:
+    """RFC 6125 §6.4.3 for one certificate name (lower case) against one host name."""
+    return _matches(presented, reference.lower().rstrip("."))
 
 
 def _matches(presented: str, reference: str) -> bool:
