@@ -181,14 +181,14 @@ class SignedDns(_Process):
         unbound = require("unbound")
         self._tmp = tempfile.TemporaryDirectory(prefix="mailflow-dnssec-")
         folder = Path(self._tmp.name)
-        files: dict[str, str] = {}
-        template = DnsServer({}, ttl=self.ttl)
-        for name, records in self.zones.items():
-            text = template._zone_file(name, records)
-            files[name] = self._sign(name, text, folder) if name in self.signed else text
-        self.nsd = _SignedNsd(files, self.ttl)
-        self.nsd.start()
         try:
+            files: dict[str, str] = {}
+            template = DnsServer({}, ttl=self.ttl)
+            for name, records in self.zones.items():
+                text = template._zone_file(name, records)
+                files[name] = self._sign(name, text, folder) if name in self.signed else text
+            self.nsd = _SignedNsd(files, self.ttl)
+            self.nsd.start()
             self._start_unbound(unbound, folder, self.nsd.port)
         except BaseException:
             self.stop()
