@@ -102,9 +102,15 @@ class SignedDns(_Process):
         zsk = self._run(keygen, "-a", "ECDSAP256SHA256", name, cwd=folder)
         now = datetime.datetime.now(datetime.UTC)
         if name in self.expired:
-            inception, expiration = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
+            inception, expiration = (
+                now - datetime.timedelta(days=30),
+                now - datetime.timedelta(days=1),
+            )
         else:
-            inception, expiration = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30)
+            inception, expiration = (
+                now - datetime.timedelta(hours=1),
+                now + datetime.timedelta(days=30),
+            )
         signed = folder / f"{name}.signed"
         self._run(
             signzone,
@@ -159,12 +165,16 @@ class SignedDns(_Process):
             "    outgoing-port-permit: 1024-65535",
         ]
         # unbound answers RFC 6761 names (test., invalid., ...) itself unless told not to.
-        for top in sorted({name.rpartition(".")[2] for name in self.zones}):
-            lines.append(f'    local-zone: "{top}." nodefault')
+        tops = sorted({name.rpartition(".")[2] for name in self.zones})
+        lines += [f'    local-zone: "{top}." nodefault' for top in tops]
         for name, ds in sorted(self.trust_anchors.items()):
             lines.append(f'    trust-anchor: "{name}. {ds}"')
         for name in sorted(self.zones):
-            lines += ["stub-zone:", f'    name: "{name}."', f"    stub-addr: {LOCALHOST}@{nsd_port}"]
+            lines += [
+                "stub-zone:",
+                f'    name: "{name}."',
+                f"    stub-addr: {LOCALHOST}@{nsd_port}",
+            ]
         lines += ["stub-zone:", '    name: "."', f"    stub-addr: {LOCALHOST}@{nsd_port}"]
         lines += ["remote-control:", "    control-enable: no"]
         return "\n".join(lines) + "\n"

@@ -359,6 +359,14 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         help="DNS server to ask (repeat; default: the system's)",
     )
     relay.add_argument(
+        "--dnssec-resolver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="a DNSSEC-validating resolver whose AD bit the relay trusts, for DANE (repeat; "
+        "loopback or the cluster's; default: none, and DANE never applies)",
+    )
+    relay.add_argument(
         "--mx-port",
         type=int,
         default=_default(DeliverySettings, "mx_port"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import ipaddress
 from pathlib import Path
 from typing import TextIO
 
@@ -70,6 +72,7 @@ def relay_setup(
             if not port.isdigit():
                 raise UsageError(f"--dns-server {value!r}: expected IP[:PORT]")
             dns_port = int(port)
+    dnssec_resolvers, dnssec_port = _dnssec_resolvers(args.dnssec_resolver)
     if bool(args.manifests) == bool(args.routing_secret):
         raise UsageError("give either --manifests (standalone) or --routing-secret (in a cluster)")
     default_route = DefaultRoute(action=DefaultAction(args.default_route))
@@ -100,6 +103,9 @@ def relay_setup(
         settings = _settings(
             args, listen_host, listen_port, networks, users, dns_servers, dns_port, handoff
         )
+        settings = dataclasses.replace(
+            settings, dnssec_resolvers=dnssec_resolvers, dnssec_port=dnssec_port
+        )
     except (SettingsError, ListenerConfigError) as e:
         option = _OPTIONS.get(e.setting, e.setting.replace("_", "-"))
         raise UsageError(f"--{option}: {e.reason}") from e
@@ -129,6 +135,28 @@ def relay_setup(
 
         source = RoutingSecretSource(namespace, name, poll_interval=args.config_poll)
     return settings, source, http
+
+
+def _dnssec_resolvers(values: list[str]) -> tuple[tuple[str, ...], int]:
+    """``--dnssec-resolver IP[:PORT]``: addresses only (a name would need DNS to be trusted)."""
+    addresses: list[str] = []
+    port = 53
+    for value in values:
+        host, sep, text = value.rpartition(":") if value.count(":") == 1 else ("", "", "")
+        address = host if sep else value
+        try:
+            ipaddress.ip_address(address.strip("[]"))
+        except ValueError:
+            raise UsageError(
+                f"--dnssec-resolver {value!r}: expected IP[:PORT] of a validating resolver "
+                "(an address: a name would have to be resolved by a resolver not yet trusted)"
+            ) from None
+        if sep:
+            if not text.isdigit() or not 0 < int(text) <= 65535:
+                raise UsageError(f"--dnssec-resolver {value!r}: expected IP[:PORT]")
+            port = int(text)
+        addresses.append(address.strip("[]"))
+    return tuple(addresses), port
 
 
 def _check_hostname(args: argparse.Namespace, hostname: str) -> None:

@@ -35,6 +35,7 @@ from mailflow_relay.routing.document import (
     ClientScope,
     Conflict,
     Connector,
+    DaneMode,
     DefaultRoute,
     Destination,
     IPNetwork,
@@ -242,6 +243,7 @@ class _ConnectorCompiler:
             certificate_name=certificate_name.lower() if certificate_name else None,
             ca_bundle=ca_bundle,
             pinned_fingerprints=tuple(_canonical_pin(p) for p in raw.get("pinnedFingerprints", [])),
+            dane=DaneMode(raw.get("dane", DaneMode.NONE.value)),
         )
 
     def auth(self, tls: TlsPolicy) -> SmtpCredentials | None:

@@ -70,6 +70,7 @@ class RawTls(TypedDict, total=False):
     certificateName: str
     caBundle: dict[str, RawSecretRef]
     pinnedFingerprints: list[str]
+    dane: str
 
 
 class RawClients(TypedDict, total=False):

@@ -48,6 +48,7 @@ from mailflow_relay.errors import (
 )
 from mailflow_relay.inbound.listener import AcceptedMessage, ListenerSettings, SmtpListener
 from mailflow_relay.inbound.settings import IPNetwork
+from mailflow_relay.outbound.dane import dane_for
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
     DeliveryReport,
@@ -89,6 +90,9 @@ class RelaySettings:
     dns_servers: tuple[str, ...] = ()
     """DNS servers to ask; empty = the system's resolver configuration."""
     dns_port: int = 53
+    dnssec_resolvers: tuple[str, ...] = ()
+    """Validating resolvers whose AD bit is trusted, for DANE; empty = DANE never applies."""
+    dnssec_port: int = 53
     workers: int = 16
     """Deliveries in progress at once."""
     retry_initial: float = 300.0
@@ -181,7 +185,9 @@ class Relay:
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
         self.deliverer = Deliverer(
-            settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
+            settings.delivery,
+            Resolver(settings.dns_servers, port=settings.dns_port),
+            dane=dane_for(settings.dnssec_resolvers, settings.dnssec_port),
         )
         self.listener = SmtpListener(
             settings.listener,

@@ -48,6 +48,7 @@ import dns.message
 import dns.name
 import dns.rdata
 import dns.rdatatype
+import dns.rdtypes.ANY.TLSA
 import dns.resolver
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -80,6 +81,7 @@ __all__ = [
     "DnssecResolver",
     "Tlsa",
     "dane_context",
+    "dane_for",
     "peer_chain",
     "verify_chain",
 ]
@@ -136,7 +138,7 @@ class DnssecResolver:
                 name, rdtype, search=False, raise_on_no_answer=False
             )
         except dns.resolver.NXDOMAIN as e:
-            responses = list(e.responses().values())
+            responses = list(e.responses().values())  # type: ignore[no-untyped-call]
             secure = bool(responses) and all(_authenticated(r) for r in responses)
             return SecureAnswer((), secure, name.rstrip(".").lower())
         except dns.exception.DNSException as e:
@@ -286,54 +288,63 @@ class Dane:
             address = await self.resolver.lookup(host, dns.rdatatype.A)
             if not address.records:
                 address = await self.resolver.lookup(host, dns.rdatatype.AAAA)
+            if not address.secure:
+                return DaneRequirement(
+                    DaneState.NOT_APPLICABLE,
+                    f"the address records of {host} are not DNSSEC-validated: no TLSA lookup",
+                )
+            # RFC 7672 §2.2.2: a CNAME'd host's TLSA records are looked for at the expanded
+            # name first, then at the original name; where they are found is the base domain.
+            for base in dict.fromkeys([address.canonical_name, host]):
+                owner = f"_{port}._tcp.{base}"
+                answer = await self.resolver.lookup(owner, dns.rdatatype.TLSA)
+                if not answer.secure:
+                    return DaneRequirement(
+                        DaneState.NOT_APPLICABLE, f"TLSA {owner} is not DNSSEC-validated"
+                    )
+                if answer.records:
+                    return _from_tlsa(owner, base, host, answer.records)
         except DaneLookupError as e:
             return _lookup_failed(e)
-        if not address.secure:
-            return DaneRequirement(
-                DaneState.NOT_APPLICABLE,
-                f"the address records of {host} are not DNSSEC-validated: no TLSA lookup",
-            )
-        # RFC 7672 §2.2.2: a CNAME'd host's TLSA records are looked for at the expanded
-        # name first, then at the original name; where they are found is the base domain.
-        candidates = list(dict.fromkeys([address.canonical_name, host]))
-        for base in candidates:
-            owner = f"_{port}._tcp.{base}"
-            try:
-                answer = await self.resolver.lookup(owner, dns.rdatatype.TLSA)
-            except DaneLookupError as e:
-                return _lookup_failed(e)
-            if not answer.secure:
-                return DaneRequirement(
-                    DaneState.NOT_APPLICABLE, f"TLSA {owner} is not DNSSEC-validated"
-                )
-            if not answer.records:
-                continue
-            records = tuple(
-                Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert))
-                for r in answer.records
-                if r.rdtype == dns.rdatatype.TLSA
-            )
-            names = tuple(dict.fromkeys([base, host]))
-            usable = tuple(r for r in records if r.usable)
-            if not usable:
-                return DaneRequirement(
-                    DaneState.UNUSABLE,
-                    f"TLSA {owner}: {len(records)} record(s), none usable (RFC 7672 3.1.3): "
-                    "TLS is mandatory, not authenticated by DANE",
-                    base_domain=base,
-                    names=names,
-                    records=records,
-                )
-            return DaneRequirement(
-                DaneState.USABLE,
-                f"TLSA {owner}: {len(usable)} usable record(s)",
-                base_domain=base,
-                names=names,
-                records=usable,
-            )
         return DaneRequirement(
             DaneState.NOT_APPLICABLE, f"no TLSA records for {host} (DNSSEC-validated denial)"
         )
+
+
+def _from_tlsa(
+    owner: str, base: str, host: str, found: Sequence[dns.rdata.Rdata]
+) -> DaneRequirement:
+    records = tuple(
+        Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert))
+        for r in found
+        if isinstance(r, dns.rdtypes.ANY.TLSA.TLSA)
+    )
+    names = tuple(dict.fromkeys([base, host]))
+    usable = tuple(r for r in records if r.usable)
+    if not usable:
+        return DaneRequirement(
+            DaneState.UNUSABLE,
+            f"TLSA {owner}: {len(records)} record(s), none usable (RFC 7672 3.1.3): "
+            "TLS is mandatory, not authenticated by DANE",
+            base_domain=base,
+            names=names,
+            records=records,
+        )
+    return DaneRequirement(
+        DaneState.USABLE,
+        f"TLSA {owner}: {len(usable)} usable record(s)",
+        base_domain=base,
+        names=names,
+        records=usable,
+    )
+
+
+def dane_for(resolvers: Sequence[str], port: int, timeout: float = 5.0) -> Dane:
+    """The relay's DANE, with the resolvers of ``--dnssec-resolver`` (none: never applies)."""
+    if not resolvers:
+        return Dane(None)
+    logger.info("DANE: trusting the AD bit of %s", ", ".join(f"{r}:{port}" for r in resolvers))
+    return Dane(DnssecResolver(resolvers, port=port, timeout=timeout))
 
 
 def _lookup_failed(error: DaneLookupError) -> DaneRequirement:
@@ -484,9 +495,11 @@ def _trust_anchors(records: Iterable[Tlsa], issuers: Sequence[x509.Certificate])
     for record in records:
         if record.usage != DANE_TA:
             continue
-        for issuer in issuers:
-            if association(issuer, record.selector, record.matching_type) == record.data:
-                anchors.append(_Anchor(issuer.public_key(), issuer.subject))
+        anchors.extend(
+            _Anchor(issuer.public_key(), issuer.subject)
+            for issuer in issuers
+            if association(issuer, record.selector, record.matching_type) == record.data
+        )
         # A full certificate or key in the record is an anchor even if the server omits it.
         if record.matching_type == 0:
             try:
@@ -500,7 +513,9 @@ def _trust_anchors(records: Iterable[Tlsa], issuers: Sequence[x509.Certificate])
     return anchors
 
 
-def _check_path(certificates: Sequence[x509.Certificate], anchors: Sequence[_Anchor], now: datetime) -> None:
+def _check_path(
+    certificates: Sequence[x509.Certificate], anchors: Sequence[_Anchor], now: datetime
+) -> None:
     """Leaf to anchor through the server's intermediates: signatures, CA flags, dates."""
     mode = TlsMode.OPPORTUNISTIC
     current = certificates[0]
@@ -527,7 +542,9 @@ def _check_path(certificates: Sequence[x509.Certificate], anchors: Sequence[_Anc
             (
                 c
                 for c in pool
-                if c.subject == current.issuer and c is not current and _signed_by(current, c.public_key())
+                if c.subject == current.issuer
+                and c is not current
+                and _signed_by(current, c.public_key())
             ),
             None,
         )

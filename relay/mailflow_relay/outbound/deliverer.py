@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from mailflow_relay.errors import SettingsError, require_positive
-from mailflow_relay.outbound.dane import Dane, DaneRequirement, dane_context, peer_chain, verify_chain
+from mailflow_relay.outbound.dane import (
+    Dane,
+    DaneRequirement,
+    dane_context,
+    peer_chain,
+    verify_chain,
+)
 from mailflow_relay.outbound.dns import DnsError, Resolver
 from mailflow_relay.outbound.health import HealthTracker
 from mailflow_relay.outbound.results import (

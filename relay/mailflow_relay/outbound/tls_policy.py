@@ -51,8 +51,8 @@ from mailflow_relay.routing.domains import is_ip_literal
 __all__ = [
     "CertificateInfo",
     "TlsFailure",
-    "certificate_info",
     "TlsPolicyError",
+    "certificate_info",
     "check_certificate",
     "classify_handshake_error",
     "client_context",

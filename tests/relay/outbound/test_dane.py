@@ -245,7 +245,7 @@ def test_dane_ee_delivers_verified_whatever_the_names_and_issuer(world: World) -
 def test_trap_dane_ta_without_any_webpki_anchor(world: World) -> None:
     # The CA is in no trust store and no caBundle is given: the TLSA record is the anchor.
     tls = TlsPolicy(TlsMode.TRUSTED_CA, dane=DaneMode.OPPORTUNISTIC)
-    report, server = deliver_to(world, "127.0.0.32", world.ta, "b@ta.dane.test", tls)
+    report, _ = deliver_to(world, "127.0.0.32", world.ta, "b@ta.dane.test", tls)
     assert status(report) is DeliveryStatus.DELIVERED, report.results
     assert report.verified
     assert report.certificate is not None
@@ -273,7 +273,9 @@ def test_trap_a_cnamed_mx_host_uses_the_expanded_name_as_base_domain(world: Worl
 
 def test_a_smart_host_by_name_is_authenticated_by_its_tlsa(world: World) -> None:
     destination = SmartHost("mx-ee.dane.test", world.port)
-    report, _ = deliver_to(world, "127.0.0.31", world.ee, "b@anywhere.example", destination=destination)
+    report, _ = deliver_to(
+        world, "127.0.0.31", world.ee, "b@anywhere.example", destination=destination
+    )
     assert status(report) is DeliveryStatus.DELIVERED, report.results
     assert report.verified
 
