@@ -233,6 +233,12 @@ CASES: list[tuple[str, Body, str, str]] = [
         '"TrustedCA", "DomainMatch", "NameMatch"',
     ),
     (
+        "tls.dane is Opportunistic, Mandatory or None",
+        connector(tls={"mode": "Opportunistic", "dane": "Always"}),
+        "spec.tls.dane",
+        'Unsupported value: "Always": supported values: "Opportunistic", "Mandatory", "None"',
+    ),
+    (
         "NameMatch requires certificateName",
         connector(tls={"mode": "NameMatch"}),
         "spec.tls.certificateName",
