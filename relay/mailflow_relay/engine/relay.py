@@ -947,6 +947,8 @@ class Relay:
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
         if report.protocol_errors:
             self.metrics.protocol_errors.labels(name, destination).inc(report.protocol_errors)
+        if report.dane is not None:
+            self.metrics.dane_results.labels(name, report.dane).inc()
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value

@@ -76,12 +76,14 @@ from mailflow_relay.routing.document import (
 __all__ = [
     "Dane",
     "DaneLookupError",
+    "DaneOutcome",
     "DaneRequirement",
     "DaneState",
     "DnssecResolver",
     "Tlsa",
     "dane_context",
     "dane_for",
+    "dane_outcome",
     "peer_chain",
     "verify_chain",
 ]
@@ -337,6 +339,41 @@ def _from_tlsa(
         names=names,
         records=usable,
     )
+
+
+class DaneOutcome(enum.Enum):
+    """What DANE did for one delivery: the ``result`` label of ``mailflow_dane_results``."""
+
+    VERIFIED = "verified"
+    """Authenticated by the TLSA records and delivered."""
+    MISMATCH = "mismatch"
+    """Validated TLSA records that the server's chain does not match: deferred."""
+    TLS_FAILED = "tls_failed"
+    """Usable TLSA records, and no STARTTLS, a failed handshake, a wrong name or date."""
+    LOOKUP_FAILED = "lookup_failed"
+    REQUIRED = "required"
+    """``tls.dane: Mandatory`` without usable TLSA records: deferred."""
+    UNUSABLE = "unusable"
+    NOT_APPLICABLE = "not_applicable"
+
+
+def dane_outcome(
+    requirement: DaneRequirement | None, tls_failure: TlsFailure | None
+) -> DaneOutcome | None:
+    """The outcome of one attempt under ``requirement``; None when ``tls.dane`` is None."""
+    if requirement is None or requirement is NOT_ENABLED:
+        return None
+    if tls_failure is TlsFailure.DANE_LOOKUP:
+        return DaneOutcome.LOOKUP_FAILED
+    if tls_failure is TlsFailure.DANE_REQUIRED:
+        return DaneOutcome.REQUIRED
+    if tls_failure is TlsFailure.DANE_MISMATCH:
+        return DaneOutcome.MISMATCH
+    if requirement.state is DaneState.USABLE:
+        return DaneOutcome.TLS_FAILED if tls_failure is not None else DaneOutcome.VERIFIED
+    if requirement.state is DaneState.UNUSABLE:
+        return DaneOutcome.UNUSABLE
+    return DaneOutcome.NOT_APPLICABLE
 
 
 def dane_for(resolvers: Sequence[str], port: int, timeout: float = 5.0) -> Dane:

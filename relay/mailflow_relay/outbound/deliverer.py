@@ -39,8 +39,10 @@ import aiosmtplib
 from mailflow_relay.errors import SettingsError, require_positive
 from mailflow_relay.outbound.dane import (
     Dane,
+    DaneOutcome,
     DaneRequirement,
     dane_context,
+    dane_outcome,
     peer_chain,
     verify_chain,
 )
@@ -314,6 +316,7 @@ class Deliverer:
         session = _Session()
         server: str | None = None
         tls_failure: TlsFailure | None = None
+        dane: DaneOutcome | None = None
         protocol_errors = 0
         for target in targets:
             if not pending:
@@ -327,6 +330,7 @@ class Deliverer:
                 self.health.failed(target.address, target.port)
                 attempts.append(Attempt(str(target), e.reason))
                 tls_failure = e.tls_failure or tls_failure
+                dane = dane_outcome(target.dane, e.tls_failure)
                 protocol_errors += isinstance(e, _ProtocolError)
                 logger.warning("delivery to %s failed: %s", target, e.reason)
                 for recipient in pending:
@@ -335,6 +339,7 @@ class Deliverer:
                     )
                 continue
             self.health.succeeded(target.address, target.port)
+            dane = dane_outcome(target.dane, None)
             attempts.append(Attempt(str(target), _summary(results)))
             still_pending = []
             for result in results:
@@ -361,6 +366,7 @@ class Deliverer:
             verified=session.verified,
             tls_failure=None if session.tls_version else tls_failure,
             attempts=tuple(attempts),
+            dane=dane.value if dane else None,
             protocol_errors=protocol_errors,
         )
 

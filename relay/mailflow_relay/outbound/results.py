@@ -43,6 +43,8 @@ class DeliveryReport:
     """The certificate was checked as the mode requires (chain, name or pins)."""
     tls_failure: TlsFailure | None = None
     attempts: tuple[Attempt, ...] = ()
+    dane: str | None = None
+    """What DANE did (a :class:`~.dane.DaneOutcome` value); None when ``tls.dane`` is None."""
     protocol_errors: int = 0
     """Targets that answered out of protocol (``250`` to ``DATA``, no valid reply code, a
     line over the limit): never a delivery, counted so that a broken next hop shows."""

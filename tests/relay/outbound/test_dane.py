@@ -240,6 +240,7 @@ def test_dane_ee_delivers_verified_whatever_the_names_and_issuer(world: World) -
     assert report.verified
     assert server.messages[0].tls
     assert server.last_server_name == "mx-ee.dane.test"
+    assert report.dane == "verified"
 
 
 def test_trap_dane_ta_without_any_webpki_anchor(world: World) -> None:
@@ -287,6 +288,7 @@ def test_a_tlsa_mismatch_defers(world: World) -> None:
     report, server = deliver_to(world, "127.0.0.33", world.mismatch, "b@bad.dane.test")
     assert status(report) is DeliveryStatus.DEFERRED
     assert report.tls_failure is TlsFailure.DANE_MISMATCH
+    assert report.dane == "mismatch"
     assert not server.messages
     assert "4.7.5" in report.results[0].message
 
@@ -295,6 +297,7 @@ def test_usable_tlsa_and_no_starttls_defers_never_plaintext(world: World) -> Non
     report, server = deliver_to(world, "127.0.0.36", None, "b@nostarttls.dane.test")
     assert status(report) is DeliveryStatus.DEFERRED
     assert report.tls_failure is TlsFailure.NO_STARTTLS
+    assert report.dane == "tls_failed"
     assert not server.messages
 
 
@@ -332,6 +335,7 @@ def test_trap_a_tlsa_lookup_that_servfails_defers_never_downgrades(world: World)
     assert status(report) is DeliveryStatus.DEFERRED
     assert report.tls_failure is TlsFailure.DANE_LOOKUP
     assert "never downgraded" in report.results[0].message
+    assert report.dane == "lookup_failed"
     assert server.connections == 0
 
 
@@ -342,6 +346,7 @@ def test_an_unsigned_zone_falls_back_to_the_tls_mode(world: World) -> None:
     report, server = deliver_to(world, "127.0.0.39", world.plain, "b@unsigned.plain.test")
     assert status(report) is DeliveryStatus.DELIVERED
     assert not report.verified  # Opportunistic: encrypted, not authenticated
+    assert report.dane == "not_applicable"
     assert server.messages[0].tls
 
 
@@ -366,6 +371,7 @@ def test_mandatory_dane_defers_when_there_is_no_usable_tlsa(world: World) -> Non
     report, server = deliver_to(world, "127.0.0.39", world.plain, "b@unsigned.plain.test", tls)
     assert status(report) is DeliveryStatus.DEFERRED
     assert report.tls_failure is TlsFailure.DANE_REQUIRED
+    assert report.dane == "required"
     assert server.connections == 0
 
 
@@ -381,6 +387,7 @@ def test_dane_none_ignores_tlsa_records(world: World) -> None:
     report, _ = deliver_to(world, "127.0.0.33", world.mismatch, "b@bad.dane.test", tls)
     assert status(report) is DeliveryStatus.DELIVERED
     assert not report.verified
+    assert report.dane is None
 
 
 # --- without a trusted resolver, and for profiles ----------------------------------------------
