@@ -297,17 +297,21 @@ class Dane:
                 )
             # RFC 7672 §2.2.2: a CNAME'd host's TLSA records are looked for at the expanded
             # name first, then at the original name; where they are found is the base domain.
+            # An insecure answer there (or a validated denial) moves on to the next name.
+            insecure: list[str] = []
             for base in dict.fromkeys([address.canonical_name, host]):
                 owner = f"_{port}._tcp.{base}"
                 answer = await self.resolver.lookup(owner, dns.rdatatype.TLSA)
                 if not answer.secure:
-                    return DaneRequirement(
-                        DaneState.NOT_APPLICABLE, f"TLSA {owner} is not DNSSEC-validated"
-                    )
-                if answer.records:
+                    insecure.append(owner)
+                elif answer.records:
                     return _from_tlsa(owner, base, host, answer.records)
         except DaneLookupError as e:
             return _lookup_failed(e)
+        if insecure:
+            return DaneRequirement(
+                DaneState.NOT_APPLICABLE, f"TLSA {', '.join(insecure)}: not DNSSEC-validated"
+            )
         return DaneRequirement(
             DaneState.NOT_APPLICABLE, f"no TLSA records for {host} (DNSSEC-validated denial)"
         )

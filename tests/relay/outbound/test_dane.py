@@ -131,7 +131,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "ta-wrong-name MX 10 mx-ta-wrong-name.dane.test.",
             "mx-ta-wrong-name A 127.0.0.38",
             f"{tlsa}.mx-ta-wrong-name TLSA 2 1 1 {ca_hash}",
-            "insecure-a MX 10 mx.plain.test.",
+            "insecure-a MX 10 alias.dane.test.",
+            # Signed, validated and wrong: looked up only if the insecure addresses were
+            # (wrongly) trusted.
+            "alias CNAME mx.plain.test.",
+            f"{tlsa}.alias TLSA 3 1 1 {wrong}",
             "expired MX 10 mx.old.test.",
             "servfail MX 10 mx.bogus.test.",
         ],
@@ -351,7 +355,8 @@ def test_an_unsigned_zone_falls_back_to_the_tls_mode(world: World) -> None:
 
 
 def test_trap_mx_host_with_insecure_addresses_ignores_its_tlsa(world: World) -> None:
-    # The MX RRset is signed, the host's zone is not: its (mismatching) TLSA is never used.
+    # The MX RRset is signed; the host is a CNAME into an unsigned zone, so its addresses
+    # are insecure: no TLSA lookup at all, not even at the signed original name.
     report, _ = deliver_to(world, "127.0.0.39", world.plain, "b@insecure-a.dane.test")
     assert status(report) is DeliveryStatus.DELIVERED
     assert not report.verified
