@@ -130,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=DefaultAction.RECIPIENT_MX.value,
         help="what happens when no connector matches (default: %(default)s, Opportunistic TLS)",
     )
+    explain.add_argument(
+        "--resolve",
+        action="store_true",
+        help="also look up, now, the next hops in DNS and what DANE requires of each",
+    )
+    explain.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="with --resolve: DNS server for MX and addresses (default: the system's)",
+    )
+    explain.add_argument(
+        "--dnssec-resolver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="with --resolve: the validating resolver the relay trusts (as its flag of that name)",
+    )
+    explain.add_argument(
+        "--mx-port",
+        type=int,
+        default=25,
+        help="with --resolve: port of MX hosts (default: %(default)s; for tests)",
+    )
     _common(explain)
     _relay_parser(commands)
     _operator_parser(commands)

@@ -72,7 +72,7 @@ def relay_setup(
             if not port.isdigit():
                 raise UsageError(f"--dns-server {value!r}: expected IP[:PORT]")
             dns_port = int(port)
-    dnssec_resolvers, dnssec_port = _dnssec_resolvers(args.dnssec_resolver)
+    dnssec_resolvers, dnssec_port = parse_resolvers(args.dnssec_resolver, "--dnssec-resolver")
     if bool(args.manifests) == bool(args.routing_secret):
         raise UsageError("give either --manifests (standalone) or --routing-secret (in a cluster)")
     default_route = DefaultRoute(action=DefaultAction(args.default_route))
@@ -137,8 +137,8 @@ def relay_setup(
     return settings, source, http
 
 
-def _dnssec_resolvers(values: list[str]) -> tuple[tuple[str, ...], int]:
-    """``--dnssec-resolver IP[:PORT]``: addresses only (a name would need DNS to be trusted)."""
+def parse_resolvers(values: list[str], option: str) -> tuple[tuple[str, ...], int]:
+    """``IP[:PORT]`` values: addresses only (a name would need DNS to be trusted)."""
     addresses: list[str] = []
     port = 53
     for value in values:
@@ -148,12 +148,12 @@ def _dnssec_resolvers(values: list[str]) -> tuple[tuple[str, ...], int]:
             ipaddress.ip_address(address.strip("[]"))
         except ValueError:
             raise UsageError(
-                f"--dnssec-resolver {value!r}: expected IP[:PORT] of a validating resolver "
-                "(an address: a name would have to be resolved by a resolver not yet trusted)"
+                f"{option} {value!r}: expected IP[:PORT] of a resolver (an address: a name "
+                "would have to be resolved by a resolver not yet trusted)"
             ) from None
         if sep:
             if not text.isdigit() or not 0 < int(text) <= 65535:
-                raise UsageError(f"--dnssec-resolver {value!r}: expected IP[:PORT]")
+                raise UsageError(f"{option} {value!r}: expected IP[:PORT]")
             port = int(text)
         addresses.append(address.strip("[]"))
     return tuple(addresses), port

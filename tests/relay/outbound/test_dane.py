@@ -10,6 +10,8 @@ a test here, named after it.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -489,3 +491,54 @@ def test_a_ta_record_matching_the_leaf_itself_is_no_anchor(
 )
 def test_which_records_are_usable(record: Tlsa, usable: bool) -> None:
     assert record.usable is usable
+
+
+# --- mailflow explain --resolve ----------------------------------------------------------------
+
+
+def test_explain_resolve_shows_the_dane_requirement_of_each_next_hop(
+    world: World, tmp_path: Path
+) -> None:
+    assert world.dns.nsd is not None
+    (tmp_path / "c.yaml").write_text(
+        "apiVersion: mailflow.dev/v1alpha1\n"
+        "kind: OutboundConnector\n"
+        "metadata: {name: dane, namespace: mail}\n"
+        "spec:\n"
+        '  recipientDomains: ["*.dane.test", "*.plain.test"]\n'
+        "  tls: {mode: Opportunistic, dane: Opportunistic}\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailflow_cli",
+            "explain",
+            str(tmp_path),
+            "--from",
+            "a@sender.test",
+            "--to",
+            "b@ta.dane.test",
+            "--to",
+            "b@servfail.dane.test",
+            "--to",
+            "b@insecure-mx.plain.test",
+            "--resolve",
+            "--dns-server",
+            f"127.0.0.1:{world.dns.nsd.port}",
+            "--dnssec-resolver",
+            f"127.0.0.1:{world.dns.port}",
+            "--mx-port",
+            str(world.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "tls          Opportunistic, DANE Opportunistic" in text
+    assert f"mx-ta.dane.test:{world.port}: usable: TLSA _{world.port}._tcp.mx-ta.dane.test" in text
+    assert f"mx.bogus.test:{world.port}: failed: DNSSEC lookup failed" in text
+    assert "not_applicable: the MX RRset of insecure-mx.plain.test is not DNSSEC-validated" in text
