@@ -392,6 +392,12 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         "loopback or the cluster's; default: none, and DANE never applies)",
     )
     relay.add_argument(
+        "--mta-sts-cache",
+        metavar="FILE",
+        help="JSON file that keeps MTA-STS policies across restarts (default: memory only; "
+        "not inside --spool)",
+    )
+    relay.add_argument(
         "--mx-port",
         type=int,
         default=_default(DeliverySettings, "mx_port"),

@@ -104,7 +104,10 @@ def relay_setup(
             args, listen_host, listen_port, networks, users, dns_servers, dns_port, handoff
         )
         settings = dataclasses.replace(
-            settings, dnssec_resolvers=dnssec_resolvers, dnssec_port=dnssec_port
+            settings,
+            dnssec_resolvers=dnssec_resolvers,
+            dnssec_port=dnssec_port,
+            mta_sts_cache=Path(args.mta_sts_cache) if args.mta_sts_cache else None,
         )
     except (SettingsError, ListenerConfigError) as e:
         option = _OPTIONS.get(e.setting, e.setting.replace("_", "-"))

@@ -39,6 +39,7 @@ from mailflow_relay.routing.document import (
     DefaultRoute,
     Destination,
     IPNetwork,
+    MtaStsMode,
     ObjectRef,
     ProfilePool,
     RecipientMx,
@@ -244,6 +245,7 @@ class _ConnectorCompiler:
             ca_bundle=ca_bundle,
             pinned_fingerprints=tuple(_canonical_pin(p) for p in raw.get("pinnedFingerprints", [])),
             dane=DaneMode(raw.get("dane", DaneMode.NONE.value)),
+            mta_sts=MtaStsMode(raw.get("mtaSts", MtaStsMode.NONE.value)),
         )
 
     def auth(self, tls: TlsPolicy) -> SmtpCredentials | None:

@@ -51,6 +51,7 @@ def _tls_json(tls: TlsPolicy) -> dict[str, object]:
         "caBundle": "connector" if tls.ca_bundle else "system",
         "pinnedFingerprints": list(tls.pinned_fingerprints),
         "dane": tls.dane.value,
+        "mtaSts": tls.mta_sts.value,
     }
 
 

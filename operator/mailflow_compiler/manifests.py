@@ -71,6 +71,7 @@ class RawTls(TypedDict, total=False):
     caBundle: dict[str, RawSecretRef]
     pinnedFingerprints: list[str]
     dane: str
+    mtaSts: str
 
 
 class RawClients(TypedDict, total=False):

@@ -56,6 +56,7 @@ from mailflow_relay.outbound.deliverer import (
     DeliveryStatus,
 )
 from mailflow_relay.outbound.dns import Resolver
+from mailflow_relay.outbound.mta_sts import MtaSts
 from mailflow_relay.queue.admin import FLUSH_REQUEST
 from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
 from mailflow_relay.queue.lock import SpoolLock
@@ -93,6 +94,8 @@ class RelaySettings:
     dnssec_resolvers: tuple[str, ...] = ()
     """Validating resolvers whose AD bit is trusted, for DANE; empty = DANE never applies."""
     dnssec_port: int = 53
+    mta_sts_cache: Path | None = None
+    """Where MTA-STS policies are kept across restarts; None: in memory only."""
     workers: int = 16
     """Deliveries in progress at once."""
     retry_initial: float = 300.0
@@ -184,10 +187,12 @@ class Relay:
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
+        resolver = Resolver(settings.dns_servers, port=settings.dns_port)
+        mta_sts = MtaSts(resolver, cache_file=settings.mta_sts_cache)
         self.deliverer = Deliverer(
             settings.delivery,
-            Resolver(settings.dns_servers, port=settings.dns_port),
-            dane=dane_for(settings.dnssec_resolvers, settings.dnssec_port),
+            resolver,
+            dane=dane_for(settings.dnssec_resolvers, settings.dnssec_port, mta_sts=mta_sts),
         )
         self.listener = SmtpListener(
             settings.listener,

@@ -32,6 +32,7 @@ Traps, each tested in tests/relay/outbound/test_dane.py:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import ipaddress
@@ -57,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.x509.oid import ExtensionOID
 
 from mailflow_relay.errors import MailflowRelayError
+from mailflow_relay.outbound.mta_sts import MtaSts, StsMode, StsPolicy, StsPolicyError
 from mailflow_relay.outbound.tls_policy import (
     CertificateInfo,
     TlsFailure,
@@ -67,6 +69,7 @@ from mailflow_relay.outbound.tls_policy import (
 from mailflow_relay.routing.document import (
     DaneMode,
     Destination,
+    MtaStsMode,
     RecipientMx,
     SmartHost,
     TlsMode,
@@ -195,6 +198,10 @@ class DaneRequirement:
     records: tuple[Tlsa, ...] = ()
     failure: TlsFailure | None = None
     """For FAILED: the reason label of the ``tls_failures`` metric."""
+    override: TlsPolicy | None = None
+    """The TLS policy that replaces the connector's for this hop (MTA-STS enforce)."""
+    sts: str | None = None
+    """What MTA-STS said of this hop (``enforce``, ``testing-mismatch``, ...), for reports."""
 
     @property
     def authenticates(self) -> bool:
@@ -225,8 +232,9 @@ def dane_mx_domain(destination: Destination, recipient_domain: str) -> tuple[boo
 class Dane:
     """Decides the DANE requirement of each next hop, with lookups through the trusted resolver."""
 
-    def __init__(self, resolver: DnssecResolver | None) -> None:
+    def __init__(self, resolver: DnssecResolver | None, mta_sts: MtaSts | None = None) -> None:
         self.resolver = resolver
+        self.mta_sts = mta_sts
 
     async def requirements(
         self,
@@ -235,7 +243,36 @@ class Dane:
         recipient_domain: str,
         hosts: Iterable[tuple[str, int]],
     ) -> dict[tuple[str, int], DaneRequirement]:
-        """The requirement for every (host, port) of one delivery."""
+        """The requirement for every (host, port) of one delivery: DANE, then MTA-STS."""
+        found = await self._dane_requirements(destination, tls, recipient_domain, hosts)
+        if tls.mta_sts is MtaStsMode.NONE or self.mta_sts is None:
+            return found
+        if isinstance(destination, RecipientMx):
+            policy_domain = recipient_domain
+        elif isinstance(destination, SmartHost):
+            policy_domain = destination.host  # RFC 8461 3.4: the smart host's domain
+        else:
+            return found
+        try:
+            policy = await self.mta_sts.policy(policy_domain)
+        except StsPolicyError as e:
+            # No policy could be had: delivery goes on as without one (RFC 8461 5.1).
+            logger.warning("%s: delivering as without a policy", e)
+            note = e.result_type
+            return {h: dataclasses.replace(r, sts=r.sts or note) for h, r in found.items()}
+        if policy is None or policy.mode is StsMode.NONE:
+            return found
+        return {
+            h: _with_sts(r, tls, policy, h[0], self.mta_sts.ca_bundle) for h, r in found.items()
+        }
+
+    async def _dane_requirements(
+        self,
+        destination: Destination,
+        tls: TlsPolicy,
+        recipient_domain: str,
+        hosts: Iterable[tuple[str, int]],
+    ) -> dict[tuple[str, int], DaneRequirement]:
         hosts = list(dict.fromkeys(hosts))
         if tls.dane is DaneMode.NONE:
             return dict.fromkeys(hosts, NOT_ENABLED)
@@ -380,12 +417,39 @@ def dane_outcome(
     return DaneOutcome.NOT_APPLICABLE
 
 
-def dane_for(resolvers: Sequence[str], port: int, timeout: float = 5.0) -> Dane:
+def dane_for(
+    resolvers: Sequence[str], port: int, timeout: float = 5.0, mta_sts: MtaSts | None = None
+) -> Dane:
     """The relay's DANE, with the resolvers of ``--dnssec-resolver`` (none: never applies)."""
     if not resolvers:
-        return Dane(None)
+        return Dane(None, mta_sts)
     logger.info("DANE: trusting the AD bit of %s", ", ".join(f"{r}:{port}" for r in resolvers))
-    return Dane(DnssecResolver(resolvers, port=port, timeout=timeout))
+    return Dane(DnssecResolver(resolvers, port=port, timeout=timeout), mta_sts)
+
+
+def _with_sts(
+    found: DaneRequirement, tls: TlsPolicy, policy: StsPolicy, host: str, ca_bundle: str | None
+) -> DaneRequirement:
+    """MTA-STS on top of DANE: a usable or failed DANE requirement is never overridden."""
+    if found.state in (DaneState.USABLE, DaneState.FAILED):
+        return found
+    allowed = policy.allows(host)
+    if policy.mode is StsMode.TESTING:
+        return dataclasses.replace(found, sts="testing" if allowed else "testing-mismatch")
+    if not allowed:
+        return DaneRequirement(
+            DaneState.FAILED,
+            f"MTA-STS policy {policy.id} of {policy.domain} (enforce) does not list {host} "
+            f"(mx: {', '.join(policy.mx)})",
+            failure=TlsFailure.STS_MX_MISMATCH,
+            sts="enforce-mismatch",
+        )
+    override = None
+    if tls.mode in (TlsMode.OPPORTUNISTIC, TlsMode.TRUSTED_CA):
+        # Enforce: TLS with a WebPKI certificate valid for the MX host name. The modes
+        # that already check at least as much keep their own checks.
+        override = TlsPolicy(TlsMode.NAME_MATCH, certificate_name=host, ca_bundle=ca_bundle)
+    return dataclasses.replace(found, override=override, sts="enforce")
 
 
 def _lookup_failed(error: DaneLookupError) -> DaneRequirement:

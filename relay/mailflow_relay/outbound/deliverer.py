@@ -594,8 +594,10 @@ class Deliverer:
         recipient_domain: str,
         session: _Session,
     ) -> None:
-        mode = tls.mode
         dane = target.dane
+        if dane is not None and dane.override is not None:
+            tls = dane.override  # MTA-STS enforce: TLS with a certificate for the MX host
+        mode = tls.mode
         requires_tls = mode.requires_tls or (dane is not None and dane.requires_tls)
         if not smtp.supports_extension("starttls"):
             if requires_tls:

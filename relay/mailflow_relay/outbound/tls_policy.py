@@ -76,6 +76,8 @@ class TlsFailure(enum.Enum):
     """The trusted resolver could not answer (SERVFAIL: bogus or expired signatures)."""
     DANE_REQUIRED = "dane_required"
     """``tls.dane: Mandatory`` and no usable TLSA record."""
+    STS_MX_MISMATCH = "sts_mx_mismatch"
+    """An MTA-STS policy in enforce mode does not list this MX host."""
 
 
 class TlsPolicyError(MailflowRelayError, ConnectionError):
