@@ -233,6 +233,12 @@ CASES: list[tuple[str, Body, str, str]] = [
         '"TrustedCA", "DomainMatch", "NameMatch"',
     ),
     (
+        "tls.mtaSts is Opportunistic or None",
+        connector(tls={"mode": "Opportunistic", "mtaSts": "Enforce"}),
+        "spec.tls.mtaSts",
+        'Unsupported value: "Enforce": supported values: "Opportunistic", "None"',
+    ),
+    (
         "tls.dane is Opportunistic, Mandatory or None",
         connector(tls={"mode": "Opportunistic", "dane": "Always"}),
         "spec.tls.dane",
