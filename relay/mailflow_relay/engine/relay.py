@@ -57,6 +57,7 @@ from mailflow_relay.outbound.deliverer import (
 )
 from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.outbound.mta_sts import MtaSts
+from mailflow_relay.outbound.tlsrpt import TlsReportStore
 from mailflow_relay.queue.admin import FLUSH_REQUEST
 from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
 from mailflow_relay.queue.lock import SpoolLock
@@ -189,6 +190,8 @@ class Relay:
         )
         resolver = Resolver(settings.dns_servers, port=settings.dns_port)
         mta_sts = MtaSts(resolver, cache_file=settings.mta_sts_cache)
+        self.tls_reports = TlsReportStore()
+        """TLS-RPT (RFC 8460): the day's sessions per policy domain."""
         self.deliverer = Deliverer(
             settings.delivery,
             resolver,
@@ -954,6 +957,8 @@ class Relay:
             self.metrics.protocol_errors.labels(name, destination).inc(report.protocol_errors)
         if report.dane is not None:
             self.metrics.dane_results.labels(name, report.dane).inc()
+        for policy_outcome in report.policy_results:
+            self.tls_reports.record(policy_outcome)
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value

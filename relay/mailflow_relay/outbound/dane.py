@@ -66,6 +66,7 @@ from mailflow_relay.outbound.tls_policy import (
     certificate_info,
     name_matches,
 )
+from mailflow_relay.outbound.tlsrpt import PolicyResult, result_type_for
 from mailflow_relay.routing.document import (
     DaneMode,
     Destination,
@@ -88,6 +89,7 @@ __all__ = [
     "dane_for",
     "dane_outcome",
     "peer_chain",
+    "policy_result",
     "verify_chain",
 ]
 
@@ -202,6 +204,8 @@ class DaneRequirement:
     """The TLS policy that replaces the connector's for this hop (MTA-STS enforce)."""
     sts: str | None = None
     """What MTA-STS said of this hop (``enforce``, ``testing-mismatch``, ...), for reports."""
+    sts_policy: tuple[str, ...] = field(default=(), repr=False)
+    """The MTA-STS policy's lines, for TLS-RPT's policy-string."""
 
     @property
     def authenticates(self) -> bool:
@@ -435,7 +439,9 @@ def _with_sts(
         return found
     allowed = policy.allows(host)
     if policy.mode is StsMode.TESTING:
-        return dataclasses.replace(found, sts="testing" if allowed else "testing-mismatch")
+        return dataclasses.replace(
+            found, sts="testing" if allowed else "testing-mismatch", sts_policy=_lines(policy)
+        )
     if not allowed:
         return DaneRequirement(
             DaneState.FAILED,
@@ -443,13 +449,61 @@ def _with_sts(
             f"(mx: {', '.join(policy.mx)})",
             failure=TlsFailure.STS_MX_MISMATCH,
             sts="enforce-mismatch",
+            sts_policy=_lines(policy),
         )
     override = None
     if tls.mode in (TlsMode.OPPORTUNISTIC, TlsMode.TRUSTED_CA):
         # Enforce: TLS with a WebPKI certificate valid for the MX host name. The modes
         # that already check at least as much keep their own checks.
         override = TlsPolicy(TlsMode.NAME_MATCH, certificate_name=host, ca_bundle=ca_bundle)
-    return dataclasses.replace(found, override=override, sts="enforce")
+    return dataclasses.replace(found, override=override, sts="enforce", sts_policy=_lines(policy))
+
+
+def _lines(policy: StsPolicy) -> tuple[str, ...]:
+    return tuple(line.strip() for line in policy.text.splitlines() if line.strip())
+
+
+_STS_NOTES = ("enforce", "testing", "testing-mismatch", "enforce-mismatch")
+_DANE_FAILURES = (TlsFailure.DANE_LOOKUP, TlsFailure.DANE_MISMATCH, TlsFailure.DANE_REQUIRED)
+
+
+def policy_result(
+    requirement: DaneRequirement | None,
+    policy_domain: str,
+    host: str,
+    address: str,
+    tls_failure: TlsFailure | None,
+) -> PolicyResult:
+    """One attempt as TLS-RPT sees it: which policy applied, and what came of it."""
+    requirement = requirement or NOT_ENABLED
+    result_type = None if tls_failure is None else result_type_for(tls_failure)
+    code = None
+    if requirement.state is DaneState.USABLE or tls_failure in _DANE_FAILURES:
+        kind = "tlsa"
+        strings = tuple(
+            f"{r.usage} {r.selector} {r.matching_type} {r.data.hex()}" for r in requirement.records
+        )
+    elif requirement.sts in _STS_NOTES:
+        kind, strings = "sts", requirement.sts_policy
+        if requirement.sts == "testing-mismatch" and result_type is None:
+            # testing: delivered, and reported as what enforce would have refused.
+            result_type = "validation-failure"
+        if requirement.sts.endswith("mismatch"):
+            code = "mx-not-in-policy"
+    elif requirement.sts is not None:
+        # The policy could not be had (fetch error, invalid policy): that is the failure.
+        kind, strings, result_type = "sts", (), requirement.sts
+    else:
+        kind, strings = "no-policy-found", ()
+    return PolicyResult(
+        policy_type=kind,
+        policy_domain=policy_domain,
+        policy_strings=strings,
+        result_type=result_type,
+        receiving_mx_hostname=host if result_type else None,
+        receiving_ip=address if result_type else None,
+        failure_reason_code=code,
+    )
 
 
 def _lookup_failed(error: DaneLookupError) -> DaneRequirement:

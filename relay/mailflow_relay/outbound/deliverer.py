@@ -44,6 +44,7 @@ from mailflow_relay.outbound.dane import (
     dane_context,
     dane_outcome,
     peer_chain,
+    policy_result,
     verify_chain,
 )
 from mailflow_relay.outbound.dns import DnsError, Resolver
@@ -63,6 +64,7 @@ from mailflow_relay.outbound.tls_policy import (
     client_context,
     server_name_for,
 )
+from mailflow_relay.outbound.tlsrpt import PolicyResult
 from mailflow_relay.routing.document import (
     Balancing,
     Destination,
@@ -317,6 +319,7 @@ class Deliverer:
         server: str | None = None
         tls_failure: TlsFailure | None = None
         dane: DaneOutcome | None = None
+        reported: list[PolicyResult] = []
         protocol_errors = 0
         for target in targets:
             if not pending:
@@ -331,6 +334,16 @@ class Deliverer:
                 attempts.append(Attempt(str(target), e.reason))
                 tls_failure = e.tls_failure or tls_failure
                 dane = dane_outcome(target.dane, e.tls_failure)
+                if e.tls_failure is not None:
+                    reported.append(
+                        policy_result(
+                            target.dane,
+                            recipient_domain,
+                            target.name,
+                            target.address,
+                            e.tls_failure,
+                        )
+                    )
                 protocol_errors += isinstance(e, _ProtocolError)
                 logger.warning("delivery to %s failed: %s", target, e.reason)
                 for recipient in pending:
@@ -340,6 +353,10 @@ class Deliverer:
                 continue
             self.health.succeeded(target.address, target.port)
             dane = dane_outcome(target.dane, None)
+            if session.tls_version:
+                reported.append(
+                    policy_result(target.dane, recipient_domain, target.name, target.address, None)
+                )
             attempts.append(Attempt(str(target), _summary(results)))
             still_pending = []
             for result in results:
@@ -367,6 +384,7 @@ class Deliverer:
             tls_failure=None if session.tls_version else tls_failure,
             attempts=tuple(attempts),
             dane=dane.value if dane else None,
+            policy_results=tuple(reported),
             protocol_errors=protocol_errors,
         )
 

@@ -9,12 +9,14 @@ a test here, named after it.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -39,6 +41,7 @@ from mailflow_relay.outbound.deliverer import (
 )
 from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.outbound.tls_policy import TlsFailure, TlsPolicyError
+from mailflow_relay.outbound.tlsrpt import TlsReportStore, build_report
 from mailflow_relay.routing.document import (
     DaneMode,
     Destination,
@@ -54,6 +57,7 @@ from mailflow_relay.testing.sink import SmtpSink
 from peers import free_port, require
 from pki import CertificateAuthority, Issued, Pki
 from support import run
+from tlsrpt_schema import validate_report
 
 MESSAGE = b"Subject: dane\r\n\r\nhello\r\n"
 
@@ -542,3 +546,68 @@ def test_explain_resolve_shows_the_dane_requirement_of_each_next_hop(
     assert f"mx-ta.dane.test:{world.port}: usable: TLSA _{world.port}._tcp.mx-ta.dane.test" in text
     assert f"mx.bogus.test:{world.port}: failed: DNSSEC lookup failed" in text
     assert "not_applicable: the MX RRset of insecure-mx.plain.test is not DNSSEC-validated" in text
+
+
+# --- TLS-RPT: the results of real deliveries, as an RFC 8460 report ------------------------------
+
+
+def test_dane_outcomes_make_a_tls_report_that_validates_against_rfc_8460(world: World) -> None:
+    store = TlsReportStore()
+    for address, issued, recipient in [
+        ("127.0.0.31", world.ee, "b@ee.dane.test"),
+        ("127.0.0.31", world.ee, "c@ee.dane.test"),
+        ("127.0.0.33", world.mismatch, "b@bad.dane.test"),
+        ("127.0.0.41", world.ee, "b@servfail.dane.test"),
+        ("127.0.0.39", world.plain, "b@unsigned.plain.test"),
+    ]:
+        report, _ = deliver_to(world, address, issued, recipient)
+        for result in report.policy_results:
+            store.record(result)
+    assert store.domains() == [
+        "bad.dane.test",
+        "ee.dane.test",
+        "servfail.dane.test",
+        "unsigned.plain.test",
+    ]
+    start = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+    reports = {
+        domain: build_report(
+            organization="Mailflow tests",
+            contact="mailto:tlsrpt@relay.test",
+            report_id=f"2026-12-01-{domain}",
+            start=start,
+            end=start + datetime.timedelta(days=1),
+            policies=store.take(domain),
+        )
+        for domain in store.domains()
+    }
+    for made in reports.values():
+        validate_report(made)
+
+    def policies(domain: str) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], reports[domain]["policies"])
+
+    (ee,) = policies("ee.dane.test")
+    assert ee["policy"]["policy-type"] == "tlsa"
+    assert ee["policy"]["policy-string"] == [f"3 1 1 {spki_sha256(world.ee.certificate)}"]
+    assert ee["summary"] == {
+        "total-successful-session-count": 2,
+        "total-failure-session-count": 0,
+    }
+    (bad,) = policies("bad.dane.test")
+    assert bad["failure-details"] == [
+        {
+            "result-type": "tlsa-invalid",
+            "failed-session-count": 1,
+            "receiving-mx-hostname": "mx-bad.dane.test",
+            "receiving-ip": "127.0.0.33",
+        }
+    ]
+    (servfail,) = policies("servfail.dane.test")
+    assert servfail["failure-details"][0]["result-type"] == "dnssec-invalid"
+    (plain,) = policies("unsigned.plain.test")
+    assert plain["policy"] == {
+        "policy-type": "no-policy-found",
+        "policy-domain": "unsigned.plain.test",
+    }
+    assert store.domains() == []  # taken: the next period starts empty

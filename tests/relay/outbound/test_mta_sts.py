@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ from mailflow_relay.outbound.mta_sts import (
     parse_txt,
 )
 from mailflow_relay.outbound.tls_policy import TlsFailure
+from mailflow_relay.outbound.tlsrpt import TlsReportStore, build_report
 from mailflow_relay.routing.document import MtaStsMode, RecipientMx, TlsMode, TlsPolicy
 from mailflow_relay.testing.sink import SmtpSink
 from peers import DnsServer, free_port, require
 from pki import CertificateAuthority, Issued, Pki
 from support import run
+from tlsrpt_schema import validate_report
 
 MESSAGE = b"Subject: sts\r\n\r\nhello\r\n"
 
@@ -187,6 +190,7 @@ def test_enforce_with_a_listed_mx_delivers_verified(world: World) -> None:
     report, sink, server = deliver_to(
         world, "sts.test", 0, {"sts.test": policy_text("enforce", "mx.sts.test")}
     )
+    assert [(r.policy_type, r.result_type) for r in report.policy_results] == [("sts", None)]
     assert report.results[0].status is DeliveryStatus.DELIVERED, report.results
     assert report.verified  # Opportunistic connector, made NameMatch(mx host) by the policy
     assert sink.last_server_name == "mx.sts.test"
@@ -209,6 +213,27 @@ def test_testing_mode_delivers_despite_a_non_matching_mx(world: World) -> None:
     assert report.results[0].status is DeliveryStatus.DELIVERED
     assert not report.verified
     assert sink.messages
+    # ... and reported: what enforce would have refused, in an RFC 8460 report.
+    (result,) = report.policy_results
+    assert (result.policy_type, result.result_type, result.failure_reason_code) == (
+        "sts",
+        "validation-failure",
+        "mx-not-in-policy",
+    )
+    assert "mode: testing" in result.policy_strings
+    store = TlsReportStore()
+    store.record(result)
+    start = datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+    validate_report(
+        build_report(
+            organization="Mailflow tests",
+            contact="mailto:tlsrpt@relay.test",
+            report_id="r1",
+            start=start,
+            end=start + datetime.timedelta(days=1),
+            policies=store.take("testing.test"),
+        )
+    )
 
 
 # --- fetching ---------------------------------------------------------------------------------
