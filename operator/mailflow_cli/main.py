@@ -398,6 +398,12 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         "not inside --spool)",
     )
     relay.add_argument(
+        "--tls-report-contact",
+        metavar="CONTACT",
+        help="send daily TLS-RPT reports (RFC 8460) to the domains that ask for them, with this "
+        'contact-info (e.g. "mailto:postmaster@example.com"; default: no reports sent)',
+    )
+    relay.add_argument(
         "--mx-port",
         type=int,
         default=_default(DeliverySettings, "mx_port"),

@@ -108,6 +108,7 @@ def relay_setup(
             dnssec_resolvers=dnssec_resolvers,
             dnssec_port=dnssec_port,
             mta_sts_cache=Path(args.mta_sts_cache) if args.mta_sts_cache else None,
+            tls_report_contact=args.tls_report_contact,
         )
     except (SettingsError, ListenerConfigError) as e:
         option = _OPTIONS.get(e.setting, e.setting.replace("_", "-"))

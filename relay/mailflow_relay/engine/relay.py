@@ -57,7 +57,7 @@ from mailflow_relay.outbound.deliverer import (
 )
 from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.outbound.mta_sts import MtaSts
-from mailflow_relay.outbound.tlsrpt import TlsReportStore
+from mailflow_relay.outbound.tlsrpt import ReportSettings, TlsReporter, TlsReportStore
 from mailflow_relay.queue.admin import FLUSH_REQUEST
 from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
 from mailflow_relay.queue.lock import SpoolLock
@@ -97,6 +97,8 @@ class RelaySettings:
     dnssec_port: int = 53
     mta_sts_cache: Path | None = None
     """Where MTA-STS policies are kept across restarts; None: in memory only."""
+    tls_report_contact: str | None = None
+    """TLS-RPT (RFC 8460): the contact-info of the daily reports; None: no reports sent."""
     workers: int = 16
     """Deliveries in progress at once."""
     retry_initial: float = 300.0
@@ -192,6 +194,20 @@ class Relay:
         mta_sts = MtaSts(resolver, cache_file=settings.mta_sts_cache)
         self.tls_reports = TlsReportStore()
         """TLS-RPT (RFC 8460): the day's sessions per policy domain."""
+        self.tls_reporter = (
+            TlsReporter(
+                self.tls_reports,
+                resolver,
+                self._submit_report,
+                ReportSettings(
+                    organization=settings.listener.hostname,
+                    contact=settings.tls_report_contact,
+                    submitter=settings.listener.hostname,
+                ),
+            )
+            if settings.tls_report_contact
+            else None
+        )
         self.deliverer = Deliverer(
             settings.delivery,
             resolver,
@@ -505,6 +521,8 @@ class Relay:
                     for i in range(self.settings.workers)
                 ]
                 scheduler = tasks.create_task(self._scheduler(), name="mailflow-scheduler")
+                if self.tls_reporter is not None:
+                    tasks.create_task(self.tls_reporter.run(self._stopping), name="mailflow-tlsrpt")
                 await self._stopping.wait()
                 await self._drain(workers, scheduler)
         finally:
@@ -522,6 +540,12 @@ class Relay:
             # Writes still running (a store whose session went away) finish first.
             await asyncio.to_thread(self._spool_threads.shutdown, True)
         logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))
+
+    async def _submit_report(self, sender: str, recipients: list[str], data: bytes) -> None:
+        """A TLS-RPT report by mail: spooled and delivered like any message (RFC 8460 5.3)."""
+        report = await self._io(self.spool.store, sender, recipients, data)
+        self._track(report)
+        self._enqueue(report.queue_id)
 
     def stop(self) -> None:
         """Drain: readiness goes false, the listener stops accepting, open sessions finish,

@@ -8,24 +8,41 @@ MX host), bounded in the number of policy domains and failure kinds it keeps.
 :func:`gzip_report` into the ``application/tlsrpt+gzip`` body with its file name (§5.1).
 :func:`parse_rua` reads the ``_smtp._tls`` TXT record that says where reports go.
 
-Sending the reports (mailto: through the relay, https: by POST) is not done yet.
+:class:`TlsReporter` sends them once a day: ``mailto:`` as an RFC 8460 §5.3 message queued
+through the relay itself, ``https:`` by POST (``application/tlsrpt+gzip``) with a time
+limit and retries; at most :data:`MAX_RUA` addresses per domain, reports up to 1 MiB.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
+import email.message
+import email.policy
+import email.utils
 import gzip
 import json
+import logging
 import re
+import ssl
 import threading
-from collections.abc import Sequence
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from mailflow_relay.outbound.dns import DnsError, Resolver
 from mailflow_relay.outbound.tls_policy import TlsFailure
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PolicyResult",
+    "ReportSettings",
+    "Sent",
     "TlsReportStore",
+    "TlsReporter",
     "build_report",
     "gzip_report",
     "parse_rua",
@@ -218,3 +235,189 @@ def parse_rua(texts: Sequence[str]) -> list[str]:
     if fields.get("v") != "TLSRPTv1":
         return []
     return [uri.strip() for uri in fields.get("rua", "").split(",") if _RUA.match(uri.strip())]
+
+
+# --- sending (RFC 8460 §5) -----------------------------------------------------------------
+
+Submit = Callable[[str, list[str], bytes], Awaitable[None]]
+"""Queue a message (sender, recipients, content) for delivery through the relay itself."""
+
+MAX_RUA = 5
+"""At most this many report addresses per policy domain (a TXT record is theirs to write)."""
+MAX_REPORT_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One report handed to one address, for logs, metrics and tests."""
+
+    policy_domain: str
+    rua: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    organization: str
+    contact: str
+    """``contact-info`` of the reports (an address for questions about them)."""
+    submitter: str
+    """This relay's domain: the report's submitter and the domain of its From address."""
+    https_port: int = 443
+    cafile: str | None = None
+    """For tests: the CA of https report receivers; None = the system's roots."""
+    timeout: float = 30.0
+    retries: int = 3
+    retry_wait: float = 30.0
+    period: float = 86400.0
+
+
+class TlsReporter:
+    """Once a period (a day), sends each policy domain's report to the ``rua`` of its record."""
+
+    def __init__(
+        self,
+        store: TlsReportStore,
+        resolver: Resolver,
+        submit: Submit,
+        settings: ReportSettings,
+        *,
+        clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.submit = submit
+        self.settings = settings
+        self.organization = settings.organization
+        self.contact = settings.contact
+        self.submitter = settings.submitter
+        self.https_port = settings.https_port
+        self.timeout = settings.timeout
+        self.retries = settings.retries
+        self.retry_wait = settings.retry_wait
+        self.period = settings.period
+        self.clock = clock
+        self._context = ssl.create_default_context(cafile=settings.cafile)
+        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.started = clock()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Send a report at the end of every period until ``stopping`` is set."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.period):
+                    await stopping.wait()
+            if stopping.is_set():
+                return
+            await self.send_all()
+
+    async def send_all(self) -> list[Sent]:
+        start, end = self.started, self.clock()
+        self.started = end
+        sent: list[Sent] = []
+        for domain in self.store.domains():
+            policies = self.store.take(domain)
+            try:
+                rua = parse_rua(await self.resolver.texts(f"_smtp._tls.{domain}"))
+            except DnsError as e:
+                logger.info("TLS-RPT %s: no report address (%s)", domain, e.reason)
+                continue
+            if not rua:
+                continue
+            report_id = f"{end.strftime('%Y%m%dT%H%M%SZ')}.{uuid.uuid4().hex[:12]}@{self.submitter}"
+            report = build_report(
+                organization=self.organization,
+                contact=self.contact,
+                report_id=report_id,
+                start=start,
+                end=end,
+                policies=policies,
+            )
+            name, body = gzip_report(
+                report, sender_domain=self.submitter, policy_domain=domain, unique=uuid.uuid4().hex
+            )
+            if len(body) > MAX_REPORT_BYTES:
+                logger.warning("TLS-RPT %s: report of %d bytes not sent", domain, len(body))
+                continue
+            for uri in rua[:MAX_RUA]:
+                outcome = await self._send(domain, uri, report_id, name, body)
+                logger.info("TLS-RPT %s to %s: %s", domain, uri, outcome.detail)
+                sent.append(outcome)
+        return sent
+
+    async def _send(self, domain: str, uri: str, report_id: str, name: str, body: bytes) -> Sent:
+        if uri.startswith("mailto:"):
+            recipient = urllib.parse.unquote(uri.removeprefix("mailto:").partition("?")[0])
+            message = self._message(domain, recipient, report_id, name, body)
+            await self.submit(f"tlsrpt-noreply@{self.submitter}", [recipient], message)
+            return Sent(domain, uri, True, "queued for delivery")
+        detail = ""
+        for attempt in range(self.retries):
+            try:
+                status = await self._post(uri, body)
+            except (OSError, TimeoutError, ssl.SSLError, ValueError) as e:
+                detail = f"{type(e).__name__}: {e}"
+            else:
+                if 200 <= status < 300:
+                    return Sent(domain, uri, True, f"HTTP {status}")
+                detail = f"HTTP {status}"
+                if 400 <= status < 500:
+                    break  # refused for good: retrying would not help
+            if attempt + 1 < self.retries:
+                await asyncio.sleep(self.retry_wait * (attempt + 1))
+        return Sent(domain, uri, False, detail)
+
+    async def _post(self, uri: str, body: bytes) -> int:
+        parts = urllib.parse.urlsplit(uri)
+        host = parts.hostname
+        if parts.scheme != "https" or not host:
+            raise ValueError(f"not an https URI: {uri}")
+        port = parts.port or self.https_port
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        addresses = await self.resolver.addresses(host)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(
+                    addresses[0], port, ssl=self._context, server_hostname=host
+                )
+                writer.write(
+                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: mailflow\r\n"
+                    "Content-Type: application/tlsrpt+gzip\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                status_line = await reader.readline()
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                    async with asyncio.timeout(2):
+                        await writer.wait_closed()
+        fields = status_line.decode("latin-1").split(" ", 2)
+        if len(fields) < 2 or not fields[1].isdigit():
+            raise ValueError(f"no HTTP status line: {status_line[:60]!r}")
+        return int(fields[1])
+
+    def _message(
+        self, domain: str, recipient: str, report_id: str, name: str, body: bytes
+    ) -> bytes:
+        """RFC 8460 §5.3: multipart/report with the gzip report attached."""
+        message = email.message.EmailMessage()
+        message["From"] = f"tlsrpt-noreply@{self.submitter}"
+        message["To"] = recipient
+        message["Date"] = email.utils.format_datetime(self.clock())
+        message["Message-ID"] = email.utils.make_msgid(domain=self.submitter)
+        message["Subject"] = (
+            f"Report Domain: {domain} Submitter: {self.submitter} Report-ID: <{report_id}>"
+        )
+        message["TLS-Report-Domain"] = domain
+        message["TLS-Report-Submitter"] = self.submitter
+        message.set_content(
+            f"This is an aggregate TLS report (RFC 8460) from {self.organization} for {domain}.\n"
+        )
+        message.add_attachment(body, maintype="application", subtype="tlsrpt+gzip", filename=name)
+        message.replace_header("Content-Type", 'multipart/report; report-type="tlsrpt"')
+        return message.as_bytes(policy=email.policy.SMTP)
