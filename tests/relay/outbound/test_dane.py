@@ -9,8 +9,10 @@ a test here, named after it.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
+import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import aiosmtplib
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dnssec import SignedDns
+from mailflow_relay.engine.relay import Relay, RelaySettings
+from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.dane import (
     Dane,
     DaneRequirement,
@@ -43,20 +48,23 @@ from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.outbound.tls_policy import TlsFailure, TlsPolicyError
 from mailflow_relay.outbound.tlsrpt import TlsReportStore, build_report
 from mailflow_relay.routing.document import (
+    Connector,
     DaneMode,
     Destination,
     ObjectRef,
     ProfilePool,
     RecipientMx,
+    RoutingDocument,
     ServerAddress,
     SmartHost,
     TlsMode,
     TlsPolicy,
 )
+from mailflow_relay.routing.domains import DomainPattern
 from mailflow_relay.testing.sink import SmtpSink
 from peers import free_port, require
 from pki import CertificateAuthority, Issued, Pki
-from support import run
+from support import run, until
 from tlsrpt_schema import validate_report
 
 MESSAGE = b"Subject: dane\r\n\r\nhello\r\n"
@@ -611,3 +619,73 @@ def test_dane_outcomes_make_a_tls_report_that_validates_against_rfc_8460(world: 
         "policy-domain": "unsigned.plain.test",
     }
     assert store.domains() == []  # taken: the next period starts empty
+
+
+# --- the relay: metrics per connector and result, the TLS-RPT store ------------------------------
+
+
+def test_the_relay_counts_dane_results_per_connector_and_records_them_for_tls_rpt(
+    world: World, tmp_path: Path
+) -> None:
+    assert world.dns.nsd is not None
+    settings = RelaySettings(
+        listener=ListenerSettings(
+            host="127.0.0.1",
+            port=0,
+            hostname="relay.test",
+            accept_from=(ipaddress.ip_network("127.0.0.0/8"),),
+        ),
+        spool_dir=tmp_path / "spool",
+        delivery=DeliverySettings(
+            helo_name="relay.test", mx_port=world.port, connect_timeout=3, command_timeout=10
+        ),
+        dns_servers=(world.dns.nsd.address,),
+        dns_port=world.dns.nsd.port,
+        dnssec_resolvers=("127.0.0.1",),
+        dnssec_port=world.dns.port,
+        retry_initial=30,
+        scheduler_tick=0.05,
+        drain_grace=3.0,
+    )
+    connector = Connector(
+        ref=ObjectRef("mail", "mx"),
+        generation=1,
+        created="",
+        enabled=True,
+        recipient_patterns=(DomainPattern.parse("*.dane.test"),),
+        sender_patterns=(),
+        destination=RecipientMx(),
+        tls=OPPORTUNISTIC_DANE,
+    )
+
+    def result(relay: Relay, value: str) -> float:
+        labels = {"connector": "mail/mx", "result": value}
+        return relay.metrics.registry.get_sample_value("mailflow_dane_results_total", labels) or 0
+
+    async def scenario() -> tuple[float, float, list[str]]:
+        async with sink(world, "127.0.0.31", world.ee), sink(world, "127.0.0.33", world.mismatch):
+            relay = Relay(settings, RoutingDocument(generation=1, connectors=(connector,)))
+            task = asyncio.create_task(relay.run(), name="test-relay")
+            await relay.ready.wait()
+            try:
+                async with aiosmtplib.SMTP(
+                    hostname="127.0.0.1", port=relay.port, start_tls=False, timeout=10
+                ) as smtp:
+                    await smtp.sendmail(
+                        "a@sender.test",
+                        ["b@ee.dane.test", "b@bad.dane.test"],
+                        b"Subject: dane\r\n\r\nhello\r\n",
+                    )
+                await until(
+                    lambda: result(relay, "verified") >= 1 and result(relay, "mismatch") >= 1
+                )
+                return (
+                    result(relay, "verified"),
+                    result(relay, "mismatch"),
+                    relay.tls_reports.domains(),
+                )
+            finally:
+                relay.stop()
+                await task
+
+    assert run(scenario) == (1.0, 1.0, ["bad.dane.test", "ee.dane.test"])
