@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from mailflow_relay.outbound.dane import Dane, dane_for
 from mailflow_relay.outbound.dns import DnsError, Resolver
+from mailflow_relay.outbound.mta_sts import MtaSts
 from mailflow_relay.routing.document import (
     DaneMode,
     Destination,
+    MtaStsMode,
     RecipientMx,
     RoutingDocument,
     SmartHost,
@@ -24,7 +26,7 @@ from mailflow_relay.routing.document import (
 )
 from mailflow_relay.routing.router import Client, Router
 
-__all__ = ["Lookups", "resolve_lines"]
+__all__ = ["Lookups", "lines_for", "resolve_lines"]
 
 TIMEOUT = 10.0
 
@@ -41,7 +43,7 @@ async def _hosts(
     return []
 
 
-async def _lines_for(
+async def lines_for(
     resolver: Resolver,
     dane: Dane,
     destination: Destination,
@@ -56,14 +58,17 @@ async def _lines_for(
     if not hosts:
         return ["  resolve      (no host names to resolve: profile servers)"]
     lines = [f"  next hops    {', '.join(f'{h}:{p}' for h, p in hosts)}"]
-    if tls.dane is DaneMode.NONE:
-        lines.append("  dane         not used (tls.dane is None)")
+    if tls.dane is DaneMode.NONE and tls.mta_sts is MtaStsMode.NONE:
+        lines.append("  policies     none used (tls.dane and tls.mtaSts are None)")
         return lines
     found = await dane.requirements(destination, tls, domain, hosts)
     for (host, port), requirement in found.items():
         lines.append(
             f"  dane         {host}:{port}: {requirement.state.value}: {requirement.reason}"
         )
+        if requirement.sts is not None:
+            applied = requirement.override.describe() if requirement.override else "the mode's"
+            lines.append(f"  mta-sts      {host}:{port}: {requirement.sts} (TLS checks: {applied})")
     return lines
 
 
@@ -91,7 +96,10 @@ def resolve_lines(
 
     async def everything() -> list[str]:
         resolver = Resolver(lookups.dns_servers, port=lookups.dns_port, timeout=TIMEOUT / 2)
-        dane = dane_for(lookups.dnssec_resolvers, lookups.dnssec_port, timeout=TIMEOUT / 2)
+        mta_sts = MtaSts(resolver, timeout=TIMEOUT / 2)
+        dane = dane_for(
+            lookups.dnssec_resolvers, lookups.dnssec_port, timeout=TIMEOUT / 2, mta_sts=mta_sts
+        )
         lines: list[str] = []
         async with asyncio.timeout(TIMEOUT * max(1, len(recipients))):
             for recipient in recipients:
@@ -101,7 +109,7 @@ def resolve_lines(
                     lines.append("  resolve      nothing to resolve: rejected")
                     continue
                 lines.extend(
-                    await _lines_for(
+                    await lines_for(
                         resolver, dane, decision.destination, decision.tls, decision.domain, mx_port
                     )
                 )

@@ -983,6 +983,9 @@ class Relay:
             self.metrics.dane_results.labels(name, report.dane).inc()
         for policy_outcome in report.policy_results:
             self.tls_reports.record(policy_outcome)
+            self.metrics.tls_policy_results.labels(
+                name, policy_outcome.policy_type, policy_outcome.result_type or "success"
+            ).inc()
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value

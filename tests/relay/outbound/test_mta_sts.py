@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mailflow_cli.resolve import lines_for
 from mailflow_relay.outbound.dane import Dane
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
@@ -406,3 +407,30 @@ def test_mx_patterns(pattern: str, host: str, matches: bool) -> None:
 )
 def test_txt_discovery(texts: list[str], expected: str | None) -> None:
     assert parse_txt("x.test", texts) == expected
+
+
+def test_explain_resolve_shows_the_mta_sts_policy_that_would_apply(world: World) -> None:
+    https_port = free_port()
+
+    async def scenario() -> list[str]:
+        server = PolicyServer(world.policy_cert, https_port)
+        server.serve("sts.test", policy_text("enforce", "mx.sts.test"))
+        server.serve("wrongmx.test", policy_text("enforce", "*.elsewhere.test"))
+        async with server:
+            resolver = Resolver([world.dns.address], port=world.dns.port, timeout=2)
+            sts = MtaSts(resolver, https_port=https_port, cafile=str(world.ca_file), timeout=3)
+            lines: list[str] = []
+            for domain in ("sts.test", "wrongmx.test"):
+                lines += await lines_for(resolver, Dane(None, sts), RecipientMx(), STS, domain, 25)
+            return lines
+
+    lines = run(scenario)
+    assert (
+        "  mta-sts      mx.sts.test:25: enforce (TLS checks: NameMatch, certificateName mx.sts.test, connector CA bundle)"
+        in lines
+    )
+    assert any(
+        line.startswith("  dane         mx.wrongmx.test:25: failed: MTA-STS policy")
+        for line in lines
+    )
+    assert "  mta-sts      mx.wrongmx.test:25: enforce-mismatch (TLS checks: the mode's)" in lines
