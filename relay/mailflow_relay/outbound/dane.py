@@ -49,6 +49,7 @@ import dns.message
 import dns.name
 import dns.rdata
 import dns.rdatatype
+import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.TLSA
 import dns.resolver
 from cryptography import x509
@@ -291,11 +292,16 @@ class Dane:
             )
             return {host: _enforce(tls, found) for host in hosts}
         mx_secure: DaneRequirement | None = None
+        validated: frozenset[str] | None = None
         if mx_domain is not None:
-            mx_secure = await self._mx_state(mx_domain)
+            mx_secure, validated = await self._mx_state(mx_domain)
         result: dict[tuple[str, int], DaneRequirement] = {}
         for host, port in hosts:
-            found = mx_secure or await self.requirement(host, port)
+            found = (
+                mx_secure
+                or _not_validated(host, validated, mx_domain)
+                or await self.requirement(host, port)
+            )
             result[(host, port)] = _enforce(tls, found)
             logger.info(
                 "DANE for %s:%d (%s): %s: %s",
@@ -307,19 +313,25 @@ class Dane:
             )
         return result
 
-    async def _mx_state(self, domain: str) -> DaneRequirement | None:
-        """None when the MX RRset is validated; else what applies to all of its hosts."""
+    async def _mx_state(self, domain: str) -> tuple[DaneRequirement | None, frozenset[str] | None]:
+        """(None, the validated MX hosts) when the MX RRset is validated; else what applies
+        to all of its hosts."""
         assert self.resolver is not None
         try:
             answer = await self.resolver.lookup(domain, dns.rdatatype.MX)
         except DaneLookupError as e:
-            return _lookup_failed(e)
+            return _lookup_failed(e), None
         if answer.secure:
-            return None
+            hosts = frozenset(
+                r.exchange.to_text(omit_final_dot=True).lower()
+                for r in answer.records
+                if isinstance(r, dns.rdtypes.ANY.MX.MX)
+            )
+            return None, hosts
         return DaneRequirement(
             DaneState.NOT_APPLICABLE,
             f"the MX RRset of {domain} is not DNSSEC-validated: its hosts' TLSA records are not used",
-        )
+        ), None
 
     async def requirement(self, host: str, port: int) -> DaneRequirement:
         """What the TLSA records of ``host`` say, once its name is known to be trustworthy."""
@@ -503,6 +515,25 @@ def policy_result(
         receiving_mx_hostname=host if result_type else None,
         receiving_ip=address if result_type else None,
         failure_reason_code=code,
+    )
+
+
+def _not_validated(
+    host: str, validated: frozenset[str] | None, mx_domain: str | None
+) -> DaneRequirement | None:
+    """A host that the validated MX RRset does not name came from an unvalidated answer
+    (the plain resolver lied, or is stale): never tried, or an attacker's MX host would
+    bypass DANE by having no TLSA records."""
+    if validated is None or mx_domain is None:
+        return None
+    name = host.rstrip(".").lower()
+    if name in validated or (not validated and name == mx_domain.rstrip(".").lower()):
+        return None  # listed, or the implicit MX of a domain with a validated "no MX"
+    return DaneRequirement(
+        DaneState.FAILED,
+        f"{host} is not in the DNSSEC-validated MX RRset of {mx_domain} "
+        f"({', '.join(sorted(validated)) or 'no MX records'}): not tried",
+        failure=TlsFailure.DANE_LOOKUP,
     )
 
 

@@ -62,7 +62,7 @@ from mailflow_relay.routing.document import (
 )
 from mailflow_relay.routing.domains import DomainPattern
 from mailflow_relay.testing.sink import SmtpSink
-from peers import free_port, require
+from peers import DnsServer, free_port, require
 from pki import CertificateAuthority, Issued, Pki
 from support import run, until
 from tlsrpt_schema import validate_report
@@ -689,3 +689,32 @@ def test_the_relay_counts_dane_results_per_connector_and_records_them_for_tls_rp
                 await task
 
     assert run(scenario) == (1.0, 1.0, ["bad.dane.test", "ee.dane.test"])
+
+
+def test_trap_an_mx_host_from_an_unvalidated_answer_is_never_tried(world: World) -> None:
+    # The relay's plain resolver lies (or is stale): it names an MX host that the validated
+    # MX RRset does not. That host has no TLSA records, so trying it would bypass DANE.
+    with DnsServer({"dane.test": ["ee MX 10 evil.dane.test.", "evil A 127.0.0.45"]}) as liar:
+
+        async def scenario() -> tuple[DeliveryReport, SmtpSink]:
+            async with sink(world, "127.0.0.45", world.plain) as evil:
+                deliverer = Deliverer(
+                    DeliverySettings(
+                        helo_name="relay.test",
+                        mx_port=world.port,
+                        connect_timeout=3,
+                        command_timeout=10,
+                    ),
+                    Resolver([liar.address], port=liar.port, timeout=2),
+                    dane=Dane(DnssecResolver(["127.0.0.1"], port=world.dns.port, timeout=2)),
+                )
+                try:
+                    return await deliver(deliverer, "b@ee.dane.test"), evil
+                finally:
+                    await deliverer.close()
+
+        report, evil = run(scenario)
+    assert status(report) is DeliveryStatus.DEFERRED
+    assert report.tls_failure is TlsFailure.DANE_LOOKUP
+    assert "not in the DNSSEC-validated MX RRset" in report.results[0].message
+    assert evil.connections == 0
