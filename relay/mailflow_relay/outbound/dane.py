@@ -66,6 +66,7 @@ from mailflow_relay.outbound.tls_policy import (
     TlsPolicyError,
     certificate_info,
     name_matches,
+    names_to_match,
 )
 from mailflow_relay.outbound.tlsrpt import PolicyResult, result_type_for
 from mailflow_relay.routing.document import (
@@ -660,7 +661,7 @@ def verify_chain(
         )
     now = now or datetime.now(UTC)
     _check_path(certificates, anchors, now)
-    for name in info.dns_names:
+    for name in names_to_match(chain[0]):
         for wanted in requirement.names:
             if name_matches(name, wanted):
                 return CertificateInfo(

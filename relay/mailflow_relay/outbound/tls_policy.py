@@ -57,6 +57,7 @@ __all__ = [
     "classify_handshake_error",
     "client_context",
     "name_matches",
+    "names_to_match",
     "server_name_for",
 ]
 
@@ -263,6 +264,11 @@ def _names_to_match(info: CertificateInfo, der: bytes) -> tuple[str, ...]:
         str(attribute.value).lower().rstrip(".")
         for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     )
+
+
+def names_to_match(der: bytes) -> tuple[str, ...]:
+    """The certificate's DNS names, or its subject CNs when it has no DNS SAN (RFC 6125)."""
+    return _names_to_match(certificate_info(der), der)
 
 
 def name_matches(presented: str, reference: str) -> bool:

@@ -718,3 +718,17 @@ def test_trap_an_mx_host_from_an_unvalidated_answer_is_never_tried(world: World)
     assert report.tls_failure is TlsFailure.DANE_LOOKUP
     assert "not in the DNSSEC-validated MX RRset" in report.results[0].message
     assert evil.connections == 0
+
+
+def test_dane_ta_matches_the_subject_cn_only_when_there_is_no_dns_san(pki: Pki) -> None:
+    ca = pki.ca()
+    record = Tlsa(2, 1, 1, association(ca.issued.certificate, 1, 1))
+    requirement = DaneRequirement(
+        DaneState.USABLE, "test", "mx.example.test", ("mx.example.test",), (record,)
+    )
+    no_san = ca.issue(common_name="mx.example.test")
+    assert verify_chain(requirement, [no_san.der, ca.issued.der]).matched_name == "mx.example.test"
+    san_elsewhere = ca.issue("other.example.test", common_name="mx.example.test")
+    with pytest.raises(TlsPolicyError) as raised:
+        verify_chain(requirement, [san_elsewhere.der, ca.issued.der])
+    assert raised.value.reason is TlsFailure.NAME_MISMATCH
