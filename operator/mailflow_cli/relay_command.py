@@ -142,9 +142,9 @@ def relay_setup(
 
 
 def parse_resolvers(values: list[str], option: str) -> tuple[tuple[str, ...], int]:
-    """``IP[:PORT]`` values: addresses only (a name would need DNS to be trusted)."""
+    """``IP[:PORT]`` values: addresses only (a name would need DNS to be trusted), one port."""
     addresses: list[str] = []
-    port = 53
+    ports: set[int] = set()
     for value in values:
         host, sep, text = value.rpartition(":") if value.count(":") == 1 else ("", "", "")
         address = host if sep else value
@@ -155,12 +155,16 @@ def parse_resolvers(values: list[str], option: str) -> tuple[tuple[str, ...], in
                 f"{option} {value!r}: expected IP[:PORT] of a resolver (an address: a name "
                 "would have to be resolved by a resolver not yet trusted)"
             ) from None
-        if sep:
-            if not text.isdigit() or not 0 < int(text) <= 65535:
-                raise UsageError(f"{option} {value!r}: expected IP[:PORT]")
-            port = int(text)
+        if sep and (not text.isdigit() or not 0 < int(text) <= 65535):
+            raise UsageError(f"{option} {value!r}: expected IP[:PORT]")
+        ports.add(int(text) if sep else 53)
         addresses.append(address.strip("[]"))
-    return tuple(addresses), port
+    if len(ports) > 1:
+        raise UsageError(
+            f"{option}: the resolvers use different ports ({', '.join(map(str, sorted(ports)))}); "
+            "give them all the same port"
+        )
+    return tuple(addresses), ports.pop() if ports else 53
 
 
 def _check_hostname(args: argparse.Namespace, hostname: str) -> None:
