@@ -244,7 +244,11 @@ class MtaSts:
                 return cached
             raise
         self._cache[domain] = fresh
-        self._save()
+        try:
+            await asyncio.to_thread(self._save)  # file I/O off the event loop
+        except OSError as e:
+            # A cache that cannot be written costs fetches after a restart, never mail.
+            logger.warning("MTA-STS cache %s not written: %s", self.cache_file, e)
         logger.info("MTA-STS %s: policy id %s, mode %s", domain, fresh.id, fresh.mode.value)
         return fresh
 
