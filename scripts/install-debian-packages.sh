@@ -8,6 +8,8 @@
 #   prometheus -> promtool: checks and unit-tests the chart's alert rules and lints /metrics
 #   nmap     -> an independent open-relay check (--script smtp-open-relay), tests/security
 #   testssl.sh -> the listener's STARTTLS protocols and ciphers, tests/security
+#   ldnsutils -> ldns-keygen/ldns-signzone: the DNSSEC-signed test zones of the DANE tests
+#   unbound  -> a real validating resolver on a loopback port (the DANE tests' trusted resolver)
 # Idempotent and fast when everything is present (no apt call at all). Only acts as root; a
 # non-root developer is told what is missing and the tests that need it are skipped.
 # No daemon is left running: services are kept from starting during the install and any
@@ -27,8 +29,10 @@ declare -A PROBES=(
     [nmap]=nmap
     [testssl.sh]=testssl
     [libmail-dkim-perl]=perl
+    [ldnsutils]=/usr/bin/ldns-signzone
+    [unbound]=/usr/sbin/unbound
 )
-PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus nmap testssl.sh libmail-dkim-perl)
+PACKAGES=(postfix swaks nsd libnet-ssleay-perl libio-socket-ssl-perl prometheus nmap testssl.sh libmail-dkim-perl ldnsutils unbound)
 
 present() {
     local package=$1 probe=$2
@@ -105,6 +109,7 @@ for package in "${missing[@]}"; do
         postfix) service=postfix pidfile=/var/spool/postfix/pid/master.pid ;;
         nsd) service=nsd pidfile=/run/nsd/nsd.pid ;;
         prometheus) service=prometheus pidfile=/run/prometheus/prometheus.pid ;;
+        unbound) service=unbound pidfile=/run/unbound.pid ;;
         *) continue ;;
     esac
     if [[ -d /run/systemd/system ]] && systemctl is-active --quiet "$service" 2>/dev/null; then

@@ -54,6 +54,10 @@ _PACKAGES = {
     "promtool": "prometheus",
     "nmap": "nmap",
     "testssl": "testssl.sh",
+    "ldns-keygen": "ldnsutils",
+    "ldns-signzone": "ldnsutils",
+    "unbound": "unbound",
+    "unbound-checkconf": "unbound",
 }
 
 

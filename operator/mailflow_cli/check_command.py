@@ -13,7 +13,7 @@ from mailflow_compiler.errors import UsageError
 from mailflow_compiler.explain import explain_json, explain_text
 from mailflow_compiler.manifests import load_manifests
 from mailflow_relay.errors import InvalidAddressError
-from mailflow_relay.routing.document import DefaultAction, DefaultRoute
+from mailflow_relay.routing.document import DefaultAction, DefaultRoute, RoutingDocument
 from mailflow_relay.routing.router import Client, domain_of
 
 __all__ = ["run_explain", "run_validate"]
@@ -82,6 +82,26 @@ def _client(args: argparse.Namespace) -> Client | None:
     return Client(args.client, args.client_user)
 
 
+def _resolved(
+    args: argparse.Namespace, document: RoutingDocument, sender: str, client: Client | None
+) -> list[str]:
+    # Imported here: only --resolve needs the relay's DNS code.
+    from mailflow_cli.endpoints import parse_dns_servers
+    from mailflow_cli.resolve import Lookups, resolve_lines
+
+    dns_servers, dns_port = parse_dns_servers(args.dns_server, "--dns-server")
+    dnssec, dnssec_port = parse_dns_servers(args.dnssec_resolver, "--dnssec-resolver")
+    if not 0 < args.mx_port <= 65535:
+        raise UsageError(f"--mx-port {args.mx_port}: expected a port between 1 and 65535")
+    return resolve_lines(
+        document,
+        sender,
+        args.recipients,
+        client,
+        Lookups(dns_servers, dns_port, dnssec, dnssec_port, args.mx_port),
+    )
+
+
 def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for recipient in args.recipients:
         try:
@@ -103,13 +123,18 @@ def run_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     )
     assert result.compiled is not None
     document = result.compiled.document
+    resolved = _resolved(args, document, sender, client) if args.resolve else []
     if args.output == "json":
         body = explain_json(document, sender, args.recipients, client, args.header_from or "")
         body["problems"] = [p.to_json() for p in result.problems]
+        if args.resolve:
+            body["resolved"] = resolved
         json.dump(body, out, indent=2, ensure_ascii=False)
         out.write("\n")
     else:
         out.write(explain_text(document, sender, args.recipients, client, args.header_from or ""))
+        if resolved:
+            out.write("\n" + "\n".join(resolved) + "\n")
         if result.problems:
             err.write(
                 f"warning: {len(result.problems)} problem(s) in the manifests; objects with schema "

@@ -45,9 +45,12 @@ def parse_networks(
     return tuple(networks)
 
 
-def parse_dns_servers(values: Sequence[str], option: str = "--dns-server") -> tuple[list[str], int]:
-    """``IP``, ``IP:PORT``, ``[V6]:PORT`` or a bare IPv6 address; one port for all of them
-    (dnspython's resolver has a single port), so two different ports are refused."""
+def parse_dns_servers(
+    values: Sequence[str], option: str = "--dns-server"
+) -> tuple[tuple[str, ...], int]:
+    """``IP``, ``IP:PORT``, ``[V6]:PORT`` or a bare IPv6 address, for a resolver: addresses
+    only (a name would need DNS to be trusted), and one port for all of them (dnspython's
+    resolver has a single port)."""
     servers: list[str] = []
     ports: set[int] = set()
     for value in values:
@@ -60,12 +63,18 @@ def parse_dns_servers(values: Sequence[str], option: str = "--dns-server") -> tu
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise UsageError(f"{option} {value!r}: expected an IP address, not a name") from None
+            raise UsageError(
+                f"{option} {value!r}: expected IP[:PORT] of a resolver (an address: a name "
+                "would have to be resolved by a resolver not yet trusted)"
+            ) from None
         servers.append(host)
         ports.add(port)
     if len(ports) > 1:
-        raise UsageError(f"{option}: all servers must use the same port, got {sorted(ports)}")
-    return servers, ports.pop() if ports else 53
+        raise UsageError(
+            f"{option}: the resolvers use different ports ({', '.join(map(str, sorted(ports)))}); "
+            "give them all the same port"
+        )
+    return tuple(servers), ports.pop() if ports else 53
 
 
 def spool_path(text: str) -> Path:

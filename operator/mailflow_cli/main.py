@@ -150,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=DefaultAction.RECIPIENT_MX.value,
         help="what happens when no connector matches (default: %(default)s, Opportunistic TLS)",
     )
+    explain.add_argument(
+        "--resolve",
+        action="store_true",
+        help="also look up, now, the next hops in DNS and what DANE requires of each",
+    )
+    explain.add_argument(
+        "--dns-server",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="with --resolve: DNS server for MX and addresses (default: the system's)",
+    )
+    explain.add_argument(
+        "--dnssec-resolver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="with --resolve: the validating resolver the relay trusts (as its flag of that name)",
+    )
+    explain.add_argument(
+        "--mx-port",
+        type=int,
+        default=25,
+        help="with --resolve: port of MX hosts (default: %(default)s; for tests)",
+    )
     _common(explain)
     _relay_parser(commands)
     _operator_parser(commands)
@@ -393,6 +418,26 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         default=[],
         metavar="IP[:PORT]",
         help="DNS server to ask (repeat; default: the system's)",
+    )
+    relay.add_argument(
+        "--dnssec-resolver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="a DNSSEC-validating resolver whose AD bit the relay trusts, for DANE (repeat; "
+        "loopback or the cluster's; default: none, and DANE never applies)",
+    )
+    relay.add_argument(
+        "--mta-sts-cache",
+        metavar="FILE",
+        help="JSON file that keeps MTA-STS policies across restarts (default: memory only; "
+        "not inside --spool)",
+    )
+    relay.add_argument(
+        "--tls-report-contact",
+        metavar="CONTACT",
+        help="send daily TLS-RPT reports (RFC 8460) to the domains that ask for them, with this "
+        'contact-info (e.g. "mailto:postmaster@example.com"; default: no reports sent)',
     )
     relay.add_argument(
         "--mx-port",

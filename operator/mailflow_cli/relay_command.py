@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import io
 import logging
@@ -121,6 +122,7 @@ def relay_setup(
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     dns_servers, dns_port = parse_dns_servers(args.dns_server)
+    dnssec_resolvers, dnssec_port = parse_dns_servers(args.dnssec_resolver, "--dnssec-resolver")
     if bool(args.manifests) == bool(args.routing_secret):
         raise UsageError("give either --manifests (standalone) or --routing-secret (in a cluster)")
     default_route = DefaultRoute(action=DefaultAction(args.default_route))
@@ -150,6 +152,13 @@ def relay_setup(
     try:
         settings = _settings(
             args, listen_host, listen_port, networks, users, dns_servers, dns_port, handoff
+        )
+        settings = dataclasses.replace(
+            settings,
+            dnssec_resolvers=dnssec_resolvers,
+            dnssec_port=dnssec_port,
+            mta_sts_cache=Path(args.mta_sts_cache) if args.mta_sts_cache else None,
+            tls_report_contact=args.tls_report_contact,
         )
     except (SettingsError, ListenerConfigError) as e:
         option = _OPTIONS.get(e.setting, e.setting.replace("_", "-"))

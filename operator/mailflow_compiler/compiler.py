@@ -36,9 +36,11 @@ from mailflow_relay.routing.document import (
     ClientScope,
     Conflict,
     Connector,
+    DaneMode,
     DefaultRoute,
     Destination,
     IPNetwork,
+    MtaStsMode,
     ObjectRef,
     ProfilePool,
     RecipientMx,
@@ -244,6 +246,8 @@ class _ConnectorCompiler:
             certificate_name=certificate_name.lower() if certificate_name else None,
             ca_bundle=ca_bundle,
             pinned_fingerprints=tuple(_canonical_pin(p) for p in raw.get("pinnedFingerprints", [])),
+            dane=DaneMode(raw.get("dane", DaneMode.NONE.value)),
+            mta_sts=MtaStsMode(raw.get("mtaSts", MtaStsMode.NONE.value)),
         )
 
     def auth(self, tls: TlsPolicy) -> SmtpCredentials | None:

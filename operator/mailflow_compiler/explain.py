@@ -51,6 +51,8 @@ def _tls_json(tls: TlsPolicy) -> dict[str, object]:
         "certificateName": tls.certificate_name,
         "caBundle": "connector" if tls.ca_bundle else "system",
         "pinnedFingerprints": list(tls.pinned_fingerprints),
+        "dane": tls.dane.value,
+        "mtaSts": tls.mta_sts.value,
     }
 
 

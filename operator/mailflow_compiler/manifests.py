@@ -70,6 +70,8 @@ class RawTls(TypedDict, total=False):
     certificateName: str
     caBundle: dict[str, RawSecretRef]
     pinnedFingerprints: list[str]
+    dane: str
+    mtaSts: str
 
 
 class RawClients(TypedDict, total=False):

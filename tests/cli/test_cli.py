@@ -401,3 +401,23 @@ def test_the_operator_and_the_relay_take_the_same_log_formats() -> None:
         return list(action.choices or [])
 
     assert choices("operator") == choices("relay") == ["text", "json"]
+
+
+@pytest.mark.parametrize(
+    ("resolvers", "message"),
+    [
+        (["dns.example"], "--dnssec-resolver 'dns.example': expected IP[:PORT] of a resolver"),
+        (["127.0.0.1:99999"], "--dnssec-resolver '127.0.0.1:99999': expected IP[:PORT]"),
+        (
+            ["127.0.0.1:5353", "127.0.0.2"],
+            "--dnssec-resolver: the resolvers use different ports (53, 5353)",
+        ),
+    ],
+)
+def test_a_dnssec_resolver_is_an_address_with_one_port(resolvers: list[str], message: str) -> None:
+    flags = [f"--dnssec-resolver={r}" for r in resolvers]
+    result = mailflow(
+        "explain", *TOUR, "--from", "a@contoso.com", "--to", "b@contoso.com", "--resolve", *flags
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"mailflow: error: {message}" in result.stderr

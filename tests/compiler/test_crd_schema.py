@@ -233,6 +233,38 @@ CASES: list[tuple[str, Body, str, str]] = [
         '"TrustedCA", "DomainMatch", "NameMatch"',
     ),
     (
+        "tls.dane is not for profiles",
+        connector(
+            destination={"profileRef": {"name": "pool"}},
+            tls={"mode": "Opportunistic", "dane": "Mandatory"},
+        ),
+        "spec.tls.dane",
+        "Invalid value: tls.dane applies to the recipient MX and to smart hosts, not to a "
+        "profile's servers: remove tls.dane or set it to None",
+    ),
+    (
+        "tls.mtaSts is not for profiles",
+        connector(
+            destination={"profileRef": {"name": "pool"}},
+            tls={"mode": "Opportunistic", "mtaSts": "Opportunistic"},
+        ),
+        "spec.tls.mtaSts",
+        "Invalid value: tls.mtaSts applies to the recipient MX and to smart hosts, not to a "
+        "profile's servers: remove tls.mtaSts or set it to None",
+    ),
+    (
+        "tls.mtaSts is Opportunistic or None",
+        connector(tls={"mode": "Opportunistic", "mtaSts": "Enforce"}),
+        "spec.tls.mtaSts",
+        'Unsupported value: "Enforce": supported values: "Opportunistic", "None"',
+    ),
+    (
+        "tls.dane is Opportunistic, Mandatory or None",
+        connector(tls={"mode": "Opportunistic", "dane": "Always"}),
+        "spec.tls.dane",
+        'Unsupported value: "Always": supported values: "Opportunistic", "Mandatory", "None"',
+    ),
+    (
         "NameMatch requires certificateName",
         connector(tls={"mode": "NameMatch"}),
         "spec.tls.certificateName",

@@ -11,7 +11,13 @@ import pytest
 from mailflow_compiler.checks import check_manifests
 from mailflow_compiler.compiler import compile_routing
 from mailflow_compiler.manifests import RawConnector, load_manifests
-from mailflow_relay.routing.document import ObjectRef, ProfilePool
+from mailflow_relay.routing.document import (
+    DaneMode,
+    MtaStsMode,
+    ObjectRef,
+    ProfilePool,
+    RoutingDocument,
+)
 
 TRUSTED = "  tls: {mode: TrustedCA}"
 CA_PEM = (Path(__file__).parents[2] / "examples" / "00-secrets.yaml").read_text()
@@ -473,3 +479,41 @@ spec: {group: example.com}
 
 def test_the_examples_ca_bundle_is_a_real_certificate() -> None:
     assert "BEGIN CERTIFICATE" in CA_PEM
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ({}, DaneMode.NONE),
+        ({"dane": "Opportunistic"}, DaneMode.OPPORTUNISTIC),
+        ({"dane": "Mandatory"}, DaneMode.MANDATORY),
+    ],
+)
+def test_tls_dane_reaches_the_routing_document(written: dict[str, str], expected: DaneMode) -> None:
+    body: dict[str, Any] = {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "OutboundConnector",
+        "metadata": {"name": "mx", "namespace": "mail"},
+        "spec": {"recipientDomains": ["*"], "tls": {"mode": "Opportunistic", **written}},
+    }
+    compiled = compile_routing([cast(RawConnector, body)], [], {})
+    (connector,) = compiled.document.connectors
+    assert connector.tls.dane is expected
+    again = RoutingDocument.from_json(compiled.document.to_json())
+    assert again.connectors[0].tls.dane is expected
+    assert ('"dane"' in compiled.document.to_json()) is (expected is not DaneMode.NONE)
+
+
+def test_tls_mta_sts_reaches_the_routing_document() -> None:
+    body: dict[str, Any] = {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "OutboundConnector",
+        "metadata": {"name": "mx", "namespace": "mail"},
+        "spec": {
+            "recipientDomains": ["*"],
+            "tls": {"mode": "Opportunistic", "mtaSts": "Opportunistic"},
+        },
+    }
+    compiled = compile_routing([cast(RawConnector, body)], [], {})
+    again = RoutingDocument.from_json(compiled.document.to_json())
+    assert again.connectors[0].tls.mta_sts is MtaStsMode.OPPORTUNISTIC

@@ -105,3 +105,28 @@ def test_relay_log_format_overrides_the_top_level_one(render: Callable[..., Rend
         render("default", "--set", "relay.logFormat=text"), "Deployment", "operator"
     )
     assert build_parser().parse_args(operator_args).log_format == "json"
+
+
+def test_dnssec_resolvers_and_the_tls_report_contact_reach_the_relay(
+    render: Callable[..., Rendered],
+) -> None:
+    rendered = render(
+        "default",
+        "--set-json",
+        'relay.dnssecResolvers=["127.0.0.1:5353","127.0.0.2:5353"]',
+        "--set",
+        "relay.tlsReportContact=mailto:postmaster@example.com",
+    )
+    parsed = build_parser().parse_args(container_args(rendered, "StatefulSet", "relay"))
+    settings, _, _ = relay_setup(parsed, io.StringIO())
+    assert settings.dnssec_resolvers == ("127.0.0.1", "127.0.0.2")
+    assert settings.dnssec_port == 5353
+    assert settings.tls_report_contact == "mailto:postmaster@example.com"
+
+
+def test_without_dnssec_resolvers_the_relay_gets_no_dane_flags(
+    render: Callable[..., Rendered],
+) -> None:
+    args = container_args(render("default"), "StatefulSet", "relay")
+    assert "--dnssec-resolver" not in args
+    assert "--tls-report-contact" not in args

@@ -116,9 +116,9 @@ def test_the_dns_servers_of_the_dns_published_check_and_the_queue_lifetime() -> 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (["ns1.example"], "--dns-server 'ns1.example': expected an IP address, not a name"),
+        (["ns1.example"], "--dns-server 'ns1.example': expected IP[:PORT] of a resolver"),
         (["192.0.2.1:x"], "--dns-server '192.0.2.1:x': expected IP[:PORT]"),
-        (["192.0.2.1:53", "192.0.2.2:5353"], "all servers must use the same port, got [53, 5353]"),
+        (["192.0.2.1:53", "192.0.2.2:5353"], "the resolvers use different ports (53, 5353)"),
     ],
 )
 def test_dns_servers_that_cannot_be_asked_are_refused_in_one_line(

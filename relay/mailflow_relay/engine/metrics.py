@@ -58,6 +58,20 @@ class RelayMetrics:
             ["connector", "tls_mode", "reason"],
             registry=self.registry,
         )
+        self.dane_results = Counter(
+            "mailflow_dane_results",
+            "Deliveries by what DANE (tls.dane, RFC 7672) did: verified, mismatch, tls_failed,"
+            " lookup_failed, required, unusable, not_applicable.",
+            ["connector", "result"],
+            registry=self.registry,
+        )
+        self.tls_policy_results = Counter(
+            "mailflow_tls_policy_results",
+            "TLS sessions and refusals by policy (tlsa, sts, no-policy-found) and result"
+            " (success or an RFC 8460 result type): what the TLS-RPT reports will say.",
+            ["connector", "policy_type", "result"],
+            registry=self.registry,
+        )
         self.protocol_errors = Counter(
             "mailflow_next_hop_protocol_errors",
             "Next hops that answered out of protocol (250 to DATA, no valid reply code, a line"

@@ -52,6 +52,7 @@ from mailflow_relay.errors import (
 )
 from mailflow_relay.inbound.listener import AcceptedMessage, ListenerSettings, SmtpListener
 from mailflow_relay.inbound.settings import IPNetwork
+from mailflow_relay.outbound.dane import dane_for
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
     DeliveryReport,
@@ -59,6 +60,8 @@ from mailflow_relay.outbound.deliverer import (
     DeliveryStatus,
 )
 from mailflow_relay.outbound.dns import Resolver
+from mailflow_relay.outbound.mta_sts import MtaSts
+from mailflow_relay.outbound.tlsrpt import ReportSettings, TlsReporter, TlsReportStore
 from mailflow_relay.queue.admin import FLUSH_REQUEST
 from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
 from mailflow_relay.queue.lock import SpoolLock
@@ -93,6 +96,13 @@ class RelaySettings:
     dns_servers: tuple[str, ...] = ()
     """DNS servers to ask; empty = the system's resolver configuration."""
     dns_port: int = 53
+    dnssec_resolvers: tuple[str, ...] = ()
+    """Validating resolvers whose AD bit is trusted, for DANE; empty = DANE never applies."""
+    dnssec_port: int = 53
+    mta_sts_cache: Path | None = None
+    """Where MTA-STS policies are kept across restarts; None: in memory only."""
+    tls_report_contact: str | None = None
+    """TLS-RPT (RFC 8460): the contact-info of the daily reports; None: no reports sent."""
     workers: int = 16
     """Deliveries in progress at once."""
     retry_initial: float = 300.0
@@ -190,8 +200,28 @@ class Relay:
         self.spool = Spool(
             settings.spool_dir, max_message_size=settings.listener.max_message_size * 2
         )
+        resolver = Resolver(settings.dns_servers, port=settings.dns_port)
+        mta_sts = MtaSts(resolver, cache_file=settings.mta_sts_cache)
+        self.tls_reports = TlsReportStore()
+        """TLS-RPT (RFC 8460): the day's sessions per policy domain."""
+        self.tls_reporter = (
+            TlsReporter(
+                self.tls_reports,
+                resolver,
+                self._submit_report,
+                ReportSettings(
+                    organization=settings.listener.hostname,
+                    contact=settings.tls_report_contact,
+                    submitter=settings.listener.hostname,
+                ),
+            )
+            if settings.tls_report_contact
+            else None
+        )
         self.deliverer = Deliverer(
-            settings.delivery, Resolver(settings.dns_servers, port=settings.dns_port)
+            settings.delivery,
+            resolver,
+            dane=dane_for(settings.dnssec_resolvers, settings.dnssec_port, mta_sts=mta_sts),
         )
         self.listener = SmtpListener(
             settings.listener,
@@ -520,6 +550,8 @@ class Relay:
                     for i in range(self.settings.workers)
                 ]
                 scheduler = tasks.create_task(self._scheduler(), name="mailflow-scheduler")
+                if self.tls_reporter is not None:
+                    tasks.create_task(self.tls_reporter.run(self._stopping), name="mailflow-tlsrpt")
                 await self._stopping.wait()
                 await self._drain(workers, scheduler)
         finally:
@@ -537,6 +569,12 @@ class Relay:
             # Writes still running (a store whose session went away) finish first.
             await asyncio.to_thread(self._spool_threads.shutdown, True)
         logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))
+
+    async def _submit_report(self, sender: str, recipients: list[str], data: bytes) -> None:
+        """A TLS-RPT report by mail: spooled and delivered like any message (RFC 8460 5.3)."""
+        report = await self._io(self.spool.store, sender, recipients, data)
+        self._track(report)
+        self._enqueue(report.queue_id)
 
     def stop(self) -> None:
         """Drain: readiness goes false, the listener stops accepting, open sessions finish,
@@ -1048,6 +1086,13 @@ class Relay:
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
         if report.protocol_errors:
             self.metrics.protocol_errors.labels(*labels[:2]).inc(report.protocol_errors)
+        if report.dane is not None:
+            self.metrics.dane_results.labels(name, report.dane).inc()
+        for policy_outcome in report.policy_results:
+            self.tls_reports.record(policy_outcome)
+            self.metrics.tls_policy_results.labels(
+                name, policy_outcome.policy_type, policy_outcome.result_type or "success"
+            ).inc()
         if report.tls_failure is not None:
             self.metrics.tls_failures.labels(
                 name, decision.tls.mode.value, report.tls_failure.value

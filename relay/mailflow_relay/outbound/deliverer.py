@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -36,6 +37,16 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from mailflow_relay.errors import SettingsError, require_positive
+from mailflow_relay.outbound.dane import (
+    Dane,
+    DaneOutcome,
+    DaneRequirement,
+    dane_context,
+    dane_outcome,
+    peer_chain,
+    policy_result,
+    verify_chain,
+)
 from mailflow_relay.outbound.dns import DnsError, Resolver
 from mailflow_relay.outbound.health import HealthTracker
 from mailflow_relay.outbound.results import (
@@ -53,6 +64,7 @@ from mailflow_relay.outbound.tls_policy import (
     client_context,
     server_name_for,
 )
+from mailflow_relay.outbound.tlsrpt import PolicyResult
 from mailflow_relay.routing.document import (
     Balancing,
     Destination,
@@ -131,6 +143,8 @@ class _Target:
     """The host name (for SNI and name checks), or the address itself."""
     address: str
     port: int
+    dane: DaneRequirement | None = None
+    """What DANE requires of this hop (decided before connecting; part of the reuse key)."""
 
     def __str__(self) -> str:
         shown = self.name if self.name == self.address else f"{self.name}[{self.address}]"
@@ -193,9 +207,11 @@ class Deliverer:
         resolver: Resolver,
         *,
         clock: Callable[[], float] = time.monotonic,
+        dane: Dane | None = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
+        self.dane = dane or Dane(None)
         self.health = HealthTracker(settings.failures_before_down, settings.down_for, clock)
         self._round_robin: dict[ObjectRef, itertools.count[int]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
@@ -243,6 +259,14 @@ class Deliverer:
             )
         return targets[: self.settings.max_targets]
 
+    async def _with_dane(
+        self, targets: list[_Target], destination: Destination, tls: TlsPolicy, domain: str
+    ) -> list[_Target]:
+        found = await self.dane.requirements(
+            destination, tls, domain, ((t.name, t.port) for t in targets)
+        )
+        return [dataclasses.replace(t, dane=found[(t.name, t.port)]) for t in targets]
+
     # --- delivery ----------------------------------------------------------------------------
 
     async def deliver(
@@ -259,6 +283,7 @@ class Deliverer:
         """Deliver one message to the recipients of one route; never raises for mail reasons."""
         try:
             targets = await self._targets(destination, recipient_domain)
+            targets = await self._with_dane(targets, destination, tls, recipient_domain)
         except DnsError as e:
             status = DeliveryStatus.FAILED if e.permanent else DeliveryStatus.DEFERRED
             code = 550 if e.permanent else 451
@@ -293,6 +318,8 @@ class Deliverer:
         session = _Session()
         server: str | None = None
         tls_failure: TlsFailure | None = None
+        dane: DaneOutcome | None = None
+        reported: list[PolicyResult] = []
         protocol_errors = 0
         for target in targets:
             if not pending:
@@ -306,6 +333,17 @@ class Deliverer:
                 self.health.failed(target.address, target.port)
                 attempts.append(Attempt(str(target), e.reason))
                 tls_failure = e.tls_failure or tls_failure
+                dane = dane_outcome(target.dane, e.tls_failure)
+                if e.tls_failure is not None:
+                    reported.append(
+                        policy_result(
+                            target.dane,
+                            recipient_domain,
+                            target.name,
+                            target.address,
+                            e.tls_failure,
+                        )
+                    )
                 protocol_errors += isinstance(e, _ProtocolError)
                 logger.warning("delivery to %s failed: %s", target, e.reason)
                 for recipient in pending:
@@ -314,6 +352,11 @@ class Deliverer:
                     )
                 continue
             self.health.succeeded(target.address, target.port)
+            dane = dane_outcome(target.dane, None)
+            if session.tls_version:
+                reported.append(
+                    policy_result(target.dane, recipient_domain, target.name, target.address, None)
+                )
             attempts.append(Attempt(str(target), _summary(results)))
             still_pending = []
             for result in results:
@@ -340,6 +383,8 @@ class Deliverer:
             verified=session.verified,
             tls_failure=None if session.tls_version else tls_failure,
             attempts=tuple(attempts),
+            dane=dane.value if dane else None,
+            policy_results=tuple(reported),
             protocol_errors=protocol_errors,
         )
 
@@ -436,6 +481,9 @@ class Deliverer:
     async def _open_any(
         self, target: _Target, tls: TlsPolicy, auth: SmtpCredentials | None, recipient_domain: str
     ) -> _Connection:
+        if target.dane is not None and target.dane.failure is not None:
+            # A failed DNSSEC lookup or a Mandatory DANE without records: not even a connect.
+            raise _TargetFailed(f"4.7.5 {target.dane.reason}", tls_failure=target.dane.failure)
         try:
             return await self._open(target, tls, auth, recipient_domain, use_tls=True)
         except _PlaintextFallback:
@@ -564,22 +612,29 @@ class Deliverer:
         recipient_domain: str,
         session: _Session,
     ) -> None:
+        dane = target.dane
+        if dane is not None and dane.override is not None:
+            tls = dane.override  # MTA-STS enforce: TLS with a certificate for the MX host
         mode = tls.mode
+        requires_tls = mode.requires_tls or (dane is not None and dane.requires_tls)
         if not smtp.supports_extension("starttls"):
-            if mode.requires_tls:
+            if requires_tls:
                 error = TlsPolicyError(
                     TlsFailure.NO_STARTTLS, "the server does not offer STARTTLS", mode=mode
                 )
                 raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason)
             return
+        by_dane = dane is not None and dane.authenticates
         try:
             await smtp.starttls(
-                tls_context=client_context(tls),
-                server_hostname=server_name_for(tls, target.name, recipient_domain),
+                tls_context=dane_context() if by_dane else client_context(tls),
+                server_hostname=dane.base_domain
+                if dane is not None and by_dane
+                else server_name_for(tls, target.name, recipient_domain),
                 timeout=self.settings.command_timeout,
             )
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
-            if not mode.requires_tls:
+            if not requires_tls:
                 raise _PlaintextFallback from e
             error = classify_handshake_error(ssl_cause(e), mode)
             raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason) from e
@@ -587,12 +642,17 @@ class Deliverer:
         assert isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket)
         der = ssl_object.getpeercert(binary_form=True)
         try:
-            session.certificate = check_certificate(tls, der, recipient_domain)
+            if dane is not None and by_dane:
+                # Authenticated by the TLSA records alone: never by the mode, never weaker.
+                session.certificate = verify_chain(dane, peer_chain(ssl_object))
+            else:
+                session.certificate = check_certificate(tls, der, recipient_domain)
         except TlsPolicyError as e:
             raise _TargetFailed(f"4.7.5 {e}", tls_failure=e.reason) from e
         session.tls_version = ssl_object.version()
-        session.verified = mode is not TlsMode.OPPORTUNISTIC and (
-            mode is not TlsMode.SELF_SIGNED or bool(tls.pinned_fingerprints)
+        session.verified = by_dane or (
+            mode is not TlsMode.OPPORTUNISTIC
+            and (mode is not TlsMode.SELF_SIGNED or bool(tls.pinned_fingerprints))
         )
         await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
 

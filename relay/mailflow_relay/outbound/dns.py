@@ -24,6 +24,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from mailflow_relay.errors import MailflowRelayError
@@ -105,6 +106,24 @@ class Resolver:
             self._rng.shuffle(hosts)
             ordered.extend(MxHost(preference, host) for host in hosts)
         return ordered
+
+    async def texts(self, name: str) -> list[str]:
+        """The TXT records of ``name``, each as one string (its parts joined); [] for none."""
+        try:
+            answer = await self._resolver.resolve(name, dns.rdatatype.TXT, search=False)
+        except dns.resolver.NXDOMAIN as e:
+            raise DnsError(name, "does not exist (NXDOMAIN)", permanent=True, status="5.1.2") from e
+        except dns.resolver.NoAnswer:
+            return []
+        except dns.exception.DNSException as e:
+            raise DnsError(
+                name, f"TXT lookup failed temporarily: {e}", permanent=False, status="4.4.3"
+            ) from e
+        return [
+            b"".join(r.strings).decode("utf-8", "replace")
+            for r in answer
+            if isinstance(r, dns.rdtypes.ANY.TXT.TXT)
+        ]
 
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of ``host`` (an address literal is returned as is)."""

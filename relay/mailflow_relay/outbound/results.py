@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 
 from mailflow_relay.outbound.tls_policy import CertificateInfo, TlsFailure
+from mailflow_relay.outbound.tlsrpt import PolicyResult
 
 __all__ = ["Attempt", "DeliveryReport", "DeliveryStatus", "RecipientResult"]
 
@@ -43,6 +44,10 @@ class DeliveryReport:
     """The certificate was checked as the mode requires (chain, name or pins)."""
     tls_failure: TlsFailure | None = None
     attempts: tuple[Attempt, ...] = ()
+    dane: str | None = None
+    """What DANE did (a :class:`~.dane.DaneOutcome` value); None when ``tls.dane`` is None."""
+    policy_results: tuple[PolicyResult, ...] = ()
+    """Each TLS session or TLS refusal, as TLS-RPT (RFC 8460) counts them."""
     protocol_errors: int = 0
     """Targets that answered out of protocol (``250`` to ``DATA``, no valid reply code, a
     line over the limit): never a delivery, counted so that a broken next hop shows."""

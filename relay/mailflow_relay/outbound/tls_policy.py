@@ -52,9 +52,12 @@ __all__ = [
     "CertificateInfo",
     "TlsFailure",
     "TlsPolicyError",
+    "certificate_info",
     "check_certificate",
     "classify_handshake_error",
     "client_context",
+    "name_matches",
+    "names_to_match",
     "server_name_for",
 ]
 
@@ -68,6 +71,14 @@ class TlsFailure(enum.Enum):
     EXPIRED = "expired"
     NAME_MISMATCH = "name_mismatch"
     PIN_MISMATCH = "pin_mismatch"
+    DANE_MISMATCH = "dane_mismatch"
+    """Validated TLSA records exist and the server's chain matches none (RFC 7672)."""
+    DANE_LOOKUP = "dane_lookup"
+    """The trusted resolver could not answer (SERVFAIL: bogus or expired signatures)."""
+    DANE_REQUIRED = "dane_required"
+    """``tls.dane: Mandatory`` and no usable TLSA record."""
+    STS_MX_MISMATCH = "sts_mx_mismatch"
+    """An MTA-STS policy in enforce mode does not list this MX host."""
 
 
 class TlsPolicyError(MailflowRelayError, ConnectionError):
@@ -253,6 +264,16 @@ def _names_to_match(info: CertificateInfo, der: bytes) -> tuple[str, ...]:
         str(attribute.value).lower().rstrip(".")
         for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     )
+
+
+def names_to_match(der: bytes) -> tuple[str, ...]:
+    """The certificate's DNS names, or its subject CNs when it has no DNS SAN (RFC 6125)."""
+    return _names_to_match(certificate_info(der), der)
+
+
+def name_matches(presented: str, reference: str) -> bool:
+    """RFC 6125 §6.4.3 for one certificate name (lower case) against one host name."""
+    return _matches(presented, reference.lower().rstrip("."))
 
 
 def _matches(presented: str, reference: str) -> bool:

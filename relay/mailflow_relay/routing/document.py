@@ -49,11 +49,13 @@ __all__ = [
     "ClientScope",
     "Conflict",
     "Connector",
+    "DaneMode",
     "DefaultAction",
     "DefaultRoute",
     "Destination",
     "DkimKey",
     "DomainThrottle",
+    "MtaStsMode",
     "ObjectRef",
     "ProfilePool",
     "RecipientMx",
@@ -90,6 +92,21 @@ class TlsMode(enum.Enum):
     @property
     def verifies_chain(self) -> bool:
         return self in (TlsMode.TRUSTED_CA, TlsMode.DOMAIN_MATCH, TlsMode.NAME_MATCH)
+
+
+class DaneMode(enum.Enum):
+    """``tls.dane``: Postfix's ``dane`` (Opportunistic) and ``dane-only`` (Mandatory)."""
+
+    OPPORTUNISTIC = "Opportunistic"
+    MANDATORY = "Mandatory"
+    NONE = "None"
+
+
+class MtaStsMode(enum.Enum):
+    """``tls.mtaSts``: apply the policy domain's MTA-STS policy (RFC 8461), or not."""
+
+    OPPORTUNISTIC = "Opportunistic"
+    NONE = "None"
 
 
 class Balancing(enum.Enum):
@@ -129,9 +146,17 @@ class TlsPolicy:
     """PEM certificates that replace the system roots; None = system roots."""
     pinned_fingerprints: tuple[str, ...] = ()
     """For SelfSigned: ``sha256/<base64>`` or ``sha256/<hex>`` of the certificate or its SPKI."""
+    dane: DaneMode = DaneMode.NONE
+    """DANE (RFC 7672) for MX hosts and named smart hosts; see outbound/dane.py."""
+    mta_sts: MtaStsMode = MtaStsMode.NONE
+    """MTA-STS (RFC 8461) of the policy domain; see outbound/mta_sts.py."""
 
     def describe(self) -> str:
         parts = [self.mode.value]
+        if self.dane is not DaneMode.NONE:
+            parts.append(f"DANE {self.dane.value}")
+        if self.mta_sts is not MtaStsMode.NONE:
+            parts.append(f"MTA-STS {self.mta_sts.value}")
         if self.certificate_name:
             parts.append(f"certificateName {self.certificate_name}")
         if self.pinned_fingerprints:
@@ -446,12 +471,18 @@ def _clients_dict(clients: ClientScope) -> dict[str, object]:
 
 
 def _tls_dict(tls: TlsPolicy) -> dict[str, object]:
-    return {
+    written: dict[str, object] = {
         "mode": tls.mode.value,
         "certificateName": tls.certificate_name,
         "caBundle": tls.ca_bundle,
         "pinnedFingerprints": list(tls.pinned_fingerprints),
     }
+    # Written only when used, so that documents without them stay byte for byte the same.
+    if tls.dane is not DaneMode.NONE:
+        written["dane"] = tls.dane.value
+    if tls.mta_sts is not MtaStsMode.NONE:
+        written["mtaSts"] = tls.mta_sts.value
+    return written
 
 
 def _destination_dict(destination: Destination) -> dict[str, object]:
@@ -596,6 +627,9 @@ def _read_tls(r: _Reader) -> TlsPolicy:
         certificate_name=r.opt_text("certificateName"),
         ca_bundle=r.opt_text("caBundle"),
         pinned_fingerprints=tuple(r.texts("pinnedFingerprints")),
+        # Absent in documents from operators older than these fields: not used.
+        dane=r.choice("dane", DaneMode) if "dane" in r.raw else DaneMode.NONE,
+        mta_sts=r.choice("mtaSts", MtaStsMode) if "mtaSts" in r.raw else MtaStsMode.NONE,
     )
 
 
