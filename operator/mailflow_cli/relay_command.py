@@ -216,7 +216,7 @@ def _settings(
     listen_port: int,
     networks: tuple[IPNetwork, ...],
     users: dict[str, str],
-    dns_servers: list[str],
+    dns_servers: tuple[str, ...],
     dns_port: int,
     handoff: tuple[str, int] | None,
 ) -> RelaySettings:
