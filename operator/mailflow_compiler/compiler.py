@@ -177,8 +177,14 @@ class _ConnectorCompiler:
                     f'Invalid value: "{smart["host"]}": {e.reason}',
                 )
                 host = smart["host"]
+            port = int(smart.get("port", 25))
             return SmartHost(
-                host=host, port=int(smart.get("port", 25)), mx=bool(smart.get("mx", False))
+                host=host,
+                port=port,
+                mx=bool(smart.get("mx", False)),
+                # RFC 8314 §3.3 registers 465 for implicit TLS: STARTTLS there is a
+                # plaintext greeting that never comes (a 30 s connect timeout).
+                implicit_tls=bool(smart.get("implicitTls", port == 465)),
             )
         if "profileRef" in raw:
             target = ObjectRef(self.ref.namespace, raw["profileRef"]["name"])

@@ -58,6 +58,7 @@ class RawSmartHost(TypedDict):
     host: str
     port: NotRequired[int]
     mx: NotRequired[bool]
+    implicitTls: NotRequired[bool]
 
 
 class RawDestination(TypedDict, total=False):

@@ -30,14 +30,16 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import aiosmtplib
 
 from mailflow_relay.errors import SettingsError, require_positive
+from mailflow_relay.outbound import implicit_tls
 from mailflow_relay.outbound.dns import DnsError, Resolver
 from mailflow_relay.outbound.health import HealthTracker
+from mailflow_relay.outbound.pipelining import EnvelopeOptions, Steps, Timeouts, steps_for
 from mailflow_relay.outbound.results import (
     Attempt,
     DeliveryReport,
@@ -104,6 +106,9 @@ class DeliverySettings:
     idle_connection_seconds: float = 5.0
     """How long an unused connection is kept."""
     max_messages_per_connection: int = 100
+    pipelining: bool = True
+    """RFC 2920: send MAIL, RCPT and DATA in one write to next hops that offer PIPELINING
+    (off: one command per round trip everywhere, as aiosmtplib alone does)."""
 
     def __post_init__(self) -> None:
         require_positive(
@@ -131,6 +136,8 @@ class _Target:
     """The host name (for SNI and name checks), or the address itself."""
     address: str
     port: int
+    implicit_tls: bool = False
+    """TLS from the first byte (a smart host's ``implicitTls``), never STARTTLS."""
 
     def __str__(self) -> str:
         shown = self.name if self.name == self.address else f"{self.name}[{self.address}]"
@@ -241,6 +248,8 @@ class Deliverer:
             raise DnsError(
                 ", ".join(n for n, _ in names), "; ".join(errors), permanent=False, status="4.4.3"
             )
+        if isinstance(destination, SmartHost) and destination.implicit_tls:
+            targets = [replace(t, implicit_tls=True) for t in targets]
         return targets[: self.settings.max_targets]
 
     # --- delivery ----------------------------------------------------------------------------
@@ -255,8 +264,13 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
+        mail_options: Sequence[str] = (),
+        rcpt_options: Mapping[str, Sequence[str]] | None = None,
     ) -> DeliveryReport:
-        """Deliver one message to the recipients of one route; never raises for mail reasons."""
+        """Deliver one message to the recipients of one route; never raises for mail reasons.
+
+        ``mail_options`` go on MAIL FROM, ``rcpt_options[recipient]`` on its RCPT TO."""
+        options = EnvelopeOptions.of(mail_options, rcpt_options or {})
         try:
             targets = await self._targets(destination, recipient_domain)
         except DnsError as e:
@@ -300,7 +314,7 @@ class Deliverer:
             server = str(target)
             try:
                 results, session = await self._transaction(
-                    target, mail_from, pending, data, tls, auth, recipient_domain
+                    target, mail_from, pending, data, tls, auth, recipient_domain, options
                 )
             except _TargetFailed as e:
                 self.health.failed(target.address, target.port)
@@ -352,6 +366,7 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
+        options: EnvelopeOptions,
     ) -> tuple[list[RecipientResult], _Session]:
         limit = self._limits.setdefault(
             (target.address, target.port),
@@ -370,7 +385,7 @@ class Deliverer:
         try:
             async with limit:
                 return await self._limited_transaction(
-                    key, target, mail_from, recipients, data, tls, auth, recipient_domain
+                    key, target, mail_from, recipients, data, tls, auth, recipient_domain, options
                 )
         finally:
             self._in_use[server] -= 1
@@ -387,12 +402,13 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
+        options: EnvelopeOptions,
     ) -> tuple[list[RecipientResult], _Session]:
         await self._reap_idle()
         idle = self._take_idle(key)
         if idle is not None:
             try:
-                results = await self._send(idle.smtp, mail_from, recipients, data)
+                results = await self._send(idle.smtp, mail_from, recipients, data, options)
             except _ProtocolError:
                 # Not a stale connection but a broken server: trying again at once on a
                 # fresh connection could only send the content a second time.
@@ -419,7 +435,7 @@ class Deliverer:
             logger.exception("unexpected error talking to %s", target)
             raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
         try:
-            results = await self._send(connection.smtp, mail_from, recipients, data)
+            results = await self._send(connection.smtp, mail_from, recipients, data, options)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
             connection.smtp.close()
             raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
@@ -459,15 +475,31 @@ class Deliverer:
             timeout=self.settings.command_timeout,
             start_tls=False,
         )
+        if target.implicit_tls:
+            smtp = implicit_tls.ImplicitTlsSMTP(
+                target.address,
+                target.port,
+                server_name=server_name_for(tls, target.name, recipient_domain),
+                tls_context=client_context(tls),
+                local_hostname=self.settings.helo_name,
+                timeout=self.settings.command_timeout,
+            )
         session = _Session()
         try:
             try:
                 await smtp.connect(timeout=self.settings.connect_timeout)
+                if target.implicit_tls:
+                    self._check_implicit_tls(smtp, tls, recipient_domain, session)
+            except implicit_tls.HandshakeFailed as e:
+                error = classify_handshake_error(e.cause, tls.mode)
+                raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason) from e
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
                 raise _TargetFailed(f"4.4.1 cannot connect: {e}") from e
             try:
                 await self._hello(smtp)
-                if use_tls:
+                if target.implicit_tls:
+                    pass  # TLS since connect, checked above
+                elif use_tls:
                     await self._starttls(smtp, target, tls, recipient_domain, session)
                 elif tls.mode.requires_tls:  # pragma: no cover - fallback is Opportunistic only
                     raise _TargetFailed("4.7.5 TLS required", tls_failure=TlsFailure.HANDSHAKE)
@@ -485,6 +517,23 @@ class Deliverer:
             smtp.close()
             raise
         return _Connection(smtp, session, time.monotonic())
+
+    def _check_implicit_tls(
+        self, smtp: aiosmtplib.SMTP, tls: TlsPolicy, recipient_domain: str, session: _Session
+    ) -> None:
+        """The connector's TLS mode on the handshake made at connect, as after STARTTLS."""
+        ssl_object = smtp.get_transport_info("ssl_object")
+        assert isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket)
+        try:
+            session.certificate = check_certificate(
+                tls, ssl_object.getpeercert(binary_form=True), recipient_domain
+            )
+        except TlsPolicyError as e:
+            raise _TargetFailed(f"4.7.5 {e}", tls_failure=e.reason) from e
+        session.tls_version = ssl_object.version()
+        session.verified = tls.mode is not TlsMode.OPPORTUNISTIC and (
+            tls.mode is not TlsMode.SELF_SIGNED or bool(tls.pinned_fingerprints)
+        )
 
     # --- connection reuse ------------------------------------------------------------------
 
@@ -597,10 +646,15 @@ class Deliverer:
         await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
 
     async def _send(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+        self,
+        smtp: aiosmtplib.SMTP,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        options: EnvelopeOptions,
     ) -> list[RecipientResult]:
         try:
-            return await self._transact(smtp, mail_from, recipients, data)
+            return await self._transact(smtp, mail_from, recipients, data, options)
         except _ProtocolError:
             # The connection is in an unknown state (aiosmtplib may have dropped the rest
             # of the reply): it is closed, never reset and reused.
@@ -608,24 +662,49 @@ class Deliverer:
             raise
 
     async def _transact(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+        self,
+        smtp: aiosmtplib.SMTP,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        options: EnvelopeOptions,
     ) -> list[RecipientResult]:
-        """MAIL, RCPT, DATA. Only a 250 after the content is a delivery; a reply is taken by
-        its class only when it is a valid reply where it came, else it is a protocol error."""
+        """MAIL, RCPT, DATA (pipelined when offered, :mod:`.pipelining`). Only a 250 after the
+        content is a delivery; a reply is taken by its class only when it is a valid reply
+        where it came, else it is a protocol error."""
+        timeouts = Timeouts(self.settings.command_timeout, self.settings.data_timeout)
+        steps = steps_for(
+            smtp, mail_from, recipients, options, timeouts, allowed=self.settings.pipelining
+        )
+        async with steps:
+            results, finished = await self._steps(steps, recipients, data)
+        if not finished and smtp.is_connected:
+            # A refused DATA (or no recipient) may leave the server's transaction open
+            # (RFC 5321 lets it; Postfix does): reset it, or the next message on this
+            # connection would get "503 nested MAIL command".
+            try:
+                await smtp.rset()
+            except aiosmtplib.SMTPResponseException:
+                smtp.close()  # unknown state: never reused
+        return [results[r] for r in recipients]
+
+    async def _steps(
+        self, steps: Steps, recipients: Sequence[str], data: bytes
+    ) -> tuple[dict[str, RecipientResult], bool]:
         try:
-            await smtp.mail(mail_from)
+            await steps.mail()
         except aiosmtplib.SMTPResponseException as e:
             status = _refusal(e, "MAIL FROM")
             if status is DeliveryStatus.DEFERRED:
                 raise _TargetFailed(f"MAIL FROM refused: {_reply(e)}", e.code) from e
-            return [
-                RecipientResult(r, DeliveryStatus.FAILED, e.code, _reply(e)) for r in recipients
-            ]
+            return {
+                r: RecipientResult(r, DeliveryStatus.FAILED, e.code, _reply(e)) for r in recipients
+            }, False
         results: dict[str, RecipientResult] = {}
         accepted: list[str] = []
         for recipient in recipients:
             try:
-                await smtp.rcpt(recipient)
+                await steps.rcpt(recipient)
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as e:
                 status = _refusal(e, "RCPT TO")
@@ -633,7 +712,7 @@ class Deliverer:
         finished = False
         if accepted:
             try:
-                response = await smtp.data(data, timeout=self.settings.data_timeout)
+                response = await steps.data(data)
                 for recipient in accepted:
                     results[recipient] = RecipientResult(
                         recipient, DeliveryStatus.DELIVERED, response.code, response.message
@@ -645,15 +724,7 @@ class Deliverer:
                 status = _refusal(e, "DATA")
                 for recipient in accepted:
                     results[recipient] = RecipientResult(recipient, status, e.code, _reply(e))
-        if not finished:
-            # A refused DATA (or no recipient) may leave the server's transaction open
-            # (RFC 5321 lets it; Postfix does): reset it, or the next message on this
-            # connection would get "503 nested MAIL command".
-            try:
-                await smtp.rset()
-            except aiosmtplib.SMTPResponseException:
-                smtp.close()  # unknown state: never reused
-        return [results[r] for r in recipients]
+        return results, finished
 
 
 def _refuse_unverified_auth(session: _Session, mode: TlsMode) -> None:

@@ -157,14 +157,17 @@ class SmartHost:
     host: str
     port: int = 25
     mx: bool = False
+    implicit_tls: bool = False
+    """TLS from the first byte (RFC 8314 §3, port 465) instead of STARTTLS."""
 
     def describe(self) -> str:
         target = str(ServerAddress(self.host, self.port))
-        return (
+        shown = (
             f"smart host MX of {self.host} (port {self.port})"
             if self.mx
             else f"smart host {target}"
         )
+        return f"{shown} (implicit TLS)" if self.implicit_tls else shown
 
 
 @dataclass(frozen=True)
@@ -409,6 +412,7 @@ def _destination_dict(destination: Destination) -> dict[str, object]:
             "host": destination.host,
             "port": destination.port,
             "mx": destination.mx,
+            "implicitTls": destination.implicit_tls,
         }
     if isinstance(destination, ProfilePool):
         return {
@@ -543,7 +547,10 @@ def _read_tls(r: _Reader) -> TlsPolicy:
 def _read_destination(r: _Reader) -> Destination:
     kind = r.text("kind")
     if kind == "SmartHost":
-        return SmartHost(host=r.text("host"), port=_port(r, "port"), mx=r.boolean("mx"))
+        port = _port(r, "port")
+        # A document from an operator before implicitTls: the compiler's default (port 465).
+        implicit = r.boolean("implicitTls") if "implicitTls" in r.raw else port == 465
+        return SmartHost(host=r.text("host"), port=port, mx=r.boolean("mx"), implicit_tls=implicit)
     if kind == "Profile":
         servers = tuple(ServerAddress(s.text("host"), _port(s, "port")) for s in r.items("servers"))
         return ProfilePool(
