@@ -30,8 +30,9 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Unpack
 
 import aiosmtplib
 
@@ -39,7 +40,13 @@ from mailflow_relay.errors import SettingsError, require_positive
 from mailflow_relay.outbound import implicit_tls
 from mailflow_relay.outbound.dns import DnsError, Resolver
 from mailflow_relay.outbound.health import HealthTracker
-from mailflow_relay.outbound.pipelining import EnvelopeOptions, Steps, Timeouts, steps_for
+from mailflow_relay.outbound.pipelining import (
+    Envelope,
+    EsmtpParameters,
+    Steps,
+    Timeouts,
+    steps_for,
+)
 from mailflow_relay.outbound.results import (
     Attempt,
     DeliveryReport,
@@ -264,13 +271,14 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
-        mail_options: Sequence[str] = (),
-        rcpt_options: Mapping[str, Sequence[str]] | None = None,
+        **parameters: Unpack[EsmtpParameters],
     ) -> DeliveryReport:
         """Deliver one message to the recipients of one route; never raises for mail reasons.
 
         ``mail_options`` go on MAIL FROM, ``rcpt_options[recipient]`` on its RCPT TO."""
-        options = EnvelopeOptions.of(mail_options, rcpt_options or {})
+        envelope = Envelope.of(
+            mail_from, parameters.get("mail_options", ()), parameters.get("rcpt_options", {})
+        )
         try:
             targets = await self._targets(destination, recipient_domain)
         except DnsError as e:
@@ -314,7 +322,7 @@ class Deliverer:
             server = str(target)
             try:
                 results, session = await self._transaction(
-                    target, mail_from, pending, data, tls, auth, recipient_domain, options
+                    target, envelope, pending, data, tls, auth, recipient_domain
                 )
             except _TargetFailed as e:
                 self.health.failed(target.address, target.port)
@@ -360,13 +368,12 @@ class Deliverer:
     async def _transaction(
         self,
         target: _Target,
-        mail_from: str,
+        envelope: Envelope,
         recipients: Sequence[str],
         data: bytes,
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
-        options: EnvelopeOptions,
     ) -> tuple[list[RecipientResult], _Session]:
         limit = self._limits.setdefault(
             (target.address, target.port),
@@ -385,7 +392,7 @@ class Deliverer:
         try:
             async with limit:
                 return await self._limited_transaction(
-                    key, target, mail_from, recipients, data, tls, auth, recipient_domain, options
+                    key, target, envelope, recipients, data, tls, auth, recipient_domain
                 )
         finally:
             self._in_use[server] -= 1
@@ -396,19 +403,18 @@ class Deliverer:
         self,
         key: _ReuseKey,
         target: _Target,
-        mail_from: str,
+        envelope: Envelope,
         recipients: Sequence[str],
         data: bytes,
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
-        options: EnvelopeOptions,
     ) -> tuple[list[RecipientResult], _Session]:
         await self._reap_idle()
         idle = self._take_idle(key)
         if idle is not None:
             try:
-                results = await self._send(idle.smtp, mail_from, recipients, data, options)
+                results = await self._send(idle.smtp, envelope, recipients, data)
             except _ProtocolError:
                 # Not a stale connection but a broken server: trying again at once on a
                 # fresh connection could only send the content a second time.
@@ -435,7 +441,7 @@ class Deliverer:
             logger.exception("unexpected error talking to %s", target)
             raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
         try:
-            results = await self._send(connection.smtp, mail_from, recipients, data, options)
+            results = await self._send(connection.smtp, envelope, recipients, data)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
             connection.smtp.close()
             raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
@@ -646,15 +652,10 @@ class Deliverer:
         await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
 
     async def _send(
-        self,
-        smtp: aiosmtplib.SMTP,
-        mail_from: str,
-        recipients: Sequence[str],
-        data: bytes,
-        options: EnvelopeOptions,
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str], data: bytes
     ) -> list[RecipientResult]:
         try:
-            return await self._transact(smtp, mail_from, recipients, data, options)
+            return await self._transact(smtp, envelope, recipients, data)
         except _ProtocolError:
             # The connection is in an unknown state (aiosmtplib may have dropped the rest
             # of the reply): it is closed, never reset and reused.
@@ -662,20 +663,13 @@ class Deliverer:
             raise
 
     async def _transact(
-        self,
-        smtp: aiosmtplib.SMTP,
-        mail_from: str,
-        recipients: Sequence[str],
-        data: bytes,
-        options: EnvelopeOptions,
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str], data: bytes
     ) -> list[RecipientResult]:
         """MAIL, RCPT, DATA (pipelined when offered, :mod:`.pipelining`). Only a 250 after the
         content is a delivery; a reply is taken by its class only when it is a valid reply
         where it came, else it is a protocol error."""
         timeouts = Timeouts(self.settings.command_timeout, self.settings.data_timeout)
-        steps = steps_for(
-            smtp, mail_from, recipients, options, timeouts, allowed=self.settings.pipelining
-        )
+        steps = steps_for(smtp, envelope, recipients, timeouts, allowed=self.settings.pipelining)
         async with steps:
             results, finished = await self._steps(steps, recipients, data)
         if not finished and smtp.is_connected:

@@ -101,7 +101,7 @@ class ImplicitTlsSMTP(aiosmtplib.SMTP):
         # the socket open until the peer answers it (up to 30 s), or past the event loop.
         transport = self.transport
         super().close()
-        if transport is not None:
+        if isinstance(transport, asyncio.WriteTransport):
             transport.abort()
 
 

@@ -41,12 +41,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Self
+from typing import Self, TypedDict
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
-__all__ = ["EnvelopeOptions", "PipelinedSteps", "SequentialSteps", "Steps", "steps_for"]
+__all__ = ["Envelope", "EsmtpParameters", "PipelinedSteps", "SequentialSteps", "Steps", "steps_for"]
 
 # aiosmtplib's limits (protocol.py), so that both ways refuse the same replies.
 MAX_LINE_LENGTH = 8192
@@ -57,20 +57,33 @@ _LEADING_PERIOD = re.compile(rb"(?m)^\.")
 _RCPT_ACCEPTED = (250, 251)
 
 
-@dataclass(frozen=True)
-class EnvelopeOptions:
-    """ESMTP parameters of one transaction: ``mail`` on MAIL FROM (``SMTPUTF8``,
-    ``BODY=8BITMIME``, ``RET=``, ``ENVID=``), ``rcpt`` per recipient on RCPT TO
-    (``NOTIFY=``, ``ORCPT=``). Empty by default: plain RFC 5321."""
+class EsmtpParameters(TypedDict, total=False):
+    """What :meth:`~.deliverer.Deliverer.deliver` takes besides the route: none is plain
+    RFC 5321 (today's callers)."""
 
+    mail_options: Sequence[str]
+    rcpt_options: Mapping[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The sender of one transaction and its ESMTP parameters: ``mail`` on MAIL FROM
+    (``SMTPUTF8``, ``BODY=8BITMIME``, ``RET=``, ``ENVID=``), ``rcpt`` per recipient on
+    RCPT TO (``NOTIFY=``, ``ORCPT=``). No parameters by default: plain RFC 5321."""
+
+    mail_from: str
     mail: tuple[str, ...] = ()
     rcpt: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def of(
-        cls, mail_options: Sequence[str], rcpt_options: Mapping[str, Sequence[str]]
-    ) -> EnvelopeOptions:
+        cls,
+        mail_from: str,
+        mail_options: Sequence[str],
+        rcpt_options: Mapping[str, Sequence[str]],
+    ) -> Envelope:
         return cls(
+            mail_from,
             tuple(mail_options),
             MappingProxyType({r: tuple(o) for r, o in rcpt_options.items()}),
         )
@@ -121,24 +134,22 @@ class Steps:
 class SequentialSteps(Steps):
     """One command, one reply: for hops that do not offer PIPELINING (today's way)."""
 
-    def __init__(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, options: EnvelopeOptions, timeouts: Timeouts
-    ) -> None:
+    def __init__(self, smtp: aiosmtplib.SMTP, envelope: Envelope, timeouts: Timeouts) -> None:
         self.smtp = smtp
-        self.mail_from = mail_from
-        self.options = options
+        self.envelope = envelope
         self.timeouts = timeouts
 
     async def mail(self) -> aiosmtplib.SMTPResponse:
+        envelope = self.envelope
         return await self.smtp.mail(
-            self.mail_from, options=self.options.mail, encoding=self.options.encoding
+            envelope.mail_from, options=envelope.mail, encoding=envelope.encoding
         )
 
     async def rcpt(self, recipient: str) -> aiosmtplib.SMTPResponse:
         return await self.smtp.rcpt(
             recipient,
-            options=self.options.for_recipient(recipient),
-            encoding=self.options.encoding,
+            options=self.envelope.for_recipient(recipient),
+            encoding=self.envelope.encoding,
         )
 
     async def data(self, content: bytes) -> aiosmtplib.SMTPResponse:
@@ -262,10 +273,10 @@ class _ReplyReader(asyncio.Protocol):
                 return aiosmtplib.SMTPResponse(code, message)
         return None
 
-    async def reply(self, timeout: float) -> aiosmtplib.SMTPResponse:
+    async def reply(self, within: float) -> aiosmtplib.SMTPResponse:
         """The next reply in order; raises aiosmtplib's error for garbage, a loss, a timeout."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 while not self._replies:
                     if self._error is not None:
                         raise self._error
@@ -275,12 +286,12 @@ class _ReplyReader(asyncio.Protocol):
             raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from e
         return self._replies.popleft()
 
-    async def writable(self, timeout: float) -> None:
+    async def writable(self, within: float) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""
         if self._writable is None or self._writable.done():
             return
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 await self._writable
         except TimeoutError as e:
             raise aiosmtplib.SMTPTimeoutError("Timed out sending the message content") from e
@@ -294,21 +305,20 @@ class PipelinedSteps(Steps):
     def __init__(
         self,
         smtp: aiosmtplib.SMTP,
-        mail_from: str,
+        envelope: Envelope,
         recipients: Sequence[str],
-        options: EnvelopeOptions,
         timeouts: Timeouts,
     ) -> None:
-        encoding = options.encoding
+        encoding = envelope.encoding
         # Built before anything is written: an address aiosmtplib would refuse stops the
         # transaction before the server saw any of it.
-        self._group = command_line(b"MAIL FROM:", mail_from, options.mail, encoding)
+        self._group = command_line(b"MAIL FROM:", envelope.mail_from, envelope.mail, encoding)
         self._group += b"".join(
-            command_line(b"RCPT TO:", r, options.for_recipient(r), encoding) for r in recipients
+            command_line(b"RCPT TO:", r, envelope.for_recipient(r), encoding) for r in recipients
         )
         self._group += b"DATA\r\n"
         self.smtp = smtp
-        self.mail_from = mail_from
+        self.mail_from = envelope.mail_from
         self.timeouts = timeouts
         self._commands = len(recipients) + 2
         self._unread = 0
@@ -336,7 +346,8 @@ class PipelinedSteps(Steps):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        assert self._reader is not None and self._transport is not None
+        assert self._reader is not None
+        assert self._transport is not None
         if exc is None and self._unread:
             await self._drain()
         if not self._reader.lost:
@@ -348,9 +359,9 @@ class PipelinedSteps(Steps):
                 # next commands: this connection is never used again.
                 self.smtp.close()
 
-    async def _next(self, timeout: float) -> aiosmtplib.SMTPResponse:
+    async def _next(self, within: float) -> aiosmtplib.SMTPResponse:
         assert self._reader is not None
-        reply = await self._reader.reply(timeout)
+        reply = await self._reader.reply(within)
         self._unread -= 1
         return reply
 
@@ -374,7 +385,8 @@ class PipelinedSteps(Steps):
         return await self._send_content(dot_stuffed(content))
 
     async def _send_content(self, payload: bytes) -> aiosmtplib.SMTPResponse:
-        assert self._reader is not None and self._transport is not None
+        assert self._reader is not None
+        assert self._transport is not None
         if self._reader.lost or self._transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
         self._reader.expect(1)
@@ -404,14 +416,13 @@ class PipelinedSteps(Steps):
 
 def steps_for(
     smtp: aiosmtplib.SMTP,
-    mail_from: str,
+    envelope: Envelope,
     recipients: Sequence[str],
-    options: EnvelopeOptions,
     timeouts: Timeouts,
     *,
     allowed: bool = True,
 ) -> Steps:
     """Pipelined steps when the hop offered PIPELINING (and the settings allow it)."""
     if allowed and smtp.supports_extension("pipelining"):
-        return PipelinedSteps(smtp, mail_from, recipients, options, timeouts)
-    return SequentialSteps(smtp, mail_from, options, timeouts)
+        return PipelinedSteps(smtp, envelope, recipients, timeouts)
+    return SequentialSteps(smtp, envelope, timeouts)

@@ -341,7 +341,8 @@ def test_implicit_tls_applies_the_connectors_tls_mode_to_the_handshake(
     else:
         assert result.status is DeliveryStatus.DEFERRED
         assert result.message.startswith("4.7.5 "), result.message
-        assert report.tls_failure is not None and report.tls_failure.value == failure
+        assert report.tls_failure is not None
+        assert report.tls_failure.value == failure
 
 
 def test_without_implicit_tls_a_wrapper_mode_hop_never_greets(wrapper: WrapperHop) -> None:
@@ -371,4 +372,5 @@ def test_implicit_tls_to_a_plaintext_hop_is_a_handshake_failure(pipelining: Post
     report = run(scenario)
     (result,) = report.results
     assert result.status is DeliveryStatus.DEFERRED
-    assert report.tls_failure is not None and report.tls_failure.value == "handshake"
+    assert report.tls_failure is not None
+    assert report.tls_failure.value == "handshake"
