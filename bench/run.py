@@ -86,6 +86,8 @@ class Load:
     probe_max: int
     profile: Path | None = None
     """Record the mailflow relay with py-spy during the timed part, into this folder."""
+    pipelining: str = "on"
+    """mailflow relay --pipelining (on, off): RFC 2920 outbound."""
 
 
 def log(text: str) -> None:
@@ -246,6 +248,7 @@ def mailflow_relay(
     command += ["--listen", f"{LOCALHOST}:{port}", "--spool", str(folder / "spool")]
     command += ["--accept-from", "127.0.0.0/8", "--hostname", "mailflow.bench.test"]
     command += ["--idle-connections", str(load.idle_connections if load.reuse else 0)]
+    command += ["--pipelining", load.pipelining]
     with (folder / "mailflow.log").open("wb") as output:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
@@ -508,6 +511,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--probe-max", type=int, default=3000, help="latency samples at most per run"
     )
     parser.add_argument("--no-control-plane", action="store_true", help="skip the control plane")
+    parser.add_argument(
+        "--pipelining",
+        choices=("on", "off"),
+        default="on",
+        help="mailflow relay --pipelining, outbound RFC 2920 (default: on)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure to this file as JSON")
     parser.add_argument(
         "--profile",
@@ -546,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
                 probe_max=args.probe_max,
                 profile=args.profile,
+                pipelining=args.pipelining,
             )
             for hop in hops:
                 title = {

@@ -4,6 +4,7 @@ per routing document; a new document decides again."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_the_same_question_gets_the_decision_already_made() -> None:
 
 def test_the_memo_is_bounded_and_forgets_the_oldest_first() -> None:
     memo: DecisionMemo[str, int] = DecisionMemo(limit=2)
-    assert [memo.get(k, lambda k=k: len(k)) for k in ("a", "bb", "ccc")] == [1, 2, 3]
+    assert [memo.get(k, functools.partial(len, k)) for k in ("a", "bb", "ccc")] == [1, 2, 3]
     assert len(memo) == 2
     assert memo.get("a", lambda: 99) == 99  # forgotten, decided again
     assert memo.get("ccc", lambda: 0) == 3

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mailflow_operator.probes import ServerProbe, probe_server
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
     DeliveryReport,
@@ -24,7 +25,7 @@ from mailflow_relay.outbound.deliverer import (
     DeliveryStatus,
 )
 from mailflow_relay.outbound.dns import Resolver
-from mailflow_relay.routing.document import SmartHost, TlsMode, TlsPolicy
+from mailflow_relay.routing.document import ServerAddress, SmartHost, TlsMode, TlsPolicy
 from peers import LOCALHOST, SmtpSink
 from pki import Issued, Pki
 from postfix_smtpd import PostfixSmtpd
@@ -374,3 +375,22 @@ def test_implicit_tls_to_a_plaintext_hop_is_a_handshake_failure(pipelining: Post
     assert result.status is DeliveryStatus.DEFERRED
     assert report.tls_failure is not None
     assert report.tls_failure.value == "handshake"
+
+
+@pytest.mark.parametrize(("policy", "verified"), [("trusted_ca", True), ("wrong_name", False)])
+def test_the_operators_probe_speaks_implicit_tls_too(
+    wrapper: WrapperHop, policy: str, verified: bool
+) -> None:
+    async def scenario() -> ServerProbe:
+        return await probe_server(
+            ServerAddress(LOCALHOST, wrapper.smtpd.port),
+            policies(wrapper)[policy],
+            DOMAIN,
+            step_timeout=5,
+            implicit_tls=True,
+        )
+
+    probe = run(scenario)
+    assert probe.reachable, probe.message
+    assert probe.tls_ok is verified, probe.tls_message
+    assert probe.tls_reason == ("Verified" if verified else "NameMismatch"), probe.tls_reason
