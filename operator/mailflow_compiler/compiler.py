@@ -351,7 +351,9 @@ def _compile_profile(body: RawProfile, ref: ObjectRef, findings: list[Finding]) 
                 )
             )
             continue
-        server = ServerAddress(host, int(raw.get("port", 25)))
+        port = int(raw.get("port", 25))
+        # RFC 8314 §3.3: 465 is implicit TLS (as for a connector's smartHost).
+        server = ServerAddress(host, port, bool(raw.get("implicitTls", port == 465)))
         if server in first_at:
             findings.append(
                 Finding(

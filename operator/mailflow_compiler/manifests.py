@@ -104,6 +104,7 @@ class RawConnector(TypedDict):
 class RawServer(TypedDict):
     host: str
     port: NotRequired[int]
+    implicitTls: NotRequired[bool]
 
 
 class RawProfileSpec(TypedDict, total=False):

@@ -731,7 +731,7 @@ class Reconciler:
                         target.policy,
                         target.recipient_domain,
                         step_timeout=self.settings.probe_timeout,
-                        implicit_tls=target.implicit_tls,
+                        implicit_tls=target.implicit_tls or server.implicit_tls,
                     )
                     for server in target.servers
                 )

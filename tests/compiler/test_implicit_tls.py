@@ -10,8 +10,8 @@ import pytest
 
 from mailflow_compiler.checks import check_manifests
 from mailflow_compiler.compiler import compile_routing
-from mailflow_compiler.manifests import RawConnector, load_manifests
-from mailflow_relay.routing.document import RoutingDocument, SmartHost
+from mailflow_compiler.manifests import RawConnector, RawProfile, load_manifests
+from mailflow_relay.routing.document import ProfilePool, RoutingDocument, SmartHost
 
 
 def connector(smart_host: dict[str, object]) -> RawConnector:
@@ -68,3 +68,27 @@ def test_the_schema_takes_a_boolean_only(tmp_path: Path) -> None:
     )
     problems = check_manifests(load_manifests([str(tmp_path)])).problems
     assert [p.path for p in problems] == ["spec.destination.smartHost.implicitTls"]
+
+
+def profile(servers: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "apiVersion": "mailflow.dev/v1alpha1",
+        "kind": "MultiSmtpProfile",
+        "metadata": {"name": "pool", "namespace": "mail"},
+        "spec": {"servers": servers},
+    }
+
+
+def test_a_profile_server_on_465_gets_implicit_tls_too() -> None:
+    servers = [
+        {"host": "smtps.contoso.com", "port": 465},
+        {"host": "smtp.contoso.com", "port": 587},
+        {"host": "odd.contoso.com", "port": 465, "implicitTls": False},
+    ]
+    body = connector({"host": "unused"})
+    body["spec"]["destination"] = {"profileRef": {"name": "pool"}}
+    document = compile_routing([body], [cast(RawProfile, profile(servers))], {}).document
+    for reread in (document, RoutingDocument.from_json(document.to_json())):
+        (compiled,) = reread.connectors
+        assert isinstance(compiled.destination, ProfilePool)
+        assert [s.implicit_tls for s in compiled.destination.servers] == [True, False, False]

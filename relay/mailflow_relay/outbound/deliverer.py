@@ -255,8 +255,14 @@ class Deliverer:
             raise DnsError(
                 ", ".join(n for n, _ in names), "; ".join(errors), permanent=False, status="4.4.3"
             )
-        if isinstance(destination, SmartHost) and destination.implicit_tls:
-            targets = [replace(t, implicit_tls=True) for t in targets]
+        implicit = _implicit_tls_hosts(destination)
+        if implicit:
+            targets = [
+                replace(t, implicit_tls=True)
+                if (t.name, t.port) in implicit or "*" in implicit
+                else t
+                for t in targets
+            ]
         return targets[: self.settings.max_targets]
 
     # --- delivery ----------------------------------------------------------------------------
@@ -719,6 +725,16 @@ class Deliverer:
                 for recipient in accepted:
                     results[recipient] = RecipientResult(recipient, status, e.code, _reply(e))
         return results, finished
+
+
+def _implicit_tls_hosts(destination: Destination) -> set[tuple[str, int] | str]:
+    """The (host, port) pairs to reach with implicit TLS; ``"*"``: every one (MX of a smart
+    host whose ``implicitTls`` covers whatever hosts its MX names)."""
+    if isinstance(destination, SmartHost) and destination.implicit_tls:
+        return {"*"}
+    if isinstance(destination, ProfilePool):
+        return {(s.host, s.port) for s in destination.servers if s.implicit_tls}
+    return set()
 
 
 def _refuse_unverified_auth(session: _Session, mode: TlsMode) -> None:

@@ -144,6 +144,8 @@ class TlsPolicy:
 class ServerAddress:
     host: str
     port: int = 25
+    implicit_tls: bool = False
+    """A profile server's ``implicitTls``: TLS from the first byte (RFC 8314 §3, port 465)."""
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -419,7 +421,10 @@ def _destination_dict(destination: Destination) -> dict[str, object]:
             "kind": "Profile",
             "profile": str(destination.profile),
             "balancing": destination.balancing.value,
-            "servers": [{"host": s.host, "port": s.port} for s in destination.servers],
+            "servers": [
+                {"host": s.host, "port": s.port, "implicitTls": s.implicit_tls}
+                for s in destination.servers
+            ],
         }
     return {"kind": "RecipientMx"}
 
@@ -544,6 +549,13 @@ def _read_tls(r: _Reader) -> TlsPolicy:
     )
 
 
+def _read_server(r: _Reader) -> ServerAddress:
+    port = _port(r, "port")
+    # A document from an operator before implicitTls: the compiler's default (port 465).
+    implicit = r.boolean("implicitTls") if "implicitTls" in r.raw else port == 465
+    return ServerAddress(r.text("host"), port, implicit)
+
+
 def _read_destination(r: _Reader) -> Destination:
     kind = r.text("kind")
     if kind == "SmartHost":
@@ -552,7 +564,7 @@ def _read_destination(r: _Reader) -> Destination:
         implicit = r.boolean("implicitTls") if "implicitTls" in r.raw else port == 465
         return SmartHost(host=r.text("host"), port=port, mx=r.boolean("mx"), implicit_tls=implicit)
     if kind == "Profile":
-        servers = tuple(ServerAddress(s.text("host"), _port(s, "port")) for s in r.items("servers"))
+        servers = tuple(_read_server(s) for s in r.items("servers"))
         return ProfilePool(
             profile=r.ref("profile"), servers=servers, balancing=r.choice("balancing", Balancing)
         )

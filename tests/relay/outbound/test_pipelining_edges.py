@@ -92,14 +92,12 @@ def standard(refuse: frozenset[str] = frozenset(), data: bytes = b"354 go ahead\
     return reply
 
 
-def deliver(hop: ScriptedHop, recipients: tuple[str, ...], **settings: object) -> DeliveryReport:
+def deliver(hop: ScriptedHop, recipients: tuple[str, ...]) -> DeliveryReport:
     async def scenario() -> DeliveryReport:
         server = await asyncio.start_server(hop.handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         engine = Deliverer(
-            DeliverySettings(
-                helo_name="relay.test", connect_timeout=5, command_timeout=5, **settings
-            ),  # type: ignore[arg-type]
+            DeliverySettings(helo_name="relay.test", connect_timeout=5, command_timeout=5),
             Resolver(["127.0.0.1"], port=9, timeout=1),
         )
         try:

@@ -25,7 +25,16 @@ from mailflow_relay.outbound.deliverer import (
     DeliveryStatus,
 )
 from mailflow_relay.outbound.dns import Resolver
-from mailflow_relay.routing.document import ServerAddress, SmartHost, TlsMode, TlsPolicy
+from mailflow_relay.outbound.pipelining import PipelinedSteps
+from mailflow_relay.routing.document import (
+    Balancing,
+    ObjectRef,
+    ProfilePool,
+    ServerAddress,
+    SmartHost,
+    TlsMode,
+    TlsPolicy,
+)
 from peers import LOCALHOST, SmtpSink
 from pki import Issued, Pki
 from postfix_smtpd import PostfixSmtpd
@@ -346,6 +355,55 @@ def test_implicit_tls_applies_the_connectors_tls_mode_to_the_handshake(
         assert report.tls_failure.value == failure
 
 
+@pytest.fixture(scope="module")
+def starttls(sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WrapperHop]:
+    folder: Path = tmp_path_factory.mktemp("pki-starttls")
+    folder.chmod(0o755)
+    pki = Pki(folder)
+    ca = pki.ca()
+    certificate = ca.issue(HOST)
+    settings = {
+        "smtpd_tls_security_level": "may",
+        "smtpd_tls_cert_file": str(certificate.cert_file),
+        "smtpd_tls_key_file": str(certificate.key_file),
+    }
+    for smtpd in postfix(sink, **settings):
+        yield WrapperHop(smtpd, certificate, ca.pem, pki.ca("Somebody Else's CA").pem)
+
+
+def test_pipelining_after_starttls_delivers_over_the_verified_session(
+    starttls: WrapperHop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The TLS transport hides the commands from a proxy: count the pipelined groups instead.
+    groups: list[int] = []
+    enter = PipelinedSteps.__aenter__
+
+    async def counted(self: PipelinedSteps) -> PipelinedSteps:
+        groups.append(self._commands)
+        return await enter(self)
+
+    monkeypatch.setattr(PipelinedSteps, "__aenter__", counted)
+    tls = TlsPolicy(TlsMode.NAME_MATCH, certificate_name=HOST, ca_bundle=starttls.ca_pem)
+
+    async def scenario() -> list[DeliveryReport]:
+        engine = deliverer(idle_connections_per_target=2)
+        try:
+            return [
+                await deliver(engine, starttls.smtpd.port, recipients, tls=tls)
+                for recipients in (RECIPIENTS, OK)
+            ]
+        finally:
+            await engine.close()
+
+    first, second = run(scenario)
+    assert outcomes(first) == EXPECTED
+    assert [r.status for r in second.results] == [DeliveryStatus.DELIVERED] * 2
+    assert first.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert first.verified
+    assert second.verified  # the reused connection keeps its verified session
+    assert groups == [len(RECIPIENTS) + 2, len(OK) + 2]
+
+
 def test_without_implicit_tls_a_wrapper_mode_hop_never_greets(wrapper: WrapperHop) -> None:
     async def scenario() -> DeliveryReport:
         engine = Deliverer(
@@ -394,3 +452,37 @@ def test_the_operators_probe_speaks_implicit_tls_too(
     assert probe.reachable, probe.message
     assert probe.tls_ok is verified, probe.tls_message
     assert probe.tls_reason == ("Verified" if verified else "NameMismatch"), probe.tls_reason
+
+
+def test_a_profile_server_with_implicit_tls_is_reached_with_tls_on_connect(
+    wrapper: WrapperHop, pipelining: PostfixSmtpd
+) -> None:
+    pool = ProfilePool(
+        ObjectRef("mail", "pool"),
+        (
+            ServerAddress(LOCALHOST, wrapper.smtpd.port, implicit_tls=True),
+            ServerAddress(LOCALHOST, pipelining.port),
+        ),
+        Balancing.FAILOVER,
+    )
+    tls = TlsPolicy(TlsMode.TRUSTED_CA, ca_bundle=wrapper.ca_pem)
+
+    async def scenario() -> DeliveryReport:
+        engine = deliverer()
+        try:
+            return await engine.deliver(
+                mail_from=SENDER,
+                recipients=OK[:1],
+                data=MESSAGE,
+                destination=pool,
+                tls=tls,
+                auth=None,
+                recipient_domain=DOMAIN,
+            )
+        finally:
+            await engine.close()
+
+    report = run(scenario)
+    assert [r.status for r in report.results] == [DeliveryStatus.DELIVERED]
+    assert report.server == f"{LOCALHOST}:{wrapper.smtpd.port}"
+    assert report.verified
