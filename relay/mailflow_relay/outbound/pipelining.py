@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_PERIOD = re.compile(rb"(?m)^\.")
 _RCPT_ACCEPTED = (250, 251)
+
+logger = logging.getLogger(__name__)
 
 
 class EsmtpParameters(TypedDict, total=False):
@@ -423,6 +426,16 @@ def steps_for(
     allowed: bool = True,
 ) -> Steps:
     """Pipelined steps when the hop offered PIPELINING (and the settings allow it)."""
-    if allowed and smtp.supports_extension("pipelining"):
+    offered = smtp.supports_extension("pipelining")
+    logger.debug(
+        "%s:%s: %d recipient(s), %s",
+        smtp.hostname,
+        smtp.port,
+        len(recipients),
+        "pipelined"
+        if allowed and offered
+        else "sequential (" + ("--pipelining off" if offered else "PIPELINING not offered") + ")",
+    )
+    if allowed and offered:
         return PipelinedSteps(smtp, envelope, recipients, timeouts)
     return SequentialSteps(smtp, envelope, timeouts)
