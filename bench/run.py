@@ -122,6 +122,8 @@ class Load:
     """Recipients per message (smtp-source -r)."""
     processes: int = 1
     """``mailflow relay --processes``: relay processes on the one port."""
+    pipelining: str = "on"
+    """mailflow relay --pipelining (on, off): RFC 2920 outbound."""
 
 
 def log(text: str) -> None:
@@ -291,6 +293,7 @@ def mailflow_command(manifests: Path, port: int, http: int, spool: Path, load: L
     command += ["--accept-from", "127.0.0.0/8", "--hostname", "mailflow.bench.test"]
     command += ["--idle-connections", str(load.idle_connections if load.reuse else 0)]
     command += ["--processes", str(load.processes), "--http", f"{LOCALHOST}:{http}"]
+    command += ["--pipelining", load.pipelining]
     # smtp-source -r sends up to this many recipients per message.
     return [*command, "--max-recipients", str(max(100, load.recipients))]
 
@@ -640,6 +643,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--probe-max", type=int, default=3000, help="latency samples at most per run"
     )
     parser.add_argument("--no-control-plane", action="store_true", help="skip the control plane")
+    parser.add_argument(
+        "--pipelining",
+        choices=("on", "off"),
+        default="on",
+        help="mailflow relay --pipelining, outbound RFC 2920 (default: on)",
+    )
     parser.add_argument("--json", type=Path, help="write every figure to this file as JSON")
     parser.add_argument(
         "--profile",
@@ -685,6 +694,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             profile=args.profile,
             recipients=recipients,
             processes=args.processes,
+            pipelining=args.pipelining,
         )
 
     found = []

@@ -582,6 +582,13 @@ def _relay_parser(commands: argparse._SubParsersAction[_Parser]) -> None:
         "reuse; 0 turns it off; default: %(default)s)",
     )
     relay.add_argument(
+        "--pipelining",
+        choices=("on", "off"),
+        default="on" if _default(DeliverySettings, "pipelining") else "off",
+        help="on: send MAIL, RCPT and DATA in one write to next hops that offer PIPELINING "
+        "(RFC 2920); off: one command per round trip (default: %(default)s)",
+    )
+    relay.add_argument(
         "--log-format",
         default="text",
         choices=LOG_FORMATS,

@@ -250,6 +250,7 @@ def _settings(
             helo_name=hostname,
             mx_port=args.mx_port,
             idle_connections_per_target=args.idle_connections,
+            pipelining=args.pipelining == "on",
         ),
         dns_servers=tuple(dns_servers),
         dns_port=dns_port,

@@ -181,8 +181,14 @@ class _ConnectorCompiler:
                     f'Invalid value: "{smart["host"]}": {e.reason}',
                 )
                 host = smart["host"]
+            port = int(smart.get("port", 25))
             return SmartHost(
-                host=host, port=int(smart.get("port", 25)), mx=bool(smart.get("mx", False))
+                host=host,
+                port=port,
+                mx=bool(smart.get("mx", False)),
+                # RFC 8314 §3.3 registers 465 for implicit TLS: STARTTLS there is a
+                # plaintext greeting that never comes (a 30 s connect timeout).
+                implicit_tls=bool(smart.get("implicitTls", port == 465)),
             )
         if "profileRef" in raw:
             target = ObjectRef(self.ref.namespace, raw["profileRef"]["name"])
@@ -356,7 +362,9 @@ def _compile_profile(body: RawProfile, ref: ObjectRef, findings: list[Finding]) 
                 )
             )
             continue
-        server = ServerAddress(host, int(raw.get("port", 25)))
+        port = int(raw.get("port", 25))
+        # RFC 8314 §3.3: 465 is implicit TLS (as for a connector's smartHost).
+        server = ServerAddress(host, port, bool(raw.get("implicitTls", port == 465)))
         if server in first_at:
             findings.append(
                 Finding(

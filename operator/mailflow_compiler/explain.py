@@ -32,6 +32,7 @@ def _destination_json(destination: Destination | None) -> dict[str, object] | No
             "host": destination.host,
             "port": destination.port,
             "mx": destination.mx,
+            "implicitTls": destination.implicit_tls,
         }
     if isinstance(destination, ProfilePool):
         return {

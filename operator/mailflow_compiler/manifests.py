@@ -58,6 +58,7 @@ class RawSmartHost(TypedDict):
     host: str
     port: NotRequired[int]
     mx: NotRequired[bool]
+    implicitTls: NotRequired[bool]
 
 
 class RawDestination(TypedDict, total=False):
@@ -123,6 +124,7 @@ class RawServer(TypedDict):
     port: NotRequired[int]
     paused: NotRequired[bool]
     throttle: NotRequired[RawThrottle]
+    implicitTls: NotRequired[bool]
 
 
 class RawProfileSpec(TypedDict, total=False):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from mailflow_relay.outbound.deliverer import ssl_cause
+from mailflow_relay.outbound.implicit_tls import HandshakeFailed, ImplicitTlsSMTP
 from mailflow_relay.outbound.tls_policy import (
     CertificateInfo,
     TlsPolicyError,
@@ -71,8 +72,11 @@ async def probe_server(
     *,
     helo_name: str = "mailflow-operator.invalid",
     step_timeout: float = 10.0,
+    implicit_tls: bool = False,
 ) -> ServerProbe:
-    """Connect, EHLO, STARTTLS and check the certificate as ``policy`` requires; then QUIT."""
+    """Connect, EHLO, STARTTLS and check the certificate as ``policy`` requires; then QUIT.
+
+    ``implicit_tls`` (a smart host's ``implicitTls``): TLS at connect instead of STARTTLS."""
     mode = policy.mode
     smtp = aiosmtplib.SMTP(
         hostname=server.host,
@@ -81,13 +85,29 @@ async def probe_server(
         timeout=step_timeout,
         start_tls=False,
     )
+    if implicit_tls:
+        smtp = ImplicitTlsSMTP(
+            server.host,
+            server.port,
+            server_name=server_name_for(policy, server.host, recipient_domain),
+            tls_context=client_context(policy),
+            local_hostname=helo_name,
+            timeout=step_timeout,
+        )
     try:
         try:
             await smtp.connect(timeout=step_timeout)
             await smtp.ehlo()
+        except HandshakeFailed as e:
+            error = classify_handshake_error(e.cause, mode)
+            return ServerProbe(
+                server, True, f"{server}: TCP answers", False, _reason(error), f"{server}: {error}"
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             return ServerProbe(server, False, f"{server}: cannot connect: {e}")
-        if not smtp.supports_extension("starttls"):
+        if implicit_tls:
+            pass  # TLS since connect: its certificate is checked below
+        elif not smtp.supports_extension("starttls"):
             if mode.requires_tls:
                 return ServerProbe(
                     server,
@@ -106,11 +126,12 @@ async def probe_server(
                 f"{server}: no STARTTLS offered; Opportunistic sends in plaintext",
             )
         try:
-            await smtp.starttls(
-                tls_context=client_context(policy),
-                server_hostname=server_name_for(policy, server.host, recipient_domain),
-                timeout=step_timeout,
-            )
+            if not implicit_tls:
+                await smtp.starttls(
+                    tls_context=client_context(policy),
+                    server_hostname=server_name_for(policy, server.host, recipient_domain),
+                    timeout=step_timeout,
+                )
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
             error = classify_handshake_error(ssl_cause(e), mode)
             return ServerProbe(

@@ -142,6 +142,7 @@ class _Probe:
     servers: tuple[ServerAddress, ...]
     policy: TlsPolicy
     recipient_domain: str
+    implicit_tls: bool = False
 
 
 class Reconciler:
@@ -704,15 +705,17 @@ class Reconciler:
         if connector is None or connector.unresolved or not connector.enabled:
             return None
         destination = connector.destination
+        implicit = False
         if isinstance(destination, SmartHost) and not destination.mx:
             servers: tuple[ServerAddress, ...] = (
                 ServerAddress(destination.host, destination.port),
             )
+            implicit = destination.implicit_tls
         elif isinstance(destination, ProfilePool) and destination.servers:
             servers = destination.servers
         else:
             return None  # RecipientMx / mx: true: the next hop depends on the recipient
-        return _Probe(servers, connector.tls, _recipient_domain(connector))
+        return _Probe(servers, connector.tls, _recipient_domain(connector), implicit)
 
     def _schedule_probes(self, document: RoutingDocument) -> None:
         if self._task_group is None:
@@ -751,6 +754,7 @@ class Reconciler:
                         target.policy,
                         target.recipient_domain,
                         step_timeout=self.settings.probe_timeout,
+                        implicit_tls=target.implicit_tls or server.implicit_tls,
                     )
                     for server in target.servers
                 )

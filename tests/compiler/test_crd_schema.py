@@ -371,7 +371,7 @@ CASES: list[tuple[str, Body, str, str]] = [
         "an unknown field without a near miss lists the fields of its object",
         connector(destination={"smartHost": {"host": "mx.contoso.com", "tls": True}}),
         "spec.destination.smartHost.tls",
-        "Unknown field: not declared in the schema (fields here: host, mx, port)",
+        "Unknown field: not declared in the schema (fields here: host, implicitTls, mx, port)",
     ),
     (
         "an enum value in the wrong case is offered its spelling",

@@ -32,11 +32,13 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Unpack
 
 import aiosmtplib
 
 from mailflow_relay.errors import SettingsError, require_positive
+from mailflow_relay.outbound import implicit_tls
 from mailflow_relay.outbound.dane import (
     Dane,
     DaneOutcome,
@@ -49,6 +51,13 @@ from mailflow_relay.outbound.dane import (
 )
 from mailflow_relay.outbound.dns import DnsError, Resolver
 from mailflow_relay.outbound.health import HealthTracker
+from mailflow_relay.outbound.pipelining import (
+    Envelope,
+    EsmtpParameters,
+    Steps,
+    Timeouts,
+    steps_for,
+)
 from mailflow_relay.outbound.results import (
     Attempt,
     DeliveryReport,
@@ -116,6 +125,9 @@ class DeliverySettings:
     idle_connection_seconds: float = 5.0
     """How long an unused connection is kept."""
     max_messages_per_connection: int = 100
+    pipelining: bool = True
+    """RFC 2920: send MAIL, RCPT and DATA in one write to next hops that offer PIPELINING
+    (off: one command per round trip everywhere, as aiosmtplib alone does)."""
 
     def __post_init__(self) -> None:
         require_positive(
@@ -145,6 +157,8 @@ class _Target:
     port: int
     dane: DaneRequirement | None = None
     """What DANE requires of this hop (decided before connecting; part of the reuse key)."""
+    implicit_tls: bool = False
+    """TLS from the first byte (a smart host's ``implicitTls``), never STARTTLS."""
 
     def __str__(self) -> str:
         shown = self.name if self.name == self.address else f"{self.name}[{self.address}]"
@@ -257,6 +271,14 @@ class Deliverer:
             raise DnsError(
                 ", ".join(n for n, _ in names), "; ".join(errors), permanent=False, status="4.4.3"
             )
+        implicit = _implicit_tls_hosts(destination)
+        if implicit:
+            targets = [
+                replace(t, implicit_tls=True)
+                if (t.name, t.port) in implicit or "*" in implicit
+                else t
+                for t in targets
+            ]
         return targets[: self.settings.max_targets]
 
     async def _with_dane(
@@ -279,8 +301,14 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
+        **parameters: Unpack[EsmtpParameters],
     ) -> DeliveryReport:
-        """Deliver one message to the recipients of one route; never raises for mail reasons."""
+        """Deliver one message to the recipients of one route; never raises for mail reasons.
+
+        ``mail_options`` go on MAIL FROM, ``rcpt_options[recipient]`` on its RCPT TO."""
+        envelope = Envelope.of(
+            mail_from, parameters.get("mail_options", ()), parameters.get("rcpt_options", {})
+        )
         try:
             targets = await self._targets(destination, recipient_domain)
             targets = await self._with_dane(targets, destination, tls, recipient_domain)
@@ -327,7 +355,7 @@ class Deliverer:
             server = str(target)
             try:
                 results, session = await self._transaction(
-                    target, mail_from, pending, data, tls, auth, recipient_domain
+                    target, envelope, pending, data, tls, auth, recipient_domain
                 )
             except _TargetFailed as e:
                 self.health.failed(target.address, target.port)
@@ -391,7 +419,7 @@ class Deliverer:
     async def _transaction(
         self,
         target: _Target,
-        mail_from: str,
+        envelope: Envelope,
         recipients: Sequence[str],
         data: bytes,
         tls: TlsPolicy,
@@ -415,7 +443,7 @@ class Deliverer:
         try:
             async with limit:
                 return await self._limited_transaction(
-                    key, target, mail_from, recipients, data, tls, auth, recipient_domain
+                    key, target, envelope, recipients, data, tls, auth, recipient_domain
                 )
         finally:
             self._in_use[server] -= 1
@@ -426,7 +454,7 @@ class Deliverer:
         self,
         key: _ReuseKey,
         target: _Target,
-        mail_from: str,
+        envelope: Envelope,
         recipients: Sequence[str],
         data: bytes,
         tls: TlsPolicy,
@@ -437,7 +465,7 @@ class Deliverer:
         idle = self._take_idle(key)
         if idle is not None:
             try:
-                results = await self._send(idle.smtp, mail_from, recipients, data)
+                results = await self._send(idle.smtp, envelope, recipients, data)
             except _ProtocolError:
                 # Not a stale connection but a broken server: trying again at once on a
                 # fresh connection could only send the content a second time.
@@ -464,7 +492,7 @@ class Deliverer:
             logger.exception("unexpected error talking to %s", target)
             raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
         try:
-            results = await self._send(connection.smtp, mail_from, recipients, data)
+            results = await self._send(connection.smtp, envelope, recipients, data)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
             connection.smtp.close()
             raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
@@ -507,15 +535,32 @@ class Deliverer:
             timeout=self.settings.command_timeout,
             start_tls=False,
         )
+        if target.implicit_tls:
+            policy, by_dane = _effective_policy(target, tls)
+            smtp = implicit_tls.ImplicitTlsSMTP(
+                target.address,
+                target.port,
+                server_name=_server_name(target, policy, recipient_domain, by_dane=by_dane),
+                tls_context=dane_context() if by_dane else client_context(policy),
+                local_hostname=self.settings.helo_name,
+                timeout=self.settings.command_timeout,
+            )
         session = _Session()
         try:
             try:
                 await smtp.connect(timeout=self.settings.connect_timeout)
+                if target.implicit_tls:
+                    _verify_peer(smtp, target, tls, recipient_domain, session)
+            except implicit_tls.HandshakeFailed as e:
+                error = classify_handshake_error(e.cause, tls.mode)
+                raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason) from e
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
                 raise _TargetFailed(f"4.4.1 cannot connect: {e}") from e
             try:
                 await self._hello(smtp)
-                if use_tls:
+                if target.implicit_tls:
+                    pass  # TLS since connect, checked above
+                elif use_tls:
                     await self._starttls(smtp, target, tls, recipient_domain, session)
                 elif tls.mode.requires_tls:  # pragma: no cover - fallback is Opportunistic only
                     raise _TargetFailed("4.7.5 TLS required", tls_failure=TlsFailure.HANDSHAKE)
@@ -612,10 +657,9 @@ class Deliverer:
         recipient_domain: str,
         session: _Session,
     ) -> None:
-        dane = target.dane
-        if dane is not None and dane.override is not None:
-            tls = dane.override  # MTA-STS enforce: TLS with a certificate for the MX host
+        tls, by_dane = _effective_policy(target, tls)
         mode = tls.mode
+        dane = target.dane
         requires_tls = mode.requires_tls or (dane is not None and dane.requires_tls)
         if not smtp.supports_extension("starttls"):
             if requires_tls:
@@ -624,13 +668,10 @@ class Deliverer:
                 )
                 raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason)
             return
-        by_dane = dane is not None and dane.authenticates
         try:
             await smtp.starttls(
                 tls_context=dane_context() if by_dane else client_context(tls),
-                server_hostname=dane.base_domain
-                if dane is not None and by_dane
-                else server_name_for(tls, target.name, recipient_domain),
+                server_hostname=_server_name(target, tls, recipient_domain, by_dane=by_dane),
                 timeout=self.settings.command_timeout,
             )
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as e:
@@ -638,29 +679,14 @@ class Deliverer:
                 raise _PlaintextFallback from e
             error = classify_handshake_error(ssl_cause(e), mode)
             raise _TargetFailed(f"4.7.5 {error}", tls_failure=error.reason) from e
-        ssl_object = smtp.get_transport_info("ssl_object")
-        assert isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket)
-        der = ssl_object.getpeercert(binary_form=True)
-        try:
-            if dane is not None and by_dane:
-                # Authenticated by the TLSA records alone: never by the mode, never weaker.
-                session.certificate = verify_chain(dane, peer_chain(ssl_object))
-            else:
-                session.certificate = check_certificate(tls, der, recipient_domain)
-        except TlsPolicyError as e:
-            raise _TargetFailed(f"4.7.5 {e}", tls_failure=e.reason) from e
-        session.tls_version = ssl_object.version()
-        session.verified = by_dane or (
-            mode is not TlsMode.OPPORTUNISTIC
-            and (mode is not TlsMode.SELF_SIGNED or bool(tls.pinned_fingerprints))
-        )
+        _verify_peer(smtp, target, tls, recipient_domain, session)
         await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
 
     async def _send(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str], data: bytes
     ) -> list[RecipientResult]:
         try:
-            return await self._transact(smtp, mail_from, recipients, data)
+            return await self._transact(smtp, envelope, recipients, data)
         except _ProtocolError:
             # The connection is in an unknown state (aiosmtplib may have dropped the rest
             # of the reply): it is closed, never reset and reused.
@@ -668,24 +694,42 @@ class Deliverer:
             raise
 
     async def _transact(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str], data: bytes
     ) -> list[RecipientResult]:
-        """MAIL, RCPT, DATA. Only a 250 after the content is a delivery; a reply is taken by
-        its class only when it is a valid reply where it came, else it is a protocol error."""
+        """MAIL, RCPT, DATA (pipelined when offered, :mod:`.pipelining`). Only a 250 after the
+        content is a delivery; a reply is taken by its class only when it is a valid reply
+        where it came, else it is a protocol error."""
+        timeouts = Timeouts(self.settings.command_timeout, self.settings.data_timeout)
+        steps = steps_for(smtp, envelope, recipients, timeouts, allowed=self.settings.pipelining)
+        async with steps:
+            results, finished = await self._steps(steps, recipients, data)
+        if not finished and smtp.is_connected:
+            # A refused DATA (or no recipient) may leave the server's transaction open
+            # (RFC 5321 lets it; Postfix does): reset it, or the next message on this
+            # connection would get "503 nested MAIL command".
+            try:
+                await smtp.rset()
+            except aiosmtplib.SMTPResponseException:
+                smtp.close()  # unknown state: never reused
+        return [results[r] for r in recipients]
+
+    async def _steps(
+        self, steps: Steps, recipients: Sequence[str], data: bytes
+    ) -> tuple[dict[str, RecipientResult], bool]:
         try:
-            await smtp.mail(mail_from)
+            await steps.mail()
         except aiosmtplib.SMTPResponseException as e:
             status = _refusal(e, "MAIL FROM")
             if status is DeliveryStatus.DEFERRED:
                 raise _TargetFailed(f"MAIL FROM refused: {_reply(e)}", e.code) from e
-            return [
-                RecipientResult(r, DeliveryStatus.FAILED, e.code, _reply(e)) for r in recipients
-            ]
+            return {
+                r: RecipientResult(r, DeliveryStatus.FAILED, e.code, _reply(e)) for r in recipients
+            }, False
         results: dict[str, RecipientResult] = {}
         accepted: list[str] = []
         for recipient in recipients:
             try:
-                await smtp.rcpt(recipient)
+                await steps.rcpt(recipient)
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as e:
                 status = _refusal(e, "RCPT TO")
@@ -693,7 +737,7 @@ class Deliverer:
         finished = False
         if accepted:
             try:
-                response = await smtp.data(data, timeout=self.settings.data_timeout)
+                response = await steps.data(data)
                 for recipient in accepted:
                     results[recipient] = RecipientResult(
                         recipient, DeliveryStatus.DELIVERED, response.code, response.message
@@ -705,15 +749,58 @@ class Deliverer:
                 status = _refusal(e, "DATA")
                 for recipient in accepted:
                     results[recipient] = RecipientResult(recipient, status, e.code, _reply(e))
-        if not finished:
-            # A refused DATA (or no recipient) may leave the server's transaction open
-            # (RFC 5321 lets it; Postfix does): reset it, or the next message on this
-            # connection would get "503 nested MAIL command".
-            try:
-                await smtp.rset()
-            except aiosmtplib.SMTPResponseException:
-                smtp.close()  # unknown state: never reused
-        return [results[r] for r in recipients]
+        return results, finished
+
+
+def _implicit_tls_hosts(destination: Destination) -> set[tuple[str, int] | str]:
+    """The (host, port) pairs to reach with implicit TLS; ``"*"``: every one (MX of a smart
+    host whose ``implicitTls`` covers whatever hosts its MX names)."""
+    if isinstance(destination, SmartHost) and destination.implicit_tls:
+        return {"*"}
+    if isinstance(destination, ProfilePool):
+        return {(s.host, s.port) for s in destination.servers if s.implicit_tls}
+    return set()
+
+
+def _effective_policy(target: _Target, tls: TlsPolicy) -> tuple[TlsPolicy, bool]:
+    """The TLS policy this hop's handshake is judged by, and whether DANE authenticates it
+    (then the TLSA records alone decide: never the mode, never weaker)."""
+    dane = target.dane
+    if dane is not None and dane.override is not None:
+        tls = dane.override  # MTA-STS enforce: TLS with a certificate for the MX host
+    return tls, dane is not None and dane.authenticates
+
+
+def _server_name(
+    target: _Target, tls: TlsPolicy, recipient_domain: str, *, by_dane: bool
+) -> str | None:
+    if by_dane and target.dane is not None:
+        return target.dane.base_domain  # RFC 7672 §3.2.3: the TLSA base domain as SNI
+    return server_name_for(tls, target.name, recipient_domain)
+
+
+def _verify_peer(
+    smtp: aiosmtplib.SMTP, target: _Target, tls: TlsPolicy, recipient_domain: str, session: _Session
+) -> None:
+    """The certificate check after a handshake (STARTTLS, or TLS at connect for implicit
+    TLS): by the TLSA records when DANE authenticates this hop, else by the TLS mode."""
+    tls, by_dane = _effective_policy(target, tls)
+    ssl_object = smtp.get_transport_info("ssl_object")
+    assert isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket)
+    try:
+        if by_dane and target.dane is not None:
+            session.certificate = verify_chain(target.dane, peer_chain(ssl_object))
+        else:
+            der = ssl_object.getpeercert(binary_form=True)
+            session.certificate = check_certificate(tls, der, recipient_domain)
+    except TlsPolicyError as e:
+        raise _TargetFailed(f"4.7.5 {e}", tls_failure=e.reason) from e
+    session.tls_version = ssl_object.version()
+    mode = tls.mode
+    session.verified = by_dane or (
+        mode is not TlsMode.OPPORTUNISTIC
+        and (mode is not TlsMode.SELF_SIGNED or bool(tls.pinned_fingerprints))
+    )
 
 
 def _refuse_unverified_auth(session: _Session, mode: TlsMode) -> None:

@@ -172,6 +172,8 @@ class TlsPolicy:
 class ServerAddress:
     host: str
     port: int = 25
+    implicit_tls: bool = False
+    """A profile server's ``implicitTls``: TLS from the first byte (RFC 8314 §3, port 465)."""
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -185,14 +187,17 @@ class SmartHost:
     host: str
     port: int = 25
     mx: bool = False
+    implicit_tls: bool = False
+    """TLS from the first byte (RFC 8314 §3, port 465) instead of STARTTLS."""
 
     def describe(self) -> str:
         target = str(ServerAddress(self.host, self.port))
-        return (
+        shown = (
             f"smart host MX of {self.host} (port {self.port})"
             if self.mx
             else f"smart host {target}"
         )
+        return f"{shown} (implicit TLS)" if self.implicit_tls else shown
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,15 @@ class ProfilePool:
     server_limits: tuple[ServerLimits, ...] = ()
 
     def limits_of(self, server: ServerAddress) -> ServerLimits | None:
-        return next((s for s in self.server_limits if s.server == server), None)
+        # By host and port: the limits name a server, however it is connected to.
+        return next(
+            (
+                s
+                for s in self.server_limits
+                if (s.server.host, s.server.port) == (server.host, server.port)
+            ),
+            None,
+        )
 
     def describe(self) -> str:
         if not self.servers:
@@ -492,13 +505,17 @@ def _destination_dict(destination: Destination) -> dict[str, object]:
             "host": destination.host,
             "port": destination.port,
             "mx": destination.mx,
+            "implicitTls": destination.implicit_tls,
         }
     if isinstance(destination, ProfilePool):
         return {
             "kind": "Profile",
             "profile": str(destination.profile),
             "balancing": destination.balancing.value,
-            "servers": [{"host": s.host, "port": s.port} for s in destination.servers],
+            "servers": [
+                {"host": s.host, "port": s.port, "implicitTls": s.implicit_tls}
+                for s in destination.servers
+            ],
             # Only when set: documents without server limits keep their bytes and checksum.
             **(
                 {"serverLimits": [_server_limits_dict(s) for s in destination.server_limits]}
@@ -699,12 +716,22 @@ def _read_fleet(r: _Reader | None) -> int:
     return relays
 
 
+def _read_server(r: _Reader) -> ServerAddress:
+    port = _port(r, "port")
+    # A document from an operator before implicitTls: the compiler's default (port 465).
+    implicit = r.boolean("implicitTls") if "implicitTls" in r.raw else port == 465
+    return ServerAddress(r.text("host"), port, implicit)
+
+
 def _read_destination(r: _Reader) -> Destination:
     kind = r.text("kind")
     if kind == "SmartHost":
-        return SmartHost(host=r.text("host"), port=_port(r, "port"), mx=r.boolean("mx"))
+        port = _port(r, "port")
+        # A document from an operator before implicitTls: the compiler's default (port 465).
+        implicit = r.boolean("implicitTls") if "implicitTls" in r.raw else port == 465
+        return SmartHost(host=r.text("host"), port=port, mx=r.boolean("mx"), implicit_tls=implicit)
     if kind == "Profile":
-        servers = tuple(ServerAddress(s.text("host"), _port(s, "port")) for s in r.items("servers"))
+        servers = tuple(_read_server(s) for s in r.items("servers"))
         return ProfilePool(
             profile=r.ref("profile"),
             servers=servers,

@@ -51,6 +51,7 @@ from mailflow_relay.routing.domains import (
     normalize_domain,
     parent_domains,
 )
+from mailflow_relay.routing.memo import DecisionMemo
 
 __all__ = ["Candidate", "Client", "MatchRule", "RouteDecision", "Router", "domain_of"]
 
@@ -173,6 +174,7 @@ class Router:
 
     def __init__(self, document: RoutingDocument) -> None:
         self.document = document
+        self.decisions: DecisionMemo[tuple[str, str, Client | None], RouteDecision] = DecisionMemo()
         self._open = _Tables()
         # One table set per distinct client scope: lookups cost one probe per label per
         # scope that matches the client, however many connectors share a scope.
@@ -206,7 +208,15 @@ class Router:
         bounces) matches only connectors that are not scoped to sender domains.
         ``client`` is who submitted the message; None (a bounce this relay writes, an
         unknown client) matches only connectors that are not scoped to clients.
+
+        Asked again with the same arguments, it returns the decision already made
+        (:mod:`.memo`): RCPT time and delivery see one decision per document.
         """
+        return self.decisions.get(
+            (recipient, sender, client), lambda: self._decide(recipient, sender, client)
+        )
+
+    def _decide(self, recipient: str, sender: str, client: Client | None) -> RouteDecision:
         domain = domain_of(recipient)
         sender_domain = sender_domain_of(sender)
         scoped = [
