@@ -114,9 +114,11 @@ answering ``452``/``552`` when :meth:`Spool.store` refuses.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -126,12 +128,15 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final
 
 from mailflow_relay.errors import MailflowRelayError
+from mailflow_relay.queue import segments
+from mailflow_relay.queue.segments import Damage, Kind, Record
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -167,9 +172,16 @@ _CORRUPT_DIR: Final = "corrupt"
 # A header line is a digest and at most two decimal lengths; anything longer is damage.
 _MAX_HEADER_LINE: Final = 128
 _QUEUE_ID_RE: Final = re.compile(r"\A[0-9a-f]{14}-[0-9a-f]{16}\Z")
-# Striped locks: bounded memory however many messages pass through, and two threads
-# working on different messages rarely share a stripe.
-_LOCK_STRIPES: Final = 64
+_SEGMENT_PREFIX: Final = "seg-"
+_SEGMENT_RE: Final = re.compile(r"\Aseg-([0-9a-f]{16})\.msg\Z")
+_APPEND_LOCK: Final = ".append.lock"
+# A segment is closed once past this size; a single large message may overshoot it.
+_SEGMENT_LIMIT: Final = 64 * 1024 * 1024
+# Requests in one batch: enough to share one fdatasync among every waiting session,
+# few enough that the first of them is not kept waiting for the bodies of the last.
+_BATCH_LIMIT: Final = 128
+# The committer thread goes after this long without work (and reclaims segments then).
+_IDLE_SECONDS: Final = 1.0
 
 
 # --- Errors ---------------------------------------------------------------------------
@@ -351,11 +363,80 @@ def _checked_queue_id(queue_id: str) -> str:
 # --- The spool ------------------------------------------------------------------------
 
 
+@dataclass
+class _Segment:
+    """What this process knows of one segment file."""
+
+    end: int = 0
+    """Bytes read (records and damage) or written by this process so far."""
+    sealed: bool = False
+    """Closed by an END record: every byte before it was on stable storage."""
+    torn: bool = False
+    """Its tail is damaged (a crash before the fdatasync): never appended to again."""
+    live: set[str] = field(default_factory=set)
+    """Messages whose current record is in this segment."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One message in the index: its envelope and states, and where its body is."""
+
+    envelope: SpooledMessage
+    """With an empty body: the index never holds bodies."""
+    segment: str
+    body_offset: int
+    body_digest: bytes
+
+
+@dataclass(frozen=True)
+class _Request:
+    action: Callable[[_Staging], Any]
+    future: Future[Any]
+
+
+class _Staging:
+    """The records of one batch, and the states they leave, before they are written."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self.records: list[tuple[Kind, bytes, bytes]] = []
+        self.migrated: list[str] = []
+        self._states: dict[str, tuple[RecipientState, ...] | None] = {}
+
+    def current(self, queue_id: str) -> tuple[RecipientState, ...]:
+        """The states as this batch leaves them so far; MessageNotFoundError when gone."""
+        if queue_id in self._states:
+            states = self._states[queue_id]
+            if states is None:
+                raise MessageNotFoundError(queue_id)
+            return states
+        entry = self._spool._index.get(queue_id)
+        if entry is not None:
+            return entry.envelope.recipients
+        # Still in the single-file layout of an older relay: it moves into a segment with
+        # this batch, and its old files go once the batch is on disk.
+        message = self._spool._load_legacy(queue_id)
+        self.add(Kind.MESSAGE, _dump_json(_envelope_to_json(message)), message.body)
+        self.set(queue_id, message.recipients)
+        self.migrated.append(queue_id)
+        return message.recipients
+
+    def knows(self, queue_id: str) -> bool:
+        return queue_id in self._states or queue_id in self._spool._index
+
+    def add(self, kind: Kind, meta: bytes, body: bytes = b"") -> None:
+        self.records.append((kind, meta, body))
+
+    def set(self, queue_id: str, states: tuple[RecipientState, ...] | None) -> None:
+        self._states[queue_id] = states
+
+
 class Spool:
     """The durable spool in one directory; see the module docstring for the guarantees.
 
-    Methods block on disk I/O; call them through :func:`asyncio.to_thread`. Calls on
-    different messages run in parallel; calls on the same message are serialised.
+    The blocking methods wait for the committer (they are safe to call from any thread,
+    e.g. through :func:`asyncio.to_thread`); the ``submit_*`` methods return a
+    :class:`concurrent.futures.Future` at once, for :func:`asyncio.wrap_future`.
     """
 
     def __init__(
@@ -366,12 +447,20 @@ class Spool:
         self._directory = Path(directory)
         self._corrupt = self._directory / _CORRUPT_DIR
         self._max_message_size = max_message_size
-        self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()
+        """Guards the index and the segment table."""
+        self._writer = threading.Lock()
+        """This process's side of the append lock (``flock`` is per open file, not thread)."""
+        self._requests: collections.deque[_Request] = collections.deque()
+        self._wakeup = threading.Condition(threading.Lock())
+        self._committer: threading.Thread | None = None
+        self._index: dict[str, _Entry] = {}
+        self._segments: dict[str, _Segment] = {}
+        self._tail: tuple[str, int] | None = None
+        self._opened = False
+        self._seen: tuple[int, int] = (-1, -1)
         self._last_received_us = 0
-        # Temp files this process is writing right now: scan() must not take them
-        # for leftovers of a crash when it runs while other threads store messages.
-        self._in_flight: set[str] = set()
+        self._last_segment_us = 0
         self._create_directory(self._directory)
         self._create_directory(self._corrupt)
 
@@ -406,34 +495,53 @@ class Spool:
         The relay's ``Received:`` header names the queue id, so that one id follows a
         message from the client's ``250`` to the final delivery log line.
         """
-        received_us = self._next_received_us()
-        queue_id = new_queue_id(received_us)
-        body = make_body(queue_id)
-        if len(body) > self._max_message_size:
-            raise MessageTooLargeError(len(body), self._max_message_size)
+        future = self.submit_store(
+            sender, recipients, make_body, client=client, user=user, arrived=arrived
+        )
+        return future.result()
+
+    def submit_store(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        make_body: Callable[[str], bytes],
+        *,
+        client: str = "",
+        user: str | None = None,
+        arrived: datetime | None = None,
+    ) -> Future[SpooledMessage]:
+        """:meth:`store_with_header` without waiting: the future is done after the fdatasync.
+
+        ``make_body`` runs in the committer (it may sign: it must not block on I/O).
+        """
         if not recipients:
             raise InvalidEnvelopeError("no recipients")
         if len(set(recipients)) != len(recipients):
             raise InvalidEnvelopeError("a recipient appears more than once")
-        message = SpooledMessage(
-            queue_id=queue_id,
-            sender=sender,
-            recipients=tuple(RecipientState(address) for address in recipients),
-            received=_EPOCH + timedelta(microseconds=received_us),
-            size=len(body),
-            body=body,
-            client=client,
-            user=user,
-            arrived=arrived,
-        )
-        envelope = _dump_json(_envelope_to_json(message))
-        lengths = f"{len(envelope)} {len(body)}".encode()
-        digest = _digest(lengths, envelope, body)
-        header = _RECORD_MAGIC + digest.encode() + b" " + lengths + b"\n"
-        # No per-message lock: the id is brand new, nobody else can know it yet, and a
-        # stripe lock held by a slow update of another message must not stall DATA.
-        self._write_durably(self._record_path(message.queue_id), header, envelope, body)
-        return message
+        received_us = self._next_received_us()
+        queue_id = new_queue_id(received_us)
+        addresses = tuple(recipients)
+
+        def action(staging: _Staging) -> SpooledMessage:
+            body = make_body(queue_id)
+            if len(body) > self._max_message_size:
+                raise MessageTooLargeError(len(body), self._max_message_size)
+            message = SpooledMessage(
+                queue_id=queue_id,
+                sender=sender,
+                recipients=tuple(RecipientState(address) for address in addresses),
+                received=_EPOCH + timedelta(microseconds=received_us),
+                size=len(body),
+                body=body,
+                client=client,
+                user=user,
+                arrived=arrived,
+            )
+            staging.add(Kind.MESSAGE, _dump_json(_envelope_to_json(message)), body)
+            staging.set(queue_id, message.recipients)
+            return message
+
+        return self._submit(action)
 
     def free_bytes(self) -> int:
         """Bytes an unprivileged writer may still use on the spool's file system (statvfs)."""
@@ -441,67 +549,72 @@ class Spool:
         return stats.f_bavail * stats.f_frsize
 
     def contains(self, queue_id: str) -> bool:
-        """Whether the message's record is still in the spool (cheap: no read)."""
-        return self._record_path(_checked_queue_id(queue_id)).exists()
+        """Whether the message is still in the spool (cheap: two stat calls, no read)."""
+        queue_id = _checked_queue_id(queue_id)
+        self._catch_up()
+        with self._mutex:
+            if queue_id in self._index:
+                return True
+        return self._record_path(queue_id).exists()
 
     def load(self, queue_id: str) -> SpooledMessage:
-        """The message with this id, its checksum verified, with its current states."""
+        """The message with this id, its checksum verified, with its current states.
+
+        The only call that reads a body: the relay loads a message when it delivers it
+        and drops it afterwards, so memory holds the bodies of deliveries in progress.
+        """
         queue_id = _checked_queue_id(queue_id)
-        with self._lock_for(queue_id):
-            return self._load(queue_id)
+        self._catch_up()
+        with self._mutex:
+            entry = self._index.get(queue_id)
+        if entry is None:
+            return self._load_legacy(queue_id)
+        return replace(entry.envelope, body=self._read_body(entry))
 
     def update(self, queue_id: str, *states: RecipientState) -> tuple[RecipientState, ...]:
         """Record new states for some recipients durably; returns every recipient's state.
 
-        All ``states`` are written in one atomic step, so recording the outcome of one
+        All ``states`` are written in one record, so recording the outcome of one
         delivery transaction (several recipients, one next hop) is all-or-nothing.
         """
+        return self.submit_update(queue_id, *states).result()
+
+    def submit_update(
+        self, queue_id: str, *states: RecipientState
+    ) -> Future[tuple[RecipientState, ...]]:
+        """:meth:`update` without waiting; the merge happens in the committer, in order."""
         queue_id = _checked_queue_id(queue_id)
-        with self._lock_for(queue_id), self._process_lock(queue_id):
-            return self._update_locked(queue_id, states)
+
+        def action(staging: _Staging) -> tuple[RecipientState, ...]:
+            updated = _merged_states(queue_id, staging.current(queue_id), states)
+            staging.add(Kind.STATE, _state_payload(queue_id, updated))
+            staging.set(queue_id, updated)
+            return updated
+
+        return self._submit(action)
 
     def make_due(self, queue_id: str) -> int:
         """Deferred recipients due now (``mailflow queue retry``); how many there were.
 
-        Read and written under the message's lock, so a delivery outcome the relay records
-        at the same moment is neither lost nor overwritten.
+        Read and written by the committer under the append lock, so a delivery outcome
+        the relay records at the same moment is neither lost nor overwritten.
         """
         queue_id = _checked_queue_id(queue_id)
-        with self._lock_for(queue_id), self._process_lock(queue_id):
+
+        def action(staging: _Staging) -> int:
+            current = staging.current(queue_id)
             due = [
                 replace(s, next_attempt=None)
-                for s in self._read_current_states(queue_id)
+                for s in current
                 if s.status is RecipientStatus.DEFERRED
             ]
             if due:
-                self._update_locked(queue_id, due)
+                updated = _merged_states(queue_id, current, due)
+                staging.add(Kind.STATE, _state_payload(queue_id, updated))
+                staging.set(queue_id, updated)
             return len(due)
 
-    def _update_locked(
-        self, queue_id: str, states: Sequence[RecipientState]
-    ) -> tuple[RecipientState, ...]:
-        # The envelope and current states are enough; re-reading a large body on
-        # every delivery attempt would undo the point of the separate state file.
-        current = self._read_current_states(queue_id)
-        by_address = {state.address: state for state in current}
-        for state in states:
-            previous = by_address.get(state.address)
-            if previous is None:
-                raise SpoolStateError(queue_id, f"{state.address!r} is not a recipient")
-            if previous.status.is_final and state != previous:
-                raise SpoolStateError(
-                    queue_id,
-                    f"{state.address!r} is already {previous.status.value}; "
-                    "a final state never changes",
-                )
-            by_address[state.address] = state
-        updated = tuple(by_address[state.address] for state in current)
-        payload = _dump_json(
-            {"queue_id": queue_id, "recipients": [_state_to_json(s) for s in updated]}
-        )
-        header = _STATE_MAGIC + f"{_digest(payload)} {len(payload)}\n".encode()
-        self._write_durably(self._state_path(queue_id), header, payload)
-        return updated
+        return int(self._submit(action).result())
 
     def remove(self, queue_id: str, *, force: bool = False) -> None:
         """Delete a message durably once every recipient is final (or at once, if forced).
@@ -509,56 +622,449 @@ class Spool:
         Without ``force`` the states on disk must all be final. ``force`` skips that check;
         its callers know something the disk does not yet say: an administrator deleting by
         hand, a hand-off after the peer's ``250``, and the engine when every recipient has
-        just become final in memory (it saves writing a state file only to delete it; a
+        just become final in memory (it saves writing a state record only to delete it; a
         crash before the removal delivers again, as one before any write would).
         """
+        self.submit_remove(queue_id, force=force).result()
+
+    def submit_remove(self, queue_id: str, *, force: bool = False) -> Future[None]:
+        """:meth:`remove` without waiting."""
         queue_id = _checked_queue_id(queue_id)
-        with self._lock_for(queue_id), self._process_lock(queue_id):
-            record = self._record_path(queue_id)
-            if not record.exists():
-                raise MessageNotFoundError(queue_id)
-            if not force:
-                pending = [
-                    s.address for s in self._read_current_states(queue_id) if not s.status.is_final
-                ]
-                if pending:
-                    raise SpoolStateError(
-                        queue_id, f"recipients not final yet: {', '.join(pending)}"
-                    )
-            # The record goes first and durably, then the state file: the reverse order
-            # could revive the message with every recipient PENDING after a crash.
-            self._unlink(record)
-            self._fsync_directory(self._directory)
-            if self._state_path(queue_id).exists():
-                self._unlink(self._state_path(queue_id))
-                self._fsync_directory(self._directory)
+
+        def action(staging: _Staging) -> None:
+            current = staging.current(queue_id)
+            pending = [s.address for s in current if not s.status.is_final]
+            if pending and not force:
+                raise SpoolStateError(queue_id, f"recipients not final yet: {', '.join(pending)}")
+            staging.add(Kind.REMOVE, _dump_json({"queue_id": queue_id}))
+            staging.set(queue_id, None)
+
+        return self._submit(action)
 
     def scan(self, *, repair: bool = True) -> list[SpooledMessage]:
-        """Repair what a crash can leave and return every complete message, oldest first.
+        """Every complete message's envelope and states (no body), oldest first.
 
-        Meant for start-up, but safe while other threads use the spool. Another process
-        (``mailflow queue``) must pass ``repair=False``: it cannot know which temp files
-        the relay is writing right now, so it only reads, and skips what it cannot read.
+        With ``repair`` (the relay, at start, holding the relay lock) it first moves
+        messages of the old single-file layout into segments and tidies what an old
+        relay's crash left. Another process (``mailflow queue``) passes ``repair=False``
+        and only reads: old-layout messages are listed from their files as they are.
         """
+        self._catch_up(force=True)
         names = sorted(os.listdir(self._directory))
-        if not repair:
-            return self._read_only_scan(names)
-        # Listed first, then the in-flight set: a temp file in the listing is either
-        # still in the set or finished (renamed away, so deleting it is a no-op).
+        if repair:
+            self._migrate_legacy(names)
+            names = sorted(os.listdir(self._directory))
+            self._reclaim(idle=True)
         with self._mutex:
-            in_flight = set(self._in_flight)
-        changed = False
-        for name in names:
-            if name.startswith(_TEMP_PREFIX) and name not in in_flight:
-                self._unlink(self._directory / name, missing_ok=True)
-                changed = True
-        if changed:
-            self._fsync_directory(self._directory)
+            messages = [entry.envelope for entry in self._index.values()]
+            indexed = set(self._index)
+        messages += self._legacy_envelopes(names, indexed)
+        messages.sort(key=lambda m: (m.received, m.queue_id))
+        return messages
 
-        messages: list[SpooledMessage] = []
+    def close(self) -> None:
+        """Finish what was submitted and let the committer go (it also goes when idle)."""
+        with self._wakeup:
+            committer = self._committer
+            self._wakeup.notify_all()
+        if committer is not None and committer is not threading.current_thread():
+            committer.join()
+
+    # --- The committer ----------------------------------------------------------------
+
+    def _submit(self, action: Callable[[_Staging], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._wakeup:
+            self._requests.append(_Request(action, future))
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._run_committer, name="mailflow-spool-committer", daemon=True
+                )
+                self._committer.start()
+            else:
+                self._wakeup.notify()
+        return future
+
+    def _run_committer(self) -> None:
+        while True:
+            with self._wakeup:
+                if not self._requests:
+                    self._wakeup.wait(timeout=_IDLE_SECONDS)
+                if not self._requests:
+                    self._committer = None
+                    break
+                batch = [
+                    self._requests.popleft()
+                    for _ in range(min(len(self._requests), _BATCH_LIMIT))
+                ]
+            self._commit(batch)
+        try:
+            self._reclaim(idle=True)
+        except OSError:
+            logger.exception("spool: cannot reclaim segments; trying again when next idle")
+
+    def _commit(self, batch: list[_Request]) -> None:
+        """One batch: every record appended, one fdatasync, then every caller answered."""
+        answers: list[tuple[Future[Any], Any]] = []
+        failures: list[tuple[Future[Any], BaseException]] = []
+        try:
+            with self._exclusive():
+                staging = _Staging(self)
+                for request in batch:
+                    try:
+                        answers.append((request.future, request.action(staging)))
+                    except Exception as e:
+                        failures.append((request.future, e))
+                if staging.records:
+                    self._append(staging.records)
+                self._tidy_after_commit(staging.migrated)
+        except Exception as e:
+            logger.error("spool: a batch of %d write(s) failed: %s", len(answers), e)
+            failures += [(future, e) for future, _ in answers]
+            answers = []
+        finally:
+            # Outside the lock: a caller woken here may come straight back with more work.
+            for future, result in answers:
+                future.set_result(result)
+            for future, error in failures:
+                future.set_exception(error)
+
+    def _tidy_after_commit(self, migrated: list[str]) -> None:
+        """What may fail without undoing the batch: it is on disk and will be answered."""
+        try:
+            self._drop_legacy(migrated)
+            self._reclaim_locked(idle=False)
+        except OSError as e:
+            logger.warning("spool: tidying after a commit failed (%s); trying again later", e)
+
+    def _append(self, records: list[tuple[Kind, bytes, bytes]]) -> None:
+        name, fd = self._tail_for_append()
+        segment = self._segments[name]
+        path = self._directory / name
+        start = position = segment.end
+        written: list[Record] = []
+        try:
+            for kind, meta, body in records:
+                chunks = segments.encode(kind, meta, body)
+                _write_all(fd, chunks)
+                head = chunks[0]
+                written.append(
+                    Record(
+                        kind,
+                        position,
+                        meta,
+                        position + len(head) + len(meta),
+                        len(body),
+                        head[len(segments.MAGIC) + 13 : len(segments.MAGIC) + 45],
+                    )
+                )
+                position += len(head) + len(meta) + len(body)
+        except OSError as e:
+            # Cut the partial batch off, so that the segment ends with a whole record.
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                self._abandon_tail(name)
+            raise SpoolWriteError(path, "appending to", e) from e
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            # After a failed fdatasync the page cache says nothing reliable (the kernel
+            # may have dropped the dirty pages): this segment takes no more records.
+            segment.end = position
+            self._abandon_tail(name)
+            raise SpoolWriteError(path, "syncing", e) from e
+        segment.end = position
+        with self._mutex:
+            for record in written:
+                self._apply(name, record)
+        self._remember_seen()
+
+    def _tail_for_append(self) -> tuple[str, int]:
+        newest = max(self._segments, default=None)
+        if self._tail is not None and self._tail[0] != newest:
+            self._close_tail()  # another process started a newer segment
+        if newest is not None:
+            segment = self._segments[newest]
+            if not segment.torn and not segment.sealed and segment.end >= _SEGMENT_LIMIT:
+                self._seal(newest)
+            if not segment.torn and not segment.sealed:
+                if self._tail is None:
+                    self._tail = (newest, self._open_segment(newest, os.O_WRONLY | os.O_APPEND))
+                return self._tail
+        self._close_tail()
+        now = max(time.time_ns() // 1000, self._last_segment_us + 1)
+        match = None if newest is None else _SEGMENT_RE.match(newest)
+        if match is not None:
+            now = max(now, int(match[1], 16) + 1)
+        self._last_segment_us = now
+        name = f"{_SEGMENT_PREFIX}{now:016x}{_RECORD_SUFFIX}"
+        fd = self._open_segment(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        self._segments[name] = _Segment()
+        self._tail = (name, fd)
+        # The new name must be durable before anything in it is acknowledged.
+        self._fsync_directory(self._directory)
+        return self._tail
+
+    def _seal(self, name: str) -> None:
+        """Close a full segment with an END record: a scan need not check its bodies."""
+        self._close_tail()
+        segment = self._segments[name]
+        chunks = segments.encode(Kind.END, b"{}")
+        fd = self._open_segment(name, os.O_WRONLY | os.O_APPEND)
+        try:
+            _write_all(fd, chunks)
+            os.fdatasync(fd)
+        except OSError as e:
+            segment.torn = True  # either way, nothing more goes into it
+            raise SpoolWriteError(self._directory / name, "closing", e) from e
+        finally:
+            os.close(fd)
+        segment.end += sum(len(chunk) for chunk in chunks)
+        segment.sealed = True
+
+    def _open_segment(self, name: str, flags: int) -> int:
+        try:
+            return os.open(self._directory / name, flags | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise SpoolWriteError(self._directory / name, "opening", e) from e
+
+    def _close_tail(self) -> None:
+        if self._tail is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._tail[1])
+            self._tail = None
+
+    def _abandon_tail(self, name: str) -> None:
+        self._segments[name].torn = True
+        self._close_tail()
+
+    # --- Reclaiming -------------------------------------------------------------------
+
+    def _reclaim(self, *, idle: bool) -> None:
+        with self._exclusive():
+            self._reclaim_locked(idle=idle)
+
+    def _reclaim_locked(self, *, idle: bool) -> None:
+        """Delete segments from the oldest on, while none of their messages is live.
+
+        Oldest first and one durable unlink at a time: a tombstone is always in a later
+        segment than its message, so a segment never goes before the messages it removes.
+        The newest segment stays while the relay is busy (it is being appended to).
+        """
+        newest = max(self._segments, default=None)
+        for name in sorted(self._segments):
+            segment = self._segments[name]
+            if segment.live or (name == newest and not idle):
+                break
+            if self._tail is not None and self._tail[0] == name:
+                self._close_tail()
+            self._unlink(self._directory / name, missing_ok=True)
+            self._fsync_directory(self._directory)
+            del self._segments[name]
+        self._remember_seen()
+
+    # --- Reading the segments ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The append lock: this process's threads, then other processes (``flock``)."""
+        with self._writer:
+            try:
+                fd = os.open(
+                    self._directory / _APPEND_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError as e:
+                raise SpoolWriteError(self._directory / _APPEND_LOCK, "opening", e) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._refresh_locked()
+                yield
+            finally:
+                os.close(fd)
+
+    def _catch_up(self, *, force: bool = False) -> None:
+        """Read what another process appended, if anything changed since this one looked.
+
+        Unless forced, a busy committer is left alone: it is reading the same news now.
+        """
+        if not force and self._opened and self._seen == self._look():
+            return
+        if not force and self._opened and self._writer.locked():
+            return
+        with self._exclusive():
+            self._opened = True
+
+    def _look(self) -> tuple[int, int]:
+        try:
+            listing = os.stat(self._directory).st_mtime_ns
+            newest = max(self._segments, default=None)
+            size = -1 if newest is None else os.stat(self._directory / newest).st_size
+        except FileNotFoundError:
+            return (-2, -2)
+        return (listing, size)
+
+    def _remember_seen(self) -> None:
+        self._seen = self._look()
+
+    def _refresh_locked(self) -> None:
+        listing = {n for n in os.listdir(self._directory) if _SEGMENT_RE.match(n)}
+        for gone in set(self._segments) - listing:
+            # Reclaimed by another process: every message in it was removed.
+            with self._mutex:
+                for queue_id in self._segments.pop(gone).live:
+                    self._index.pop(queue_id, None)
+            if self._tail is not None and self._tail[0] == gone:
+                self._close_tail()
+        for name in sorted(listing):
+            segment = self._segments.setdefault(name, _Segment())
+            try:
+                size = os.stat(self._directory / name).st_size
+            except FileNotFoundError:
+                continue
+            if size > segment.end:
+                self._replay(name, segment, size)
+        self._remember_seen()
+
+    def _replay(self, name: str, segment: _Segment, size: int) -> None:
+        path = self._directory / name
+        with path.open("rb") as f:
+            items = list(segments.read_records(f, segment.end, size))
+            records = [item for item in items if isinstance(item, Record)]
+            sealed = segment.sealed or bool(records and records[-1].kind is Kind.END)
+            if not sealed:
+                # Not closed: a crash may have cut its last batch short, and a torn record
+                # can have a whole head and missing body blocks. Check every body.
+                items = self._verified(f, items)
+        with self._mutex:
+            for item in items:
+                if isinstance(item, Damage):
+                    self._damaged(name, segment, item)
+                else:
+                    self._apply(name, item)
+        segment.end = size
+
+    def _verified(self, f: BinaryIO, items: list[Record | Damage]) -> list[Record | Damage]:
+        checked: list[Record | Damage] = []
+        for item in items:
+            if isinstance(item, Record) and not segments.body_digest_matches(f, item):
+                checked.append(Damage(item.offset, item.end, tail=False))
+            else:
+                checked.append(item)
+        # Bad records with nothing valid after them are the torn tail, not damage.
+        last_good = max(
+            (i for i, item in enumerate(checked) if isinstance(item, Record)), default=-1
+        )
+        for i in range(last_good + 1, len(checked)):
+            item = checked[i]
+            if isinstance(item, Damage):
+                checked[i] = Damage(item.start, item.end, tail=True)
+        return checked
+
+    def _damaged(self, name: str, segment: _Segment, damage: Damage) -> None:
+        if damage.tail:
+            # Never acknowledged: the fdatasync that would have made it so never returned.
+            segment.torn = True
+            logger.warning(
+                "spool: %s ends in %d bytes of a write a crash cut short (never acknowledged);"
+                " ignored",
+                name,
+                damage.end - damage.start,
+            )
+            return
+        logger.error(
+            "spool: %s: bytes %d to %d fail their checksum; a copy goes to corrupt/",
+            name,
+            damage.start,
+            damage.end,
+        )
+        target = self._corrupt / f"{name}-{damage.start:x}"
+        if target.exists():
+            return
+        with contextlib.suppress(OSError), (self._directory / name).open("rb") as f:
+            f.seek(damage.start)
+            target.write_bytes(f.read(damage.end - damage.start))
+
+    def _apply(self, name: str, record: Record) -> None:
+        """One record's effect on the index: the same for replay and for a fresh write."""
+        segment = self._segments[name]
+        if record.kind is Kind.END:
+            segment.sealed = True
+            return
+        where = self._directory / f"{name}@{record.offset}"
+        try:
+            queue_id = json.loads(record.meta)["queue_id"]
+            if not isinstance(queue_id, str) or not is_queue_id(queue_id):
+                raise SpoolCorruptError(where, f"not a queue id: {queue_id!r}")
+            entry = self._index.get(queue_id)
+            if record.kind is Kind.MESSAGE:
+                envelope = _parse_envelope(where, queue_id, record.meta)
+                if envelope.size != record.body_length:
+                    raise SpoolCorruptError(where, "the envelope's size is not the body's")
+                if entry is not None:
+                    self._segments[entry.segment].live.discard(queue_id)
+                self._index[queue_id] = _Entry(
+                    envelope, name, record.body_offset, record.body_digest
+                )
+                segment.live.add(queue_id)
+            elif entry is None:
+                return  # a state or tombstone of a message already gone
+            elif record.kind is Kind.STATE:
+                states = _parse_state_payload(
+                    where, queue_id, record.meta, entry.envelope.recipients
+                )
+                self._index[queue_id] = replace(
+                    entry, envelope=replace(entry.envelope, recipients=states)
+                )
+            else:
+                del self._index[queue_id]
+                self._segments[entry.segment].live.discard(queue_id)
+        except SpoolCorruptError as e:
+            logger.error("spool: %s; record skipped", e)
+        except (ValueError, KeyError, TypeError) as e:
+            logger.error("spool: %s: malformed record (%s); skipped", where, e)
+
+    def _read_body(self, entry: _Entry) -> bytes:
+        path = self._directory / entry.segment
+        queue_id = entry.envelope.queue_id
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MessageNotFoundError(queue_id) from None
+        try:
+            body = segments.read_body(fd, entry.body_offset, entry.envelope.size)
+        except EOFError as e:
+            raise SpoolCorruptError(path, f"message {queue_id}: {e}") from e
+        finally:
+            os.close(fd)
+        if hashlib.sha256(body).digest() != entry.body_digest:
+            self._quarantine_body(queue_id, body)
+            raise SpoolCorruptError(path, f"message {queue_id}: body checksum mismatch")
+        return body
+
+    def _quarantine_body(self, queue_id: str, body: bytes) -> None:
+        """Keep the damaged body for a person, and take the message out of the queue."""
+        target = self._corrupt / f"{queue_id}.body"
+        with contextlib.suppress(OSError):
+            target.write_bytes(body)
+        logger.error("spool: message %s has a damaged body; copied to %s", queue_id, target)
+        with contextlib.suppress(SpoolError):
+            self.remove(queue_id, force=True)
+
+    # --- The old layout (one .msg and one .state file per message) --------------------
+
+    def _migrate_legacy(self, names: list[str]) -> None:
+        """Move old-layout messages into segments, each with its current states.
+
+        A crash before the old files are durably gone moves the same message again: a
+        later message record for an id replaces the earlier one, so that is harmless.
+        """
         for name in names:
-            # .relay.lock: the running relay's lock (queue/lock.py), not a message.
-            if name.startswith(_TEMP_PREFIX) or name in (_CORRUPT_DIR, ".relay.lock"):
+            if name.startswith(_TEMP_PREFIX):
+                self._unlink(self._directory / name, missing_ok=True)
+        pending: list[tuple[str, Future[None]]] = []
+        for name in names:
+            if _SEGMENT_RE.match(name) or name.startswith(".") or name == _CORRUPT_DIR:
                 continue
             stem, dot, suffix = name.rpartition(".")
             if not dot or f".{suffix}" not in (_RECORD_SUFFIX, _STATE_SUFFIX):
@@ -568,54 +1074,60 @@ class Spool:
                 # Not something this module wrote, but it could still be someone's mail.
                 self._quarantine(name, "not named after a queue id")
                 continue
-            with self._lock_for(stem):
-                message = self._scan_one(stem, f".{suffix}")
-            if message is not None:
-                messages.append(message)
-        messages.sort(key=lambda m: (m.received, m.queue_id))
-        return messages
-
-    def _read_only_scan(self, names: list[str]) -> list[SpooledMessage]:
-        messages = []
-        for name in names:
-            stem, _, suffix = name.rpartition(".")
-            if f".{suffix}" != _RECORD_SUFFIX or not is_queue_id(stem):
+            if f".{suffix}" == _STATE_SUFFIX:
+                if not self._record_path(stem).exists():
+                    # An interrupted remove(): the record, the commit point, is gone.
+                    self._unlink(self._directory / name, missing_ok=True)
                 continue
-            try:
-                with self._lock_for(stem):
-                    messages.append(self._load(stem))
-            except (MessageNotFoundError, SpoolCorruptError, OSError) as e:
-                logger.info("spool: skipping %s while reading: %s", name, e)
-        messages.sort(key=lambda m: (m.received, m.queue_id))
-        return messages
+            message = self._scan_legacy_one(stem)
+            if message is not None:
+                pending.append((stem, self._submit(functools.partial(_restage, message))))
+        for _, future in pending:
+            future.result()
+        for stem, _ in pending:
+            self._drop_legacy([stem])
+        self._fsync_directory(self._directory)
+        if pending:
+            logger.info("spool: %d message(s) moved from the old layout", len(pending))
 
-    # --- Reading ----------------------------------------------------------------------
+    def _drop_legacy(self, queue_ids: list[str]) -> None:
+        for queue_id in queue_ids:
+            # The record first: a state file alone is an orphan, a record alone a message.
+            self._unlink(self._record_path(queue_id), missing_ok=True)
+            self._unlink(self._state_path(queue_id), missing_ok=True)
 
-    def _scan_one(self, queue_id: str, suffix: str) -> SpooledMessage | None:
+    def _scan_legacy_one(self, queue_id: str) -> SpooledMessage | None:
         record = self._record_path(queue_id)
         state = self._state_path(queue_id)
-        if suffix == _STATE_SUFFIX:
-            if not record.exists() and state.exists():
-                # An interrupted remove(): the record, the commit point, is already gone.
-                self._unlink(state, missing_ok=True)
-                self._fsync_directory(self._directory)
-            return None
-        if not record.exists():  # Removed by another thread since the listing.
-            return None
         try:
-            return self._load(queue_id)
+            return self._load_legacy(queue_id)
+        except MessageNotFoundError:
+            return None
         except SpoolCorruptError as e:
             if e.path == state:
                 logger.error("spool: %s; its recipients fall back to PENDING", e)
                 self._quarantine(state.name, e.reason)
-                return self._load(queue_id)
+                return self._load_legacy(queue_id)
             logger.error("spool: %s", e)
             self._quarantine(record.name, e.reason)
             if state.exists():
                 self._quarantine(state.name, "its record is corrupt")
             return None
 
-    def _load(self, queue_id: str) -> SpooledMessage:
+    def _legacy_envelopes(self, names: list[str], indexed: set[str]) -> list[SpooledMessage]:
+        """Old-layout messages, envelope and states only (the body is never read here)."""
+        messages = []
+        for name in names:
+            stem, _, suffix = name.rpartition(".")
+            if f".{suffix}" != _RECORD_SUFFIX or not is_queue_id(stem) or stem in indexed:
+                continue
+            try:
+                messages.append(self._legacy_envelope(stem))
+            except (MessageNotFoundError, SpoolCorruptError, OSError) as e:
+                logger.info("spool: skipping %s while reading: %s", name, e)
+        return messages
+
+    def _load_legacy(self, queue_id: str) -> SpooledMessage:
         path = self._record_path(queue_id)
         try:
             data = path.read_bytes()
@@ -625,7 +1137,7 @@ class Spool:
         states = self._read_state_file(queue_id, message.recipients)
         return message if states is None else replace(message, recipients=states)
 
-    def _read_current_states(self, queue_id: str) -> tuple[RecipientState, ...]:
+    def _legacy_envelope(self, queue_id: str) -> SpooledMessage:
         path = self._record_path(queue_id)
         try:
             with path.open("rb") as f:
@@ -635,7 +1147,7 @@ class Spool:
         except FileNotFoundError:
             raise MessageNotFoundError(queue_id) from None
         states = self._read_state_file(queue_id, envelope.recipients)
-        return envelope.recipients if states is None else states
+        return envelope if states is None else replace(envelope, recipients=states)
 
     def _read_state_file(
         self, queue_id: str, initial: tuple[RecipientState, ...]
@@ -647,35 +1159,7 @@ class Spool:
             return None
         return _parse_state(path, queue_id, data, initial)
 
-    # --- Writing ----------------------------------------------------------------------
-
-    def _write_durably(self, path: Path, *chunks: bytes) -> None:
-        temp = self._directory / f"{_TEMP_PREFIX}{path.name}-{secrets.token_hex(4)}"
-        with self._mutex:
-            self._in_flight.add(temp.name)
-        try:
-            try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                with open(fd, "wb") as f:
-                    for chunk in chunks:
-                        f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                raise SpoolWriteError(temp, "writing", e) from e
-            try:
-                os.replace(temp, path)
-            except OSError as e:
-                raise SpoolWriteError(path, "renaming into", e) from e
-            self._fsync_directory(self._directory)
-        except BaseException:
-            # Not needed for safety (scan() would delete it), only to keep the spool tidy.
-            with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
-            raise
-        finally:
-            with self._mutex:
-                self._in_flight.discard(temp.name)
+    # --- Files ------------------------------------------------------------------------
 
     def _quarantine(self, name: str, reason: str) -> None:
         target = self._corrupt / name
@@ -715,33 +1199,11 @@ class Spool:
         # The new directory's own name must be durable too, or its records vanish with it.
         self._fsync_directory(directory.parent)
 
-    # --- Helpers ----------------------------------------------------------------------
-
     def _record_path(self, queue_id: str) -> Path:
         return self._directory / f"{queue_id}{_RECORD_SUFFIX}"
 
     def _state_path(self, queue_id: str) -> Path:
         return self._directory / f"{queue_id}{_STATE_SUFFIX}"
-
-    @contextlib.contextmanager
-    def _process_lock(self, queue_id: str) -> Iterator[None]:
-        """Exclude other processes (``mailflow queue``) from this message's read-modify-write.
-
-        An advisory ``flock`` on the record itself: no extra files, and it goes away with
-        the record. The thread lock is taken first, so within one process this never waits.
-        """
-        try:
-            fd = os.open(self._record_path(queue_id), os.O_RDONLY)
-        except FileNotFoundError:
-            raise MessageNotFoundError(queue_id) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _lock_for(self, queue_id: str) -> threading.Lock:
-        return self._locks[hash(queue_id) % _LOCK_STRIPES]
 
     def _next_received_us(self) -> int:
         # Strictly increasing within a process, so ids sort in acceptance order even
@@ -750,6 +1212,47 @@ class Spool:
             now = max(time.time_ns() // 1000, self._last_received_us + 1)
             self._last_received_us = now
             return now
+
+
+def _restage(message: SpooledMessage, staging: _Staging) -> None:
+    """Write an old-layout message into a segment (unless an interrupted move already did)."""
+    if staging.knows(message.queue_id):
+        return
+    staging.add(Kind.MESSAGE, _dump_json(_envelope_to_json(message)), message.body)
+    staging.set(message.queue_id, message.recipients)
+
+
+def _merged_states(
+    queue_id: str, current: tuple[RecipientState, ...], states: Sequence[RecipientState]
+) -> tuple[RecipientState, ...]:
+    by_address = {state.address: state for state in current}
+    for state in states:
+        previous = by_address.get(state.address)
+        if previous is None:
+            raise SpoolStateError(queue_id, f"{state.address!r} is not a recipient")
+        if previous.status.is_final and state != previous:
+            raise SpoolStateError(
+                queue_id,
+                f"{state.address!r} is already {previous.status.value}; "
+                "a final state never changes",
+            )
+        by_address[state.address] = state
+    return tuple(by_address[state.address] for state in current)
+
+
+def _state_payload(queue_id: str, states: tuple[RecipientState, ...]) -> bytes:
+    return _dump_json({"queue_id": queue_id, "recipients": [_state_to_json(s) for s in states]})
+
+
+def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 # --- The on-disk format ---------------------------------------------------------------
@@ -864,6 +1367,12 @@ def _parse_state(
         raise SpoolCorruptError(path, f"{len(payload)} payload bytes, the header says {match[2]!r}")
     if _digest(payload) != match[1].decode():
         raise SpoolCorruptError(path, "checksum mismatch")
+    return _parse_state_payload(path, queue_id, payload, initial)
+
+
+def _parse_state_payload(
+    path: Path, queue_id: str, payload: bytes, initial: tuple[RecipientState, ...]
+) -> tuple[RecipientState, ...]:
     try:
         raw = json.loads(payload)
         if raw["queue_id"] != queue_id:
