@@ -454,6 +454,7 @@ class Spool:
         self._requests: collections.deque[_Request] = collections.deque()
         self._wakeup = threading.Condition(threading.Lock())
         self._committer: threading.Thread | None = None
+        self._closing = False
         self._index: dict[str, _Entry] = {}
         self._segments: dict[str, _Segment] = {}
         self._tail: tuple[str, int] | None = None
@@ -663,12 +664,21 @@ class Spool:
         return messages
 
     def close(self) -> None:
-        """Finish what was submitted and let the committer go (it also goes when idle)."""
+        """Finish what was submitted, let the committer go and reclaim what is final.
+
+        Not needed for safety (a committer also goes after a second without work); it
+        leaves a spool without final messages as an empty folder at once.
+        """
         with self._wakeup:
             committer = self._committer
+            self._closing = True
             self._wakeup.notify_all()
         if committer is not None and committer is not threading.current_thread():
             committer.join()
+        with self._wakeup:
+            self._closing = False
+        if self._opened:
+            self._reclaim(idle=True)
 
     # --- The committer ----------------------------------------------------------------
 
@@ -688,7 +698,7 @@ class Spool:
     def _run_committer(self) -> None:
         while True:
             with self._wakeup:
-                if not self._requests:
+                if not self._requests and not self._closing:
                     self._wakeup.wait(timeout=_IDLE_SECONDS)
                 if not self._requests:
                     self._committer = None
@@ -698,10 +708,12 @@ class Spool:
                     for _ in range(min(len(self._requests), _BATCH_LIMIT))
                 ]
             self._commit(batch)
+        if not self._directory.is_dir():
+            return  # the spool folder itself went away (a test, an operator): nothing to do
         try:
             self._reclaim(idle=True)
-        except OSError:
-            logger.exception("spool: cannot reclaim segments; trying again when next idle")
+        except OSError as e:
+            logger.warning("spool: cannot reclaim segments (%s); trying again when next idle", e)
 
     def _commit(self, batch: list[_Request]) -> None:
         """One batch: every record appended, one fdatasync, then every caller answered."""
