@@ -117,6 +117,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import errno
 import fcntl
 import functools
 import hashlib
@@ -175,6 +176,9 @@ _QUEUE_ID_RE: Final = re.compile(r"\A[0-9a-f]{14}-[0-9a-f]{16}\Z")
 _SEGMENT_PREFIX: Final = "seg-"
 _SEGMENT_RE: Final = re.compile(r"\Aseg-([0-9a-f]{16})\.msg\Z")
 _APPEND_LOCK: Final = ".append.lock"
+# Space set aside so that removals (tombstones, a few hundred bytes) work on a full disk.
+_RESERVE: Final = ".reserve"
+_RESERVE_BYTES: Final = 64 * 1024
 # A segment is closed once past this size; a single large message may overshoot it.
 _SEGMENT_LIMIT: Final = 64 * 1024 * 1024
 # Requests in one batch: enough to share one fdatasync among every waiting session,
@@ -455,6 +459,10 @@ class Spool:
         self._wakeup = threading.Condition(threading.Lock())
         self._committer: threading.Thread | None = None
         self._closing = False
+        self._started: set[str] = set()
+        """Segments this object created (it appends to those, and to newer ones)."""
+        self._first_seen = ""
+        """The newest segment when this object first read the spool."""
         self._index: dict[str, _Entry] = {}
         self._segments: dict[str, _Segment] = {}
         self._tail: tuple[str, int] | None = None
@@ -727,9 +735,14 @@ class Spool:
                         answers.append((request.future, request.action(staging)))
                     except Exception as e:
                         failures.append((request.future, e))
-                if staging.records:
-                    self._append(staging.records)
-                self._tidy_after_commit(staging.migrated)
+                try:
+                    if staging.records:
+                        self._append_or_use_reserve(staging.records)
+                    self._tidy_after_commit(staging.migrated)
+                finally:
+                    # Open for one batch only: no descriptor outlives the work (a file
+                    # system with a spool that nobody writes to can be unmounted).
+                    self._close_tail()
         except Exception as e:
             logger.error("spool: a batch of %d write(s) failed: %s", len(answers), e)
             failures += [(future, e) for future, _ in answers]
@@ -740,6 +753,43 @@ class Spool:
                 future.set_result(result)
             for future, error in failures:
                 future.set_exception(error)
+
+    def _append_or_use_reserve(self, records: list[tuple[Kind, bytes, bytes]]) -> None:
+        try:
+            self._append(records)
+        except SpoolWriteError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or any(
+                kind is not Kind.REMOVE for kind, _, _ in records
+            ):
+                raise
+            # A removal is what frees space: it must not fail for the lack of it. New
+            # messages and states never use the reserve (they get 452, or wait in memory).
+            if not self._release_reserve():
+                raise
+            logger.warning("spool: the disk is full; the space reserve was used for removals")
+            self._append(records)
+
+    def _ensure_reserve(self) -> None:
+        reserve = self._directory / _RESERVE
+        if reserve.exists():
+            return
+        try:
+            fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                reserve.unlink()
+            logger.warning("spool: cannot set aside the space reserve (%s); trying later", e)
+
+    def _release_reserve(self) -> bool:
+        try:
+            (self._directory / _RESERVE).unlink()
+        except OSError:
+            return False
+        return True
 
     def _tidy_after_commit(self, migrated: list[str]) -> None:
         """What may fail without undoing the batch: it is on disk and will be answered."""
@@ -796,7 +846,10 @@ class Spool:
         newest = max(self._segments, default=None)
         if self._tail is not None and self._tail[0] != newest:
             self._close_tail()  # another process started a newer segment
-        if newest is not None:
+        # A process appends to a segment it started, or to a newer one another process
+        # started (the order of records must be the order of writes); never to one left
+        # by an earlier process, whose tail may be torn and which stays as it was found.
+        if newest is not None and (newest in self._started or newest > self._first_seen):
             segment = self._segments[newest]
             if not segment.torn and not segment.sealed and segment.end >= _SEGMENT_LIMIT:
                 self._seal(newest)
@@ -813,9 +866,11 @@ class Spool:
         name = f"{_SEGMENT_PREFIX}{now:016x}{_RECORD_SUFFIX}"
         fd = self._open_segment(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL)
         self._segments[name] = _Segment()
+        self._started.add(name)
         self._tail = (name, fd)
         # The new name must be durable before anything in it is acknowledged.
         self._fsync_directory(self._directory)
+        self._ensure_reserve()
         return self._tail
 
     def _seal(self, name: str) -> None:
@@ -855,15 +910,24 @@ class Spool:
 
     def _reclaim(self, *, idle: bool) -> None:
         with self._exclusive():
-            self._reclaim_locked(idle=idle)
+            try:
+                self._reclaim_locked(idle=idle)
+                if idle and self._segments:
+                    self._ensure_reserve()  # again, once a full disk has room
+            finally:
+                if idle:
+                    # No descriptor outlives the work: an idle spool holds no file open.
+                    self._close_tail()
 
     def _reclaim_locked(self, *, idle: bool) -> None:
         """Delete segments from the oldest on, while none of their messages is live.
 
         Oldest first and one durable unlink at a time: a tombstone is always in a later
         segment than its message, so a segment never goes before the messages it removes.
-        The newest segment stays while the relay is busy (it is being appended to).
+        The newest segment stays while the relay is busy (it is being appended to), unless
+        no message is left at all: then the spool folder is as empty as the queue.
         """
+        idle = idle or not self._index
         newest = max(self._segments, default=None)
         for name in sorted(self._segments):
             segment = self._segments[name]
@@ -891,6 +955,9 @@ class Spool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self._refresh_locked()
+                if not self._opened:
+                    self._first_seen = max(self._segments, default="")
+                    self._opened = True
                 yield
             finally:
                 os.close(fd)
@@ -905,7 +972,7 @@ class Spool:
         if not force and self._opened and self._writer.locked():
             return
         with self._exclusive():
-            self._opened = True
+            pass  # entering it reads what is new
 
     def _look(self) -> tuple[int, int]:
         try:

@@ -158,7 +158,7 @@ def test_a_removed_message_is_gone_from_scan_load_and_disk(spool: Spool) -> None
     spool.remove(kept.queue_id, force=True)
     spool.close()
     # Nothing left to deliver: every segment is reclaimed, the folder is empty again.
-    assert files_in(spool.directory) <= {".append.lock"}
+    assert files_in(spool.directory) <= {".append.lock", ".reserve"}
 
 
 def test_scan_returns_messages_oldest_first(spool: Spool) -> None:
@@ -347,7 +347,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_message(tmp_path: Path)
                 assert message.recipients[0].status is not RecipientStatus.PENDING
         assert not os.listdir(directory / "corrupt")
         leftovers = files_in(directory) - {p.name for p in segment_files(directory)}
-        assert leftovers <= {".append.lock"}
+        assert leftovers <= {".append.lock", ".reserve"}
 
     # Each round waited for an acknowledgement before killing, so none was idle.
     assert len(acknowledged) >= round_number + 1
@@ -491,7 +491,7 @@ def test_files_that_are_not_the_spools_are_quarantined_or_left_alone(spool: Spoo
 
     assert spool.scan() == []
     assert files_in(spool.directory / "corrupt") == {"someones-mail.msg"}
-    assert files_in(spool.directory) - {".append.lock"} == {"README"}
+    assert files_in(spool.directory) - {".append.lock", ".reserve"} == {"README"}
 
 
 # --- The old layout (one .msg and one .state file per message) ------------------------
@@ -565,7 +565,7 @@ def test_an_old_layout_spool_moves_into_segments_at_start_and_loses_nothing(
     assert spool.load(plain).body == BODY
     assert spool.load(with_states).body == b"second"
     assert files_in(directory / "corrupt") == {f"{broken}.msg"}
-    assert files_in(directory) == {p.name for p in segment_files(directory)} | {".append.lock"}
+    assert files_in(directory) == {p.name for p in segment_files(directory)} | {".append.lock", ".reserve"}
     # A later start reads the same from the segments alone.
     assert Spool(directory).scan() == scanned
 
