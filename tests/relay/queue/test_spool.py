@@ -565,7 +565,10 @@ def test_an_old_layout_spool_moves_into_segments_at_start_and_loses_nothing(
     assert spool.load(plain).body == BODY
     assert spool.load(with_states).body == b"second"
     assert files_in(directory / "corrupt") == {f"{broken}.msg"}
-    assert files_in(directory) == {p.name for p in segment_files(directory)} | {".append.lock", ".reserve"}
+    assert files_in(directory) == {p.name for p in segment_files(directory)} | {
+        ".append.lock",
+        ".reserve",
+    }
     # A later start reads the same from the segments alone.
     assert Spool(directory).scan() == scanned
 
