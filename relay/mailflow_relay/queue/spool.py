@@ -186,6 +186,8 @@ _SEGMENT_LIMIT: Final = 64 * 1024 * 1024
 _BATCH_LIMIT: Final = 128
 # The committer thread goes after this long without work (and reclaims segments then).
 _IDLE_SECONDS: Final = 1.0
+# writev(2) takes at most IOV_MAX (1024 on Linux) buffers at once.
+_IOV_MAX: Final = 1024
 
 
 # --- Errors ---------------------------------------------------------------------------
@@ -393,6 +395,15 @@ class _Entry:
 
 
 @dataclass(frozen=True)
+class _Staged:
+    kind: Kind
+    meta: bytes
+    body: bytes
+    envelope: SpooledMessage | None
+    states: tuple[RecipientState, ...] | None
+
+
+@dataclass(frozen=True)
 class _Request:
     action: Callable[[_Staging], Any]
     future: Future[Any]
@@ -403,7 +414,7 @@ class _Staging:
 
     def __init__(self, spool: Spool) -> None:
         self._spool = spool
-        self.records: list[tuple[Kind, bytes, bytes]] = []
+        self.records: list[_Staged] = []
         self.migrated: list[str] = []
         self._states: dict[str, tuple[RecipientState, ...] | None] = {}
 
@@ -428,8 +439,17 @@ class _Staging:
     def knows(self, queue_id: str) -> bool:
         return queue_id in self._states or queue_id in self._spool._index
 
-    def add(self, kind: Kind, meta: bytes, body: bytes = b"") -> None:
-        self.records.append((kind, meta, body))
+    def add(
+        self,
+        kind: Kind,
+        meta: bytes,
+        body: bytes = b"",
+        *,
+        envelope: SpooledMessage | None = None,
+        states: tuple[RecipientState, ...] | None = None,
+    ) -> None:
+        """One record; ``envelope`` or ``states``: what it says, so as not to parse it."""
+        self.records.append(_Staged(kind, meta, body, envelope, states))
 
     def set(self, queue_id: str, states: tuple[RecipientState, ...] | None) -> None:
         self._states[queue_id] = states
@@ -546,7 +566,12 @@ class Spool:
                 user=user,
                 arrived=arrived,
             )
-            staging.add(Kind.MESSAGE, _dump_json(_envelope_to_json(message)), body)
+            staging.add(
+                Kind.MESSAGE,
+                _dump_json(_envelope_to_json(message)),
+                body,
+                envelope=replace(message, body=b""),
+            )
             staging.set(queue_id, message.recipients)
             return message
 
@@ -596,7 +621,7 @@ class Spool:
 
         def action(staging: _Staging) -> tuple[RecipientState, ...]:
             updated = _merged_states(queue_id, staging.current(queue_id), states)
-            staging.add(Kind.STATE, _state_payload(queue_id, updated))
+            staging.add(Kind.STATE, _state_payload(queue_id, updated), states=updated)
             staging.set(queue_id, updated)
             return updated
 
@@ -619,7 +644,7 @@ class Spool:
             ]
             if due:
                 updated = _merged_states(queue_id, current, due)
-                staging.add(Kind.STATE, _state_payload(queue_id, updated))
+                staging.add(Kind.STATE, _state_payload(queue_id, updated), states=updated)
                 staging.set(queue_id, updated)
             return len(due)
 
@@ -712,8 +737,7 @@ class Spool:
                     self._committer = None
                     break
                 batch = [
-                    self._requests.popleft()
-                    for _ in range(min(len(self._requests), _BATCH_LIMIT))
+                    self._requests.popleft() for _ in range(min(len(self._requests), _BATCH_LIMIT))
                 ]
             self._commit(batch)
         if not self._directory.is_dir():
@@ -754,12 +778,12 @@ class Spool:
             for future, error in failures:
                 future.set_exception(error)
 
-    def _append_or_use_reserve(self, records: list[tuple[Kind, bytes, bytes]]) -> None:
+    def _append_or_use_reserve(self, records: list[_Staged]) -> None:
         try:
             self._append(records)
         except SpoolWriteError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or any(
-                kind is not Kind.REMOVE for kind, _, _ in records
+                staged.kind is not Kind.REMOVE for staged in records
             ):
                 raise
             # A removal is what frees space: it must not fail for the lack of it. New
@@ -799,28 +823,23 @@ class Spool:
         except OSError as e:
             logger.warning("spool: tidying after a commit failed (%s); trying again later", e)
 
-    def _append(self, records: list[tuple[Kind, bytes, bytes]]) -> None:
+    def _append(self, records: list[_Staged]) -> None:
         name, fd = self._tail_for_append()
         segment = self._segments[name]
         path = self._directory / name
         start = position = segment.end
+        chunks: list[bytes] = []
         written: list[Record] = []
+        for staged in records:
+            head, meta, body = segments.encode(staged.kind, staged.meta, staged.body)
+            chunks += (head, meta, body)
+            body_offset = position + len(head) + len(meta)
+            written.append(
+                Record(staged.kind, position, meta, body_offset, len(body), _body_digest(head))
+            )
+            position = body_offset + len(body)
         try:
-            for kind, meta, body in records:
-                chunks = segments.encode(kind, meta, body)
-                _write_all(fd, chunks)
-                head = chunks[0]
-                written.append(
-                    Record(
-                        kind,
-                        position,
-                        meta,
-                        position + len(head) + len(meta),
-                        len(body),
-                        head[len(segments.MAGIC) + 13 : len(segments.MAGIC) + 45],
-                    )
-                )
-                position += len(head) + len(meta) + len(body)
+            _write_all(fd, chunks)
         except OSError as e:
             # Cut the partial batch off, so that the segment ends with a whole record.
             try:
@@ -838,9 +857,32 @@ class Spool:
             raise SpoolWriteError(path, "syncing", e) from e
         segment.end = position
         with self._mutex:
-            for record in written:
-                self._apply(name, record)
+            for staged, record in zip(records, written, strict=True):
+                if staged.envelope is not None or staged.states is not None:
+                    self._apply_known(name, record, staged)
+                else:
+                    self._apply(name, record)
         self._remember_seen()
+
+    def _apply_known(self, name: str, record: Record, staged: _Staged) -> None:
+        """:meth:`_apply` for a record this process just wrote: the same effect, unparsed."""
+        if staged.envelope is not None:
+            queue_id = staged.envelope.queue_id
+            previous = self._index.get(queue_id)
+            if previous is not None:
+                self._segments[previous.segment].live.discard(queue_id)
+            self._index[queue_id] = _Entry(
+                staged.envelope, name, record.body_offset, record.body_digest
+            )
+            self._segments[name].live.add(queue_id)
+            return
+        assert staged.states is not None
+        queue_id = json.loads(staged.meta)["queue_id"]
+        entry = self._index.get(queue_id)
+        if entry is not None:
+            self._index[queue_id] = replace(
+                entry, envelope=replace(entry.envelope, recipients=staged.states)
+            )
 
     def _tail_for_append(self) -> tuple[str, int]:
         newest = max(self._segments, default=None)
@@ -1323,10 +1365,15 @@ def _state_payload(queue_id: str, states: tuple[RecipientState, ...]) -> bytes:
     return _dump_json({"queue_id": queue_id, "recipients": [_state_to_json(s) for s in states]})
 
 
+def _body_digest(head: bytes) -> bytes:
+    start = len(segments.MAGIC) + 13
+    return head[start : start + 32]
+
+
 def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
     views = [memoryview(chunk) for chunk in chunks if chunk]
     while views:
-        written = os.writev(fd, views)
+        written = os.writev(fd, views[:_IOV_MAX])
         while views and written >= len(views[0]):
             written -= len(views[0])
             views.pop(0)
