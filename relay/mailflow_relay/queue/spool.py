@@ -11,105 +11,154 @@ into a guarantee: a crash or SIGKILL at any instant loses no acknowledged messag
 later change to the message (a recipient delivered, deferred or failed) must also be
 either fully on disk or not at all.
 
-This module owns that promise. It is synchronous and does blocking I/O on purpose: the
-listener and the delivery workers call it through :func:`asyncio.to_thread`, and it is
-safe to call from several threads at once.
+This module owns that promise, and does it with one ``fdatasync`` for many messages.
+
+Group commit
+============
+
+Every write (a new message, new recipient states, a removal) is a *request* to one
+committer thread per :class:`Spool`. The committer takes every request waiting (at most
+``_BATCH_LIMIT``), turns each into a record, appends all of them to the newest segment
+file with one ``writev``, calls ``fdatasync`` once, updates the in-memory index, and only
+then answers every request of the batch. While the disk works on one batch, the next one
+gathers. The listener awaits its request's future (:meth:`Spool.submit_store` with
+:func:`asyncio.wrap_future`): one hand-off to the committer, one back, no thread of a pool
+parked in ``fsync`` per message. The blocking methods (:meth:`Spool.store`, …) wait for
+the same future, for callers outside the event loop (``mailflow queue``, tests).
 
 The layout
 ==========
 
-Everything lives in one directory (one file system, so that :func:`os.replace` is an
-atomic rename)::
+Everything lives in one directory::
 
     spool/
-        <queue id>.msg      the record: envelope and body, written once, never changed
-        <queue id>.state    the recipients' current states; absent until the first update
-        .tmp-…              a write in progress (or interrupted by a crash)
-        corrupt/            records and state files that failed their checksum
+        seg-<16 hex µs>.msg   a segment: records appended, never rewritten
+        .append.lock          flock'ed by whoever appends (the relay, ``mailflow queue``)
+        .reserve              64 KiB set aside so that removals work on a full disk
+        corrupt/              what failed a checksum, kept for a person
+        <queue id>.msg/.state the single-file layout of older relays, until moved
 
-A queue id is 14 hex digits of microseconds since the epoch, a dash and 16 random hex
-digits from :mod:`secrets` (``0006123456789a-0123456789abcdef``): unique, safe in a file
-name and a URL, and sorted by time when sorted as text. Every path is built from an id
-only after the id matched that exact pattern, so an id from a CLI or an HTTP request
-cannot name a file outside the spool.
+Segment names grow (microseconds, always above the newest one), so name order is the
+order in which segments were started; the ``.msg`` suffix keeps "no ``*.msg`` file: the
+queue is empty" true for operators' scripts, as it was. A queue id is 14 hex digits of
+microseconds since the epoch, a dash and 16 random hex digits from :mod:`secrets`
+(``0006123456789a-0123456789abcdef``): unique, safe in a file name and a URL, sorted by
+time when sorted as text. An id from a CLI or an HTTP request is used only after it
+matched that exact pattern.
 
-A record is a magic line, a header line and a payload::
+A record (:mod:`.segments`) is a fixed head, a JSON payload and a body: ``M`` a message
+(its envelope with every recipient's state, then the body), ``S`` every recipient's
+state of one message, ``R`` a removal (tombstone), ``E`` the end of a full segment. The
+head carries the lengths, the SHA-256 of the body and a SHA-256 over the head fields and
+the JSON. A message's current form is its last ``M`` record plus the ``S`` records after
+it, unless an ``R`` came later.
 
-    MAILFLOW-SPOOL-RECORD 1\\n
-    <sha256 hex> <envelope length> <body length>\\n
-    <envelope: canonical JSON><body: the message bytes, untouched>
+The index holds envelopes, never bodies
+=======================================
 
-The digest covers the two lengths and the payload, and the file must be exactly as long
-as the header says, so a truncated, extended or bit-flipped record is told apart from a
-complete one without trusting any of its content. A state file has the same shape
-(``MAILFLOW-SPOOL-STATE 1``, one length, a JSON payload listing every recipient's state).
-
-Why a separate state file
-=========================
-
-A message may wait days for one slow recipient, with an attempt every few minutes.
-Rewriting a 30 MB body to record "451, try again at 10:15" would cost far more than the
-attempt itself, so the body is written once and the small state file is replaced instead.
-A missing state file means "the states written in the record", which are all PENDING.
+Replaying the segments reads heads and envelopes only: a scan costs a few hundred bytes
+per message however large it is, and :meth:`Spool.scan` returns messages with an empty
+``body``. The index keeps, per message, the envelope, its current states and where the
+body is; :meth:`Spool.load` reads and checks the body when the relay delivers it, and the
+relay drops it after the attempt. So memory grows with the number of queued messages,
+not with their bytes (10,000 waiting messages of 1 MiB: a relay under 256 MiB RSS).
 
 The writes, in order, and why every crash point is safe
 =======================================================
 
-Each durable write is the classic sequence, and a crash between any two steps of it is
-harmless:
+A new message (:meth:`Spool.store`):
 
-1. Write the new content to a fresh temp file (``O_EXCL``, name starting ``.tmp-``). A
-   crash here leaves a partial temp file, which is not a record: no acknowledgement was
-   given, and :meth:`Spool.scan` deletes it.
-2. ``fsync`` the temp file. Until this returns, the data may be only in the page cache;
-   renaming first would let a power cut leave a *named* file with missing or zero-filled
-   blocks (ext4's delayed allocation does exactly that). A crash here is step 1 again.
-3. ``os.replace`` the temp file onto its final name. POSIX renames are atomic: the name
-   shows the old content (or nothing) or the new content, never a mix. After a crash
-   the rename may or may not have survived, but the caller was not answered yet, so
-   either outcome is allowed.
-4. ``fsync`` the directory. The rename is a change to the directory, and it is only
-   durable once the directory is flushed. Only now does the call return, and only now
-   does the listener send ``250``.
+1. The request waits for the committer. A crash here: nothing written, nobody answered.
+2. The committer appends the batch (``writev``). A crash in the middle leaves the tail
+   of the segment half-written: a head whose hash fails, or a record running past the
+   end of the file. Nobody was answered; the next scan ignores it (see "Reading").
+3. Written, ``fdatasync`` not returned. After a SIGKILL the bytes are in the page cache
+   and reach the disk anyway: the message exists though its client never heard ``250``
+   and will likely send it again, a duplicate, allowed. After a power cut any part of
+   the batch may be missing or zeros (ext4's delayed allocation). Every such record
+   fails its head or body hash; none of them was acknowledged.
+4. ``fdatasync`` returned: every record of the batch is on stable storage (fdatasync
+   also flushes the file size, which reading it back needs). Only now is the index
+   updated and only now are the callers answered; the listener sends ``250``. A crash
+   between the ``fdatasync`` and the ``250``: a stored message whose client did not hear
+   it, a duplicate again, never a loss.
 
-For :meth:`Spool.store` the record is the commit point: before step 3 there is no
-message, after step 4 there is a complete one. The record is never opened for writing
-again, so it cannot be damaged by a later crash either.
+A new segment is created with ``O_EXCL`` and the directory is fsynced before anything
+is written into it, so no acknowledged record sits in a file whose name could vanish.
 
-For :meth:`Spool.update` the state file is the commit point. It always holds the states
-of *all* recipients, so it is never a merge of two writes. A crash before step 3 keeps
-the previous state (or none, that is the record's PENDING states); the caller was not
-answered, so at worst a delivery is tried again. That is the trade-off every MTA makes:
-at-least-once, never at-most-once, because a duplicate is a nuisance and a loss is a bug.
-The state file is only written after the record was committed by :meth:`Spool.store`,
-so a state file never precedes its record.
+New states (:meth:`Spool.update`) and removals (:meth:`Spool.remove`) go through the
+same committer. The committer merges the new states with the current ones under the
+append lock and writes *all* recipients' states in one ``S`` record, so a record is
+never a merge of two writes, and a final state never changes. A crash before the batch's
+``fdatasync`` keeps the previous states (or the message, for a removal); the caller was
+not answered, so at worst a delivery is tried again. That is the trade-off every MTA
+makes: at-least-once, never at-most-once, because a duplicate is a nuisance and a loss
+is a bug.
 
-:meth:`Spool.remove` unlinks the record first, fsyncs the directory, and only then
-unlinks the state file and fsyncs again. The order matters: had the state file gone
-first, a crash in between would revive the message with all recipients PENDING and
-deliver it again to everyone. The other way round, the crash leaves a state file without
-a record; :meth:`Spool.scan` deletes such orphans, which is safe precisely because a
-state file is never created before its record is durable.
+Order. Records are replayed segment by segment in name order, and in file order within
+one. Every appender holds the append lock (a thread lock, then ``flock`` across
+processes) while it writes and syncs, and appends only to the newest segment, so file
+order is the order of the writes. A process appends to a segment it started, or to a
+newer one another process started, never to one it found at start: a crash may have
+torn that one's tail, which then stays at its end.
 
-Scanning at start
-=================
+A full segment (past 64 MiB) gets an ``E`` record, synced, before the next one starts.
+Everything before an ``E`` was synced, so a scan trusts the bodies of closed segments
+until it reads them; only segments without an ``E`` (the newest, one a crash left) have
+every body checked at start. A crash while writing the ``E``: the segment counts as
+open and is checked in full, which is slower and as safe.
 
-:meth:`Spool.scan` runs when the relay starts and repairs what a crash can leave:
+Write failures. A failed ``writev`` (a full disk) is cut off again with ``ftruncate``,
+so the segment still ends with a whole record; nobody of the batch was answered. After
+a failed ``ftruncate`` or ``fdatasync`` the segment takes no more records (the kernel
+may have dropped the dirty pages, so its page cache says nothing reliable); the next
+batch starts a new segment. The batch's records may still show up after a restart:
+unacknowledged, so either way is allowed. A batch of removals only that finds the disk
+full deletes ``.reserve`` and tries once more, because removing is what frees space;
+new messages get ``452`` from the listener instead, and outcomes wait in memory (the
+engine's unrecorded outcomes).
 
-- temp files are deleted (they were never acknowledged);
-- state files without a record are deleted (an interrupted :meth:`Spool.remove`);
-- a record that fails its checksum is *moved* to ``corrupt/``, together with its state
-  file, never deleted: it cannot come from a crash (records appear only by rename), so
-  it means a disk or an operator damaged it, and a person may still recover the mail;
-- a state file that fails its checksum is moved to ``corrupt/`` and its message falls
-  back to the record's PENDING states: again at-least-once rather than a lost message;
-- every complete message is returned, oldest first.
+Reclaiming. A segment is deleted once it and every older segment hold no live message,
+oldest first, with a directory fsync after each unlink. A message's ``S`` and ``R``
+records are in its own segment or later ones, so deleting a prefix of dead segments
+never separates a live message from its states, and never revives a removed one: after
+a crash the deleted segments are still a prefix. When no message is left at all the
+newest segment goes too (the folder is as empty as the queue); otherwise it stays while
+it is written to, and an idle committer (one second without work) reclaims again.
 
-What this does not cover: a disk that acknowledges ``fsync`` but loses the data (a
-write cache without a battery), and a spool on a network file system without atomic
-renames. Both are deployment errors; DESIGN.md puts the spool on each relay pod's PVC.
-Sending ``250`` after a successful :meth:`Spool.store` is the listener's job; so is
-answering ``452``/``552`` when :meth:`Spool.store` refuses.
+Reading at start
+================
+
+A scan replays every segment from where this object last read it:
+
+- a damaged span with no valid record after it in its segment is a torn tail: what a
+  crash cut short before its ``fdatasync``; never acknowledged, so ignored (a warning);
+- a damaged span *followed* by valid records cannot come from a crash of a closed
+  batch: it is copied to ``corrupt/`` and skipped (an ``M``: that message is missing; an
+  ``S``: the states before it hold, at-least-once; an ``R``: the message comes back and
+  is delivered again). A damaged head is skipped by searching the next valid head;
+- a body that fails its hash when :meth:`Spool.load` reads it is copied to
+  ``corrupt/<queue id>.body`` and its message is removed, so it does not fail forever;
+- with ``repair`` (the relay, holding its lock) messages of the old single-file layout
+  move into a segment with their current states, their old files are unlinked and the
+  directory is fsynced before the scan returns, so before any delivery could change
+  their states; a crash in between moves the same message again or finds it in the
+  segment already. Temp files and orphaned state files of the old layout are deleted,
+  and old records that fail their checksum go to ``corrupt/`` as before.
+
+``mailflow queue`` (another process) scans with ``repair=False``: it reads the segments
+and lists old-layout files as they are; a retry or a delete of an old-layout message
+moves that message first. The relay sees what ``mailflow queue`` appended before its
+own next batch (the committer reads new records under the lock), on ``scan``, and on
+``load``/``contains`` when the folder or the newest segment changed.
+
+What this does not cover: a disk that acknowledges ``fdatasync`` but loses the data (a
+write cache without a battery); a spool on a network file system without ``flock``;
+damage that hits the very last record of a segment, which looks like a torn tail and is
+ignored; and a message deferred for days keeps every later segment on disk until it is
+final (no compaction yet: the disk holds the traffic of one queue lifetime at most).
+Sending ``250`` after a successful store is the listener's job; so is answering
+``452``/``552`` when the spool refuses.
 """
 
 from __future__ import annotations
