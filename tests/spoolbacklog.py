@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -35,21 +36,26 @@ def peak_rss_of_a_relay_starting_on(tmp_path: Path, spool: Path, count: int) -> 
     """VmHWM (bytes) of `mailflow relay` once it has rescanned ``count`` waiting messages.
 
     Nothing listens at the destination, so every delivery is deferred: the relay does what
-    it does at start with a backlog (rescan, schedule, first attempts), nothing else.
+    it does at start with a backlog (rescan, schedule, first attempts), nothing else. The
+    relay is started here, not by RelayProcess: a cold rescan of gigabytes may take longer
+    than RelayProcess waits for the port.
     """
     manifests = connector("all", '["*"]', free_port())
     relay = RelayProcess(tmp_path, manifests, "--accept-from", "127.0.0.1/32", spool=spool)
-    with relay:
-        assert relay.process is not None
+    with relay.log.open("ab") as log:
+        process = subprocess.Popen(relay.command, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
         deadline = time.monotonic() + 300
         pattern = f"spool rescanned: {count} message(s) waiting"
         while pattern not in relay.output():
             assert time.monotonic() < deadline, relay.output()[-2000:]
-            assert relay.process.poll() is None, relay.output()[-2000:]
+            assert process.poll() is None, relay.output()[-2000:]
             time.sleep(0.2)
         time.sleep(2.0)  # the first delivery attempts, each loading one body
-        status = Path(f"/proc/{relay.process.pid}/status").read_text()
-        relay.kill()  # measured: no need to sit through the drain of a whole backlog
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    finally:
+        process.kill()  # measured: no need to sit through the drain of a whole backlog
+        process.wait(timeout=30)
     match = re.search(r"^VmHWM:\s+(\d+) kB$", status, re.MULTILINE)
     assert match is not None, status
     return int(match[1]) * 1024
