@@ -67,7 +67,7 @@ async def run(args: argparse.Namespace, module: ModuleType, directory: Path) -> 
         threads.shutdown()
     if not old:
         spool.close()
-    return per_session * args.sessions / elapsed
+    return float(per_session * args.sessions / elapsed)
 
 
 def main() -> None:

@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
 
 from mailflow_cli.main import main
 
@@ -21,10 +25,10 @@ def arm(calls_before_kill: int, report: str) -> None:
     durable: dict[int, int] = {}
     calls = 0
 
-    def fdatasync(fd: int) -> None:
+    def fdatasync(fd: int | HasFileno) -> None:
         nonlocal calls
         calls += 1
-        info = os.fstat(fd)
+        info = os.fstat(fd if isinstance(fd, int) else fd.fileno())
         if calls >= calls_before_kill:
             with open(report, "w") as out:
                 out.write(f"{info.st_ino} {durable.get(info.st_ino, 0)} {info.st_size}\n")
