@@ -632,9 +632,9 @@ class Spool:
         return stats.f_bavail * stats.f_frsize
 
     def contains(self, queue_id: str) -> bool:
-        """Whether the message is still in the spool (cheap: two stat calls, no read)."""
+        """Whether the message is still in the spool (cheap: two stat calls, never a wait)."""
         queue_id = _checked_queue_id(queue_id)
-        self._catch_up()
+        self._catch_up(wait=False)
         with self._mutex:
             if queue_id in self._index:
                 return True
@@ -1036,34 +1036,57 @@ class Spool:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """The append lock: this process's threads, then other processes (``flock``)."""
-        with self._writer:
-            try:
-                fd = os.open(
-                    self._directory / _APPEND_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-            except OSError as e:
-                raise SpoolWriteError(self._directory / _APPEND_LOCK, "opening", e) from e
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self._refresh_locked()
-                if not self._opened:
-                    self._first_seen = max(self._segments, default="")
-                    self._opened = True
-                yield
-            finally:
-                os.close(fd)
+        with self._writer, self._append_lock(wait=True):
+            self._read_news()
+            yield
 
-    def _catch_up(self, *, force: bool = False) -> None:
+    @contextlib.contextmanager
+    def _append_lock(self, *, wait: bool) -> Iterator[bool]:
+        """``flock`` on the lock file; without ``wait``, False at once if another holds it."""
+        try:
+            fd = os.open(
+                self._directory / _APPEND_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as e:
+            raise SpoolWriteError(self._directory / _APPEND_LOCK, "opening", e) from e
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _read_news(self) -> None:
+        self._refresh_locked()
+        if not self._opened:
+            self._first_seen = max(self._segments, default="")
+            self._opened = True
+
+    def _catch_up(self, *, force: bool = False, wait: bool = True) -> None:
         """Read what another process appended, if anything changed since this one looked.
 
         Unless forced, a busy committer is left alone: it is reading the same news now.
+        Without ``wait`` (the event loop's :meth:`contains`) a lock held by another process
+        is not waited for either: the news is read by the next batch or the next load.
         """
         if not force and self._opened and self._seen == self._look():
             return
         if not force and self._opened and self._writer.locked():
             return
-        with self._exclusive():
-            pass  # entering it reads what is new
+        if wait or not self._opened:
+            with self._exclusive():
+                return
+        if not self._writer.acquire(blocking=False):
+            return
+        try:
+            with self._append_lock(wait=False) as locked:
+                if locked:
+                    self._read_news()
+        finally:
+            self._writer.release()
 
     def _look(self) -> tuple[int, int]:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -783,3 +784,24 @@ def test_a_read_only_scan_leaves_temp_files_of_a_writer_alone(tmp_path: Path) ->
     in_progress.write_bytes(b"half")
     assert len(Spool(tmp_path).scan(repair=False)) == 1
     assert in_progress.exists()
+
+
+def test_contains_never_waits_for_another_process_holding_the_append_lock(
+    tmp_path: Path,
+) -> None:
+    relay_side = Spool(tmp_path)
+    stored = relay_side.store(SENDER, RECIPIENTS, BODY)
+    admin_side = Spool(tmp_path)  # another process, as `mailflow queue delete` is
+    admin_side.remove(stored.queue_id, force=True)
+    fd = os.open(tmp_path / ".append.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # `mailflow queue` in the middle of its write
+        started = time.monotonic()
+        # The event loop asks: it gets what it knew, at once, not after the other's write.
+        assert relay_side.contains(stored.queue_id)
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.close(fd)
+    assert not relay_side.contains(stored.queue_id)
+    with pytest.raises(MessageNotFoundError):
+        relay_side.load(stored.queue_id)
