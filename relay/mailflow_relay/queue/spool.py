@@ -126,6 +126,14 @@ a crash the deleted segments are still a prefix. When no message is left at all 
 newest segment goes too (the folder is as empty as the queue); otherwise it stays while
 it is written to, and an idle committer (one second without work) reclaims again.
 
+Compaction. A message deferred for days would keep every later segment on disk. So when
+the oldest segment holds only a few live messages (16 MiB at most) and keeps at least
+four segments, the committer copies those messages to the newest segment, as ``M``
+records with their current states, synced before anything is deleted. Replay takes a
+message's last ``M`` record, so a crash before the copy is synced keeps the original, and
+one after it, before or during the deletion, finds the same message twice and keeps the
+copy. A body that fails its hash is not copied; it is found when it is delivered.
+
 Reading at start
 ================
 
@@ -154,9 +162,8 @@ own next batch (the committer reads new records under the lock), on ``scan``, an
 
 What this does not cover: a disk that acknowledges ``fdatasync`` but loses the data (a
 write cache without a battery); a spool on a network file system without ``flock``;
-damage that hits the very last record of a segment, which looks like a torn tail and is
-ignored; and a message deferred for days keeps every later segment on disk until it is
-final (no compaction yet: the disk holds the traffic of one queue lifetime at most).
+and damage that hits the very last record of a segment, which looks like a torn tail and
+is ignored.
 Sending ``250`` after a successful store is the listener's job; so is answering
 ``452``/``552`` when the spool refuses.
 """
@@ -235,6 +242,10 @@ _SEGMENT_LIMIT: Final = 64 * 1024 * 1024
 _BATCH_LIMIT: Final = 128
 # The committer thread goes after this long without work (and reclaims segments then).
 _IDLE_SECONDS: Final = 1.0
+# Compaction: when this many segments are kept by the oldest one's few live messages
+# (together at most _COMPACT_MAX_BYTES), those messages are copied to the newest segment.
+_COMPACT_AFTER_SEGMENTS: Final = 4
+_COMPACT_MAX_BYTES: Final = 16 * 1024 * 1024
 # writev(2) takes at most IOV_MAX (1024 on Linux) buffers at once.
 _IOV_MAX: Final = 1024
 
@@ -789,12 +800,51 @@ class Spool:
                     self._requests.popleft() for _ in range(min(len(self._requests), _BATCH_LIMIT))
                 ]
             self._commit(batch)
+            self._compact()
         if not self._directory.is_dir():
             return  # the spool folder itself went away (a test, an operator): nothing to do
         try:
             self._reclaim(idle=True)
         except OSError as e:
             logger.warning("spool: cannot reclaim segments (%s); trying again when next idle", e)
+
+    def _compact(self) -> None:
+        """Copy the few live messages of the oldest segment forward, so that it can go.
+
+        A message deferred for days would otherwise keep every later segment on disk (they
+        are reclaimed oldest first). The copy is an ``M`` record with the current states,
+        synced before the old segment is deleted: replay takes the later record, so a crash
+        before, during or after the deletion leaves the same message.
+        """
+        with self._mutex:
+            names = sorted(self._segments)
+            if len(names) < _COMPACT_AFTER_SEGMENTS:
+                return
+            live = [self._index[q] for q in self._segments[names[0]].live if q in self._index]
+        if not live or sum(e.envelope.size for e in live) > _COMPACT_MAX_BYTES:
+            return
+        try:
+            with self._exclusive():
+                staged = []
+                for entry in live:
+                    current = self._index.get(entry.envelope.queue_id)
+                    if current is None or current.segment != names[0]:
+                        continue  # removed or moved meanwhile
+                    envelope = current.envelope
+                    body = self._read_body(current, quarantine=False)
+                    meta = _dump_json(_envelope_to_json(replace(envelope, body=body)))
+                    staged.append(_Staged(Kind.MESSAGE, meta, body, envelope, None))
+                if staged:
+                    self._append(staged)
+                    logger.info(
+                        "spool: %d message(s) copied out of %s so that it can be reclaimed",
+                        len(staged),
+                        names[0],
+                    )
+                self._reclaim_locked(idle=False)
+                self._close_tail()
+        except (OSError, SpoolError) as e:
+            logger.warning("spool: compacting %s failed (%s); trying again later", names[0], e)
 
     def _commit(self, batch: list[_Request]) -> None:
         """One batch: every record appended, one fdatasync, then every caller answered."""
@@ -1221,7 +1271,7 @@ class Spool:
         except (ValueError, KeyError, TypeError) as e:
             logger.error("spool: %s: malformed record (%s); skipped", where, e)
 
-    def _read_body(self, entry: _Entry) -> bytes:
+    def _read_body(self, entry: _Entry, *, quarantine: bool = True) -> bytes:
         path = self._directory / entry.segment
         queue_id = entry.envelope.queue_id
         try:
@@ -1235,7 +1285,8 @@ class Spool:
         finally:
             os.close(fd)
         if hashlib.sha256(body).digest() != entry.body_digest:
-            self._quarantine_body(queue_id, body)
+            if quarantine:  # not from the committer itself: the removal goes through it
+                self._quarantine_body(queue_id, body)
             raise SpoolCorruptError(path, f"message {queue_id}: body checksum mismatch")
         return body
 

@@ -259,6 +259,7 @@ def test_segments_are_reclaimed_oldest_first_once_all_their_messages_are_final(
     spool: Spool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(spool_module, "_SEGMENT_LIMIT", 1)  # one batch per segment
+    monkeypatch.setattr(spool_module, "_COMPACT_AFTER_SEGMENTS", 100)  # not this test's
     first, second, third = (spool.store(SENDER, RECIPIENTS[:1], f"{n}".encode()) for n in "123")
     assert len(segment_files(spool.directory)) == 3
 
@@ -805,3 +806,24 @@ def test_contains_never_waits_for_another_process_holding_the_append_lock(
     assert not relay_side.contains(stored.queue_id)
     with pytest.raises(MessageNotFoundError):
         relay_side.load(stored.queue_id)
+
+
+def test_a_long_deferred_message_is_copied_forward_so_that_old_segments_go(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "_SEGMENT_LIMIT", 1)  # one batch per segment
+    waiting = spool.store(SENDER, RECIPIENTS, BODY)
+    spool.update(waiting.queue_id, deferred(RECIPIENTS[0]))
+    for n in range(6):
+        passing = spool.store(SENDER, RECIPIENTS, f"delivered at once {n}".encode())
+        spool.remove(passing.queue_id, force=True)
+    spool.close()  # the committer finishes, compaction included
+
+    # Without the copy every segment would stay behind the waiting message's.
+    assert len(segment_files(spool.directory)) <= 4
+    reopened = Spool(spool.directory)
+    [message] = reopened.scan()
+    assert message.queue_id == waiting.queue_id
+    assert message.recipients[0] == deferred(RECIPIENTS[0])
+    assert reopened.load(waiting.queue_id).body == BODY
+    assert not os.listdir(spool.directory / "corrupt")
