@@ -796,9 +796,12 @@ class Spool:
                 if not self._requests:
                     self._committer = None
                     break
-                batch = [
+                taken = [
                     self._requests.popleft() for _ in range(min(len(self._requests), _BATCH_LIMIT))
                 ]
+            # A request whose waiter was cancelled (a session gone) is not written; once a
+            # future runs it can no longer be cancelled, so every answer below can be given.
+            batch = [r for r in taken if r.future.set_running_or_notify_cancel()]
             self._commit(batch)
             self._compact()
         if not self._directory.is_dir():

@@ -827,3 +827,30 @@ def test_a_long_deferred_message_is_copied_forward_so_that_old_segments_go(
     assert message.recipients[0] == deferred(RECIPIENTS[0])
     assert reopened.load(waiting.queue_id).body == BODY
     assert not os.listdir(spool.directory / "corrupt")
+
+
+def test_a_write_whose_waiter_went_away_is_dropped_and_the_others_are_answered(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool.store(SENDER, RECIPIENTS, b"the committer runs")
+    real_fdatasync = os.fdatasync
+    syncing = threading.Event()
+    release = threading.Event()
+
+    def slow_disk(fd: int) -> None:
+        syncing.set()
+        release.wait(timeout=10)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_disk)
+    first = spool.submit_store(SENDER, RECIPIENTS, lambda _id: b"first")
+    assert syncing.wait(timeout=10)  # the committer is busy with the first batch
+    abandoned = spool.submit_store(SENDER, RECIPIENTS, lambda _id: b"abandoned")
+    kept = spool.submit_store(SENDER, RECIPIENTS, lambda _id: b"kept")
+    assert abandoned.cancel()  # what asyncio.wrap_future does when its task is cancelled
+    release.set()
+
+    assert first.result(timeout=10).body == b"first"
+    assert kept.result(timeout=10).body == b"kept"
+    stored = {spool.load(m.queue_id).body for m in spool.scan()}
+    assert stored == {b"the committer runs", b"first", b"kept"}
