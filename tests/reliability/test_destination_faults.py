@@ -65,7 +65,7 @@ async def fault_then_recovery(
             await asyncio.gather(*(send(relay.port, ["x@dest.test"], message_id=m) for m in sent))
             await asyncio.sleep(FAULT_SECONDS)
             during_fault = sum(hop.delivered.values())
-            spooled = len(list(relay.spool.directory.glob("*.msg")))
+            spooled = len(relay.spool.scan(repair=False))
             deferred = metric(
                 relay,
                 "mailflow_recipients_deferred_total",

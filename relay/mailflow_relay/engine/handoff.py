@@ -38,6 +38,8 @@ class HandOff:
     """Records recipients' states in the spool: ``update(queue_id, *states)``."""
     remove: Callable[[str], Awaitable[object]]
     """Removes a record from the spool once the peer has it."""
+    load: Callable[[str], Awaitable[SpooledMessage]]
+    """Reads the message with its body (the scan that found it holds envelopes only)."""
 
     async def run(self, messages: Sequence[SpooledMessage]) -> list[str]:
         """Re-inject ``messages`` into the peer; the queue ids it took whole."""
@@ -60,9 +62,11 @@ class HandOff:
                     start_tls=False,
                     timeout=self.timeout,
                 )
+                # Loaded one at a time: memory holds one body, however long the queue.
+                body = (await self.load(message.queue_id)).body
                 async with smtp:
                     # The origin header keeps the message's age and client (origin.py).
-                    body = origin_header(message) + message.body
+                    body = origin_header(message) + body
                     refused, _ = await smtp.sendmail(message.sender, recipients, body)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             self.metrics.handoffs.labels("failed").inc()

@@ -215,6 +215,12 @@ class RelayMetrics:
             "Recipient outcomes kept in memory because the spool could not write them yet.",
             registry=self.registry,
         )
+        self.spool_corrupt = Counter(
+            "mailflow_spool_corrupt_messages",
+            "Messages whose body failed its checksum when read for delivery (copied to the"
+            " spool's corrupt/ folder and taken out of the queue).",
+            registry=self.registry,
+        )
         self.dkim = Counter(
             "mailflow_dkim_signing",
             "DKIM signing decisions at acceptance, by key domain, selector and outcome (signed, "

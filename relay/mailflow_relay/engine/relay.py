@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,6 +70,7 @@ from mailflow_relay.queue.spool import (
     RecipientState,
     RecipientStatus,
     Spool,
+    SpoolCorruptError,
     SpooledMessage,
 )
 from mailflow_relay.routing.document import (
@@ -430,8 +431,8 @@ class Relay:
         client = origin.client if origin is not None else message.client_address
         user = origin.user if origin is not None else message.authenticated_user
         store = asyncio.create_task(
-            self._io(
-                self.spool.store_with_header,
+            self._commit(
+                self.spool.submit_store,
                 message.mail_from,
                 list(dict.fromkeys(message.rcpt_tos)),
                 functools.partial(
@@ -480,6 +481,11 @@ class Relay:
             self._spool_threads, functools.partial(function, *args, **kwargs)
         )
 
+    async def _commit(self, submit: Callable[..., Future[T]], *args: Any, **kwargs: Any) -> T:
+        """A spool write through the committer: one hand-off there, one back after the
+        batch's fdatasync (no thread of the pool waits for it)."""
+        return await asyncio.wrap_future(submit(*args, **kwargs))
+
     def _stored_unacknowledged(self, store: asyncio.Task[SpooledMessage]) -> None:
         self._stores.discard(store)
         if store.cancelled() or store.exception() is not None:
@@ -507,9 +513,11 @@ class Relay:
 
     def _track(self, message: SpooledMessage) -> None:
         self._queued[message.queue_id] = message.arrival
-        if message.queue_id in self._fresh:
-            # A flush's reread: the spool's states win (a hold set by `mailflow queue`).
-            self._fresh[message.queue_id] = message
+        fresh = self._fresh.get(message.queue_id)
+        if fresh is not None:
+            # A flush's reread: the spool's states win (a hold set by `mailflow queue`), the
+            # body stays the one in memory (a scan reads envelopes only, never bodies).
+            self._fresh[message.queue_id] = replace(fresh, recipients=message.recipients)
         self._schedule(message)
 
     def _enqueue(self, queue_id: str) -> None:
@@ -535,7 +543,7 @@ class Relay:
         for message in await self._io(self.spool.scan):
             if message.is_final:
                 # A crash came between recording the last outcome and removing the record.
-                await self._io(self.spool.remove, message.queue_id)
+                await self._commit(self.spool.submit_remove, message.queue_id)
                 continue
             self._track(message)
         logger.info("spool rescanned: %d message(s) waiting", len(self._queued))
@@ -568,6 +576,7 @@ class Relay:
             self._fresh.clear()
             # Writes still running (a store whose session went away) finish first.
             await asyncio.to_thread(self._spool_threads.shutdown, True)
+            await asyncio.to_thread(self.spool.close)
         logger.info("relay stopped; %d message(s) left in the spool", len(self._queued))
 
     async def _submit_report(self, sender: str, recipients: list[str], data: bytes) -> None:
@@ -705,6 +714,13 @@ class Relay:
             self._queued.pop(queue_id, None)
             self._unrecorded.pop(queue_id, None)
             self._index.drop(queue_id)
+        except SpoolCorruptError as e:
+            # Its body failed the checksum: the spool copied it to corrupt/ and took it out.
+            logger.error("queue %s: unreadable, left in corrupt/ for a person: %s", queue_id, e)
+            self.metrics.spool_corrupt.inc()
+            self._queued.pop(queue_id, None)
+            self._unrecorded.pop(queue_id, None)
+            self._index.drop(queue_id)
         except Exception as e:
             logger.exception("queue %s: processing failed", queue_id)
             await self._defer_after_error(queue_id, e)
@@ -725,9 +741,9 @@ class Relay:
             updates = [self._deferred(state, 451, reason) for state in active(message)]
             updates = self._expire(message, updates, datetime.now(UTC))
             updates = await self._notify_sender(message, updates, datetime.now(UTC))
-            states = await self._io(self.spool.update, queue_id, *updates)
+            states = await self._commit(self.spool.submit_update, queue_id, *updates)
             if all(s.status.is_final for s in states):
-                await self._io(self.spool.remove, queue_id)
+                await self._commit(self.spool.submit_remove, queue_id)
                 self._queued.pop(queue_id, None)
             else:
                 self._schedule(with_states(message, states))
@@ -852,16 +868,16 @@ class Relay:
             # Every recipient is done: the record goes at once, without first writing (and
             # fsyncing) a state file that would be deleted right after. A crash in between
             # delivers again, as one between the next hop's 250 and any write would.
-            await self._io(self.spool.remove, queue_id, force=True)
+            await self._commit(self.spool.submit_remove, queue_id, force=True)
             self._queued.pop(queue_id, None)
             logger.debug("queue %s: done, removed from the spool", queue_id)
             return
         if updates:
-            states = await self._io(self.spool.update, queue_id, *updates)
+            states = await self._commit(self.spool.submit_update, queue_id, *updates)
         else:
             states = message.recipients
         if all(s.status.is_final for s in states):
-            await self._io(self.spool.remove, queue_id)
+            await self._commit(self.spool.submit_remove, queue_id)
             self._queued.pop(queue_id, None)
             logger.debug("queue %s: done, removed from the spool", queue_id)
         else:
@@ -978,7 +994,9 @@ class Relay:
                 else None,
                 now=now,
             )
-            bounce = await self._io(self.spool.store, "", [message.sender], dsn)
+            bounce = await self._commit(
+                self.spool.submit_store, "", [message.sender], _constant_body(dsn)
+            )
             self.metrics.bounces.labels(action).inc()
             logger.info(
                 "queue %s: %s notification to <%s> queued as %s",
@@ -1142,7 +1160,7 @@ class Relay:
         for message in [m for m in scanned if m.is_final]:
             # Done in memory (the spool could not write it): nothing to hand over.
             with contextlib.suppress(MessageNotFoundError, OSError):
-                await self._io(self.spool.remove, message.queue_id, force=True)
+                await self._commit(self.spool.submit_remove, message.queue_id, force=True)
                 self._queued.pop(message.queue_id, None)
         # Held mail stays here: the peer would not know of the hold, and would deliver it.
         remaining = [m for m in scanned if not m.is_final and not holds_any(m)]
@@ -1151,8 +1169,9 @@ class Relay:
             local_hostname=self.settings.listener.hostname,
             timeout=self.settings.handoff_timeout,
             metrics=self.metrics,
-            update=functools.partial(self._io, self.spool.update),
-            remove=functools.partial(self._io, self.spool.remove, force=True),
+            update=functools.partial(self._commit, self.spool.submit_update),
+            remove=functools.partial(self._commit, self.spool.submit_remove, force=True),
+            load=functools.partial(self._io, self.spool.load),
         )
         for queue_id in await handoff.run(remaining):
             self._queued.pop(queue_id, None)
@@ -1185,3 +1204,7 @@ def _group_key(decision: RouteDecision) -> tuple[object, ...]:
 
 def _by_address(states: Sequence[RecipientState]) -> dict[str, RecipientState]:
     return {s.address: s for s in states}
+
+
+def _constant_body(body: bytes) -> Callable[[str], bytes]:
+    return lambda _queue_id: body

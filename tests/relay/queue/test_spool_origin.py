@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -33,14 +34,39 @@ def test_client_user_and_first_arrival_survive_a_reload_from_disk(tmp_path: Path
 
 
 def test_a_record_written_before_these_fields_still_loads(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    stored = spool.store("a@sender.test", ["b@dest.test"], b"Subject: s\r\n\r\nx\r\n")
-    record = (tmp_path / f"{stored.queue_id}.msg").read_bytes()
-    envelope = record.split(b"\n", 2)[2][: -len(stored.body)]
-    assert set(json.loads(envelope)) == {"queue_id", "sender", "recipients", "received", "size"}
+    # The old single-file layout, as a relay before these fields wrote it.
+    queue_id = "0006123456789a-0123456789abcdef"
+    body = b"Subject: s\r\n\r\nx\r\n"
+    recipient = {
+        "address": "b@dest.test",
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt": None,
+        "last_reply_code": None,
+        "last_reply_text": None,
+    }
+    envelope = json.dumps(
+        {
+            "queue_id": queue_id,
+            "sender": "a@sender.test",
+            "recipients": [recipient],
+            "received": "2026-11-28T09:30:00+00:00",
+            "size": len(body),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    lengths = f"{len(envelope)} {len(body)}".encode()
+    digest = hashlib.sha256(lengths + envelope + body).hexdigest().encode()
+    (tmp_path / f"{queue_id}.msg").write_bytes(
+        b"MAILFLOW-SPOOL-RECORD 1\n" + digest + b" " + lengths + b"\n" + envelope + body
+    )
     (loaded,) = Spool(tmp_path).scan()
     assert (loaded.client, loaded.user, loaded.arrived) == ("", None, None)
     assert loaded.arrival == loaded.received
+    assert not loaded.recipients[0].delay_notified
+    # Moved into a segment, and the same from there.
+    assert Spool(tmp_path).scan() == [loaded]
 
 
 def test_the_lock_file_is_not_taken_for_a_foreign_file(
