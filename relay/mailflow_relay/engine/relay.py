@@ -390,6 +390,7 @@ class Relay:
                 client=client,
                 user=user,
                 arrived=origin.arrival if origin is not None else None,
+                parameters=message.parameters,
             ),
             name="mailflow-store",
         )

@@ -13,17 +13,22 @@ import binascii
 import collections
 import ipaddress
 import logging
-import re
 from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from mailflow_relay.envelope import (
+    BodyType,
+    EnvelopeParameters,
+    MailParameters,
+    RecipientParameters,
+)
+from mailflow_relay.inbound.commands import CommandRefused, parse_mail, parse_rcpt
 from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
 from mailflow_relay.inbound.settings import (
     COMMAND_LINE_LIMIT,
-    CONTROL_CHARACTERS,
     SIZE_PARAMETER_ALLOWANCE,
     IPAddress,
     ListenerEvent,
@@ -52,7 +57,19 @@ def client_ip(peer: Any) -> IPAddress | None:
     return ip
 
 
-_SIZE_PARAMETER = re.compile(r"(?:^|\s)SIZE=(\d{1,30})(?=\s|$)", re.IGNORECASE)
+# RFC 3461 §5 (ENVID, RET: 110; NOTIFY, ORCPT: 500), RFC 6531 §3.4 (SMTPUTF8: 10),
+# RFC 4954 §5 (AUTH=: 500): the longer command lines a server offering them accepts.
+_MAIL_LINE_ALLOWANCE = SIZE_PARAMETER_ALLOWANCE + 110 + 10 + 14 + 11 + 500
+_RCPT_LINE_ALLOWANCE = 500 + 30
+
+
+class _Envelope(Envelope):
+    """aiosmtpd's envelope with the parsed ESMTP parameters of MAIL and each RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parameters = MailParameters()
+        self.recipient_parameters: list[tuple[str, RecipientParameters]] = []
 
 
 class _SessionHooks:
@@ -71,49 +88,10 @@ class _SessionHooks:
     ) -> list[str]:
         # With this hook aiosmtpd leaves recording the greeting to us.
         session.host_name = hostname
-        if not self.session.listener.settings.users:
-            responses = [line for line in responses if not line.startswith("250-AUTH")]
+        responses = self.session.ehlo_lines(responses)
         # One push, hence one write: a reply split over several TCP segments makes some
         # clients (nmap's smtp-open-relay among them) pair replies with the wrong commands.
         return ["\r\n".join(responses)]
-
-    async def handle_MAIL(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        mail_options: list[str],
-    ) -> str:
-        if CONTROL_CHARACTERS.search(address):
-            # aiosmtpd ends a command at a bare LF and keeps a bare CR: an address with
-            # one would reach the spool, the logs and (rewritten) the next hop.
-            log.info(
-                "Refused MAIL from %s: control characters in <%s>",
-                self.session.client,
-                printable(address),
-            )
-            return "501 5.1.7 Bad sender address syntax"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
-
-    async def handle_RCPT(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        if CONTROL_CHARACTERS.search(address):
-            log.info(
-                "Refused RCPT from %s: control characters in <%s>",
-                self.session.client,
-                printable(address),
-            )
-            return "501 5.1.3 Bad recipient address syntax"
-        return self.session.decide_recipient(envelope, address, rcpt_options)
 
     async def handle_exception(self, error: Exception) -> str:
         client = self.session.client
@@ -157,7 +135,9 @@ class SmtpSession(SMTP):
         self._auth_failures = 0
         # aiosmtpd sizes its StreamReader from this before anything is read; our own
         # DATA reader checks the exact limit, commands need at least 512 + extensions.
-        self.line_length_limit = max(settings.max_line_length + 1, 1001)
+        self.line_length_limit = max(
+            settings.max_line_length + 1, 1001, COMMAND_LINE_LIMIT + _MAIL_LINE_ALLOWANCE
+        )
         super().__init__(
             _SessionHooks(self),
             data_size_limit=settings.max_message_size,
@@ -167,6 +147,7 @@ class SmtpSession(SMTP):
             timeout=settings.command_timeout,
             auth_require_tls=True,
             auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
+            enable_SMTPUTF8=True,
             loop=loop,
         )
         # aiosmtpd keeps these limits in a dict shared by every instance, and each EHLO
@@ -177,6 +158,9 @@ class SmtpSession(SMTP):
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
+
+    def _create_envelope(self) -> _Envelope:
+        return _Envelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None:
@@ -290,23 +274,98 @@ class SmtpSession(SMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         await super().smtp_EHLO(hostname)
-        self.command_size_limits["MAIL"] = COMMAND_LINE_LIMIT + SIZE_PARAMETER_ALLOWANCE
+        self.command_size_limits["MAIL"] = COMMAND_LINE_LIMIT + _MAIL_LINE_ALLOWANCE
+        self.command_size_limits["RCPT"] = COMMAND_LINE_LIMIT + _RCPT_LINE_ALLOWANCE
+
+    def ehlo_lines(self, offered: list[str]) -> list[str]:
+        """The EHLO answer, in a fixed order; ``offered``: aiosmtpd's (for STARTTLS, AUTH).
+
+        PIPELINING: aiosmtpd reads each command after the reply to the one before is
+        written, so pipelined commands wait in the socket buffer and are answered in order
+        (RFC 2920 §3.1). REQUIRETLS only under TLS (RFC 8689 §4.1).
+        """
+        tls = self._tls_protocol is not None
+        keywords = [
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "SMTPUTF8",
+            "DSN",
+        ]
+        keywords += [line[4:] for line in offered if line == "250-STARTTLS"]
+        if tls:
+            keywords.append("REQUIRETLS")
+        if self.settings.users:
+            keywords += [line[4:] for line in offered if line.startswith("250-AUTH ")]
+        keywords.append("HELP")
+        lines = [f"250-{self.hostname}"] + [f"250-{keyword}" for keyword in keywords]
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd checks SIZE= too, but replies without an enhanced status code.
+        # Replaces aiosmtpd's MAIL: a strict parser (commands.py) that keeps the
+        # parameters' case, knows the DSN, SMTPUTF8 and REQUIRETLS ones, and replies with
+        # enhanced status codes.
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
         assert self.session is not None
-        match = _SIZE_PARAMETER.search(arg or "") if self.session.extended_smtp else None
-        limit = self.settings.max_message_size
-        if match is not None and self.session.host_name and int(match[1]) > limit:
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        try:
+            command = parse_mail(
+                arg, esmtp=self.session.extended_smtp, tls=self._tls_protocol is not None
+            )
+        except CommandRefused as refused:
             log.info(
-                "Refused MAIL from %s: declared SIZE=%s exceeds %d", self.client, match[1], limit
+                "Refused MAIL from %s: %s (%s)", self.client, refused.reply, printable(arg or "")
+            )
+            await self.push(refused.reply)
+            return
+        if envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        limit = self.settings.max_message_size
+        if command.size is not None and command.size > limit:
+            log.info(
+                "Refused MAIL from %s: declared SIZE=%d exceeds %d",
+                self.client,
+                command.size,
+                limit,
             )
             await self.push(
                 f"552 5.3.4 Declared message size exceeds fixed maximum message size"
                 f" ({limit} octets)"
             )
             return
-        await super().smtp_MAIL(arg)
+        envelope.mail_from = command.address or "<>"
+        envelope.smtp_utf8 = command.parameters.smtputf8
+        envelope.parameters = command.parameters
+        await self.push("250 2.1.0 OK")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        assert self.session is not None
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        if not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        try:
+            command = parse_rcpt(
+                arg, esmtp=self.session.extended_smtp, smtputf8=envelope.parameters.smtputf8
+            )
+        except CommandRefused as refused:
+            log.info(
+                "Refused RCPT from %s: %s (%s)", self.client, refused.reply, printable(arg or "")
+            )
+            await self.push(refused.reply)
+            return
+        reply = self.decide_recipient(envelope, command.address, [])
+        if reply.startswith("250"):
+            envelope.recipient_parameters.append((command.address, command.parameters))
+        await self.push(reply)
 
     def decide_recipient(self, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
         """The reply to RCPT TO: relay permission, recipient limit, recipient check."""
@@ -366,11 +425,20 @@ class SmtpSession(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout)
         data, refusal = await self._read_content()
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        if (
+            refusal is None
+            and envelope.parameters.body is BodyType.SEVEN_BIT
+            and not data.isascii()
+        ):
+            # RFC 6152 §3: 8-bit octets only after BODY=8BITMIME; a relay passing them on
+            # as 7-bit would make the next hop (or a signature check) mangle them.
+            refusal = "550 5.6.1 Message contains 8-bit data but was declared BODY=7BIT"
         if refusal is None:
             refusal = hop_refusal(data, self.settings.max_hops)  # a mail loop: hops.py
             if refusal is not None and self.listener.on_refusal is not None:
                 self.listener.on_refusal("mail_loop")
-        envelope = self.envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         if refusal is not None:
             self._reset_timeout()
@@ -394,6 +462,7 @@ class SmtpSession(SMTP):
             tls=self._tls_protocol is not None,
             esmtp=self.session.extended_smtp,
             received_by=self.hostname,
+            parameters=EnvelopeParameters.of(envelope.parameters, envelope.recipient_parameters),
         )
         await self.push(await self._hand_over(message))
 

@@ -131,6 +131,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+from mailflow_relay.envelope import EnvelopeParameters
 from mailflow_relay.errors import MailflowRelayError
 
 __all__ = [
@@ -275,6 +276,11 @@ class RecipientState:
     """The text of that reply, for the bounce and for ``mailflow queue``."""
     delay_notified: bool = False
     """A delay warning (RFC 3464 ``Action: delayed``) went to the sender for this recipient."""
+    remote_mta: str | None = None
+    """The next hop that gave :attr:`last_reply_code` (RFC 3464 ``Remote-MTA``)."""
+    remote_dsn: bool = False
+    """The next hop that took it offered DSN and got the sender's NOTIFY: it reports
+    success itself, so no ``relayed`` notification is due from here (RFC 3461 §6.2.1)."""
 
     def __post_init__(self) -> None:
         if self.attempts < 0:
@@ -305,6 +311,8 @@ class SpooledMessage:
     arrived: datetime | None = None
     """When the message first arrived in the fleet, if before :attr:`received` (a hand-off
     from a peer relay keeps the message's age); None: it arrived here."""
+    parameters: EnvelopeParameters = field(default_factory=EnvelopeParameters)
+    """The sender's ESMTP parameters (SMTPUTF8, BODY, DSN, REQUIRETLS)."""
 
     @property
     def arrival(self) -> datetime:
@@ -400,6 +408,7 @@ class Spool:
         client: str = "",
         user: str | None = None,
         arrived: datetime | None = None,
+        parameters: EnvelopeParameters | None = None,
     ) -> SpooledMessage:
         """Like :meth:`store`, but the body is made knowing its queue id.
 
@@ -425,6 +434,7 @@ class Spool:
             client=client,
             user=user,
             arrived=arrived,
+            parameters=parameters or EnvelopeParameters(),
         )
         envelope = _dump_json(_envelope_to_json(message))
         lengths = f"{len(envelope)} {len(body)}".encode()
@@ -777,6 +787,7 @@ def _envelope_to_json(message: SpooledMessage) -> dict[str, Any]:
         **({"client": message.client} if message.client else {}),
         **({"user": message.user} if message.user is not None else {}),
         **({"arrived": message.arrived.isoformat()} if message.arrived is not None else {}),
+        **({"parameters": message.parameters.to_json()} if message.parameters else {}),
     }
 
 
@@ -789,6 +800,8 @@ def _state_to_json(state: RecipientState) -> dict[str, Any]:
         "last_reply_code": state.last_reply_code,
         "last_reply_text": state.last_reply_text,
         "delay_notified": state.delay_notified,
+        **({"remote_mta": state.remote_mta} if state.remote_mta is not None else {}),
+        **({"remote_dsn": True} if state.remote_dsn else {}),
     }
 
 
@@ -846,6 +859,7 @@ def _parse_envelope(path: Path, queue_id: str, data: bytes) -> SpooledMessage:
             client=str(raw.get("client", "")),
             user=None if raw.get("user") is None else str(raw["user"]),
             arrived=None if raw.get("arrived") is None else _parse_time(path, raw["arrived"]),
+            parameters=EnvelopeParameters.from_json(raw.get("parameters", {})),
         )
     except SpoolCorruptError:
         raise
@@ -906,6 +920,8 @@ def _parse_one_state(path: Path, raw: Any) -> RecipientState:
         last_reply_text=text,
         # Absent in states written before the field existed.
         delay_notified=bool(raw.get("delay_notified", False)),
+        remote_mta=None if raw.get("remote_mta") is None else str(raw["remote_mta"]),
+        remote_dsn=raw.get("remote_dsn") is True,
     )
 
 
