@@ -35,8 +35,14 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
+from mailflow_relay.envelope import EnvelopeParameters
 from mailflow_relay.errors import SettingsError, require_positive
 from mailflow_relay.outbound.dns import DnsError, Resolver
+from mailflow_relay.outbound.extensions import (
+    ExtensionRefusal,
+    TransactionPlan,
+    plan_transaction,
+)
 from mailflow_relay.outbound.health import HealthTracker
 from mailflow_relay.outbound.results import (
     Attempt,
@@ -184,6 +190,10 @@ class _Session:
     tls_version: str | None = None
     certificate: CertificateInfo | None = None
     verified: bool = False
+    dsn: bool = False
+    """The last transaction passed NOTIFY on (the next hop offers DSN)."""
+    decisions: list[str] = field(default_factory=list)
+    """What the last transaction changed or refused to fit the next hop (extensions.py)."""
 
 
 class Deliverer:
@@ -255,6 +265,7 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
+        parameters: EnvelopeParameters | None = None,
     ) -> DeliveryReport:
         """Deliver one message to the recipients of one route; never raises for mail reasons."""
         try:
@@ -300,7 +311,7 @@ class Deliverer:
             server = str(target)
             try:
                 results, session = await self._transaction(
-                    target, mail_from, pending, data, tls, auth, recipient_domain
+                    target, mail_from, pending, data, tls, auth, recipient_domain, parameters
                 )
             except _TargetFailed as e:
                 self.health.failed(target.address, target.port)
@@ -341,6 +352,8 @@ class Deliverer:
             tls_failure=None if session.tls_version else tls_failure,
             attempts=tuple(attempts),
             protocol_errors=protocol_errors,
+            dsn=session.dsn,
+            extension_decisions=tuple(session.decisions),
         )
 
     async def _transaction(
@@ -352,6 +365,7 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
+        parameters: EnvelopeParameters | None = None,
     ) -> tuple[list[RecipientResult], _Session]:
         limit = self._limits.setdefault(
             (target.address, target.port),
@@ -370,7 +384,13 @@ class Deliverer:
         try:
             async with limit:
                 return await self._limited_transaction(
-                    key, target, mail_from, recipients, data, tls, auth, recipient_domain
+                    key,
+                    target,
+                    _Envelope(mail_from, data, parameters or EnvelopeParameters(), str(target)),
+                    recipients,
+                    tls,
+                    auth,
+                    recipient_domain,
                 )
         finally:
             self._in_use[server] -= 1
@@ -381,9 +401,8 @@ class Deliverer:
         self,
         key: _ReuseKey,
         target: _Target,
-        mail_from: str,
+        envelope: _Envelope,
         recipients: Sequence[str],
-        data: bytes,
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
@@ -392,7 +411,7 @@ class Deliverer:
         idle = self._take_idle(key)
         if idle is not None:
             try:
-                results = await self._send(idle.smtp, mail_from, recipients, data)
+                results = await self._send(idle.smtp, idle.session, envelope, recipients)
             except _ProtocolError:
                 # Not a stale connection but a broken server: trying again at once on a
                 # fresh connection could only send the content a second time.
@@ -419,7 +438,7 @@ class Deliverer:
             logger.exception("unexpected error talking to %s", target)
             raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
         try:
-            results = await self._send(connection.smtp, mail_from, recipients, data)
+            results = await self._send(connection.smtp, connection.session, envelope, recipients)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
             connection.smtp.close()
             raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
@@ -597,10 +616,36 @@ class Deliverer:
         await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
 
     async def _send(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+        self,
+        smtp: aiosmtplib.SMTP,
+        session: _Session,
+        envelope: _Envelope,
+        recipients: Sequence[str],
     ) -> list[RecipientResult]:
+        plan = plan_transaction(
+            envelope.parameters,
+            envelope.mail_from,
+            recipients,
+            envelope.data,
+            capabilities=smtp.esmtp_extensions.keys(),
+            verified_tls=session.verified,
+            server=envelope.server,
+        )
+        session.dsn = not isinstance(plan, ExtensionRefusal) and plan.dsn
+        if isinstance(plan, ExtensionRefusal):
+            session.decisions = [plan.reply[:6].strip()]
+            logger.warning(
+                "delivery to %s refused here: %d %s", envelope.server, plan.code, plan.reply
+            )
+            reply = f"{plan.code} {plan.reply}"
+            return [RecipientResult(r, DeliveryStatus.FAILED, plan.code, reply) for r in recipients]
+        session.decisions = list(plan.conversions)
+        if plan.conversions:
+            logger.info(
+                "delivery to %s: converted (%s)", envelope.server, ", ".join(plan.conversions)
+            )
         try:
-            return await self._transact(smtp, mail_from, recipients, data)
+            return await self._transact(smtp, plan, recipients)
         except _ProtocolError:
             # The connection is in an unknown state (aiosmtplib may have dropped the rest
             # of the reply): it is closed, never reset and reused.
@@ -608,12 +653,12 @@ class Deliverer:
             raise
 
     async def _transact(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, recipients: Sequence[str], data: bytes
+        self, smtp: aiosmtplib.SMTP, plan: TransactionPlan, recipients: Sequence[str]
     ) -> list[RecipientResult]:
         """MAIL, RCPT, DATA. Only a 250 after the content is a delivery; a reply is taken by
         its class only when it is a valid reply where it came, else it is a protocol error."""
         try:
-            await smtp.mail(mail_from)
+            await smtp.mail(plan.mail_from, options=plan.mail_options, encoding=plan.encoding)
         except aiosmtplib.SMTPResponseException as e:
             status = _refusal(e, "MAIL FROM")
             if status is DeliveryStatus.DEFERRED:
@@ -625,7 +670,11 @@ class Deliverer:
         accepted: list[str] = []
         for recipient in recipients:
             try:
-                await smtp.rcpt(recipient)
+                await smtp.rcpt(
+                    plan.recipients[recipient],
+                    options=plan.rcpt_options[recipient],
+                    encoding=plan.encoding,
+                )
                 accepted.append(recipient)
             except aiosmtplib.SMTPResponseException as e:
                 status = _refusal(e, "RCPT TO")
@@ -633,7 +682,7 @@ class Deliverer:
         finished = False
         if accepted:
             try:
-                response = await smtp.data(data, timeout=self.settings.data_timeout)
+                response = await smtp.data(plan.data, timeout=self.settings.data_timeout)
                 for recipient in accepted:
                     results[recipient] = RecipientResult(
                         recipient, DeliveryStatus.DELIVERED, response.code, response.message
@@ -654,6 +703,16 @@ class Deliverer:
             except aiosmtplib.SMTPResponseException:
                 smtp.close()  # unknown state: never reused
         return [results[r] for r in recipients]
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    """One delivery's message, as the extensions plan needs it (outbound/extensions.py)."""
+
+    mail_from: str
+    data: bytes = field(repr=False)
+    parameters: EnvelopeParameters
+    server: str
 
 
 def _refuse_unverified_auth(session: _Session, mode: TlsMode) -> None:
