@@ -76,12 +76,23 @@ _XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]")  # xchar: 33-126 but "+" and "="
 def xtext_decode(text: str) -> str:
     """The value of an xtext; :class:`XtextError` if it is not one.
 
-    RFC 6533 lets a UTF-8 address appear as is in ORCPT's utf-8 type; those characters
-    pass unchanged (the listener only allows them with SMTPUTF8).
+    ``+HH`` escapes are octets, read as UTF-8 (what :func:`xtext_encode` writes for a
+    UTF-8 address). RFC 6533 lets a UTF-8 address appear as is in ORCPT's utf-8 type;
+    those characters pass unchanged (the listener only allows them with SMTPUTF8).
     """
-    if "+" in _XTEXT_ESCAPE.sub("", text) or any(c < "!" or c == "=" or c == "\x7f" for c in text):
+    if "+" in _XTEXT_ESCAPE.sub("", text) or any(c < "!" or c in "=\x7f" for c in text):
         raise XtextError(text)
-    return _XTEXT_ESCAPE.sub(lambda m: chr(int(m[1], 16)), text)
+    octets = bytearray()
+    position = 0
+    for escape in _XTEXT_ESCAPE.finditer(text):
+        octets += text[position : escape.start()].encode("utf-8")
+        octets.append(int(escape[1], 16))
+        position = escape.end()
+    octets += text[position:].encode("utf-8")
+    try:
+        return octets.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise XtextError(text) from e
 
 
 def xtext_encode(value: str) -> str:
