@@ -68,6 +68,17 @@ def _clean(text: str) -> str:
     return _CONTROL.sub(" ", text).strip()
 
 
+def _typed_address(address: str) -> str:
+    """``rfc822; a@b``, or RFC 6533 §3's ``utf-8; j\\x{FC}rgen@b``: ASCII either way, so the
+    report part stays 7-bit whatever the next hop offers."""
+    if address.isascii():
+        return f"rfc822; {_clean(address)}"
+    escaped = "".join(
+        c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
+    )
+    return f"utf-8; {escaped}"
+
+
 def _original_headers(body: bytes) -> bytes:
     end = body.find(b"\r\n\r\n")
     headers = body if end < 0 else body[: end + 2]
@@ -128,11 +139,11 @@ def build_dsn(
         "",
     ]
     for recipient in recipients:
-        address_type = "rfc822" if recipient.address.isascii() else "utf-8"  # RFC 6533 §3
-        status_fields.append(f"Final-Recipient: {address_type}; {_clean(recipient.address)}")
+        status_fields.append(f"Final-Recipient: {_typed_address(recipient.address)}")
         if recipient.original_recipient is not None:
             kind, given = recipient.original_recipient
-            status_fields.append(f"Original-Recipient: {_clean(kind)}; {_clean(given)}")
+            shown = _typed_address(given) if kind == "utf-8" else f"{_clean(kind)}; {_clean(given)}"
+            status_fields.append(f"Original-Recipient: {shown}")
         status_fields += [
             f"Action: {recipient.action}",
             f"Status: {recipient.status}",
