@@ -31,14 +31,17 @@ import pytest
 from mailflow_relay.engine.relay import DeliveryEvent, Relay, RelaySettings
 from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.deliverer import DeliverySettings
+from mailflow_relay.queue.spool import SpooledMessage
 from mailflow_relay.routing.document import (
     Connector,
     ObjectRef,
     RoutingDocument,
     SmartHost,
+    TlsMode,
     TlsPolicy,
 )
 from mailflow_relay.routing.domains import DomainPattern
+from pki import Pki
 from peers import SinkMessage, SmtpSink, free_port, require
 from support import run, until
 
@@ -125,7 +128,15 @@ def peers() -> Iterator[Peers]:
             yield Peers(sink, full, bare)
 
 
-def relay_for(tmp_path: Path, port: int, events: list[DeliveryEvent], **overrides: Any) -> Relay:
+def relay_for(
+    tmp_path: Path,
+    port: int,
+    events: list[DeliveryEvent],
+    *,
+    tls: TlsPolicy | None = None,
+    listener: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> Relay:
     connector = Connector(
         ref=ObjectRef("mail", "postfix"),
         generation=1,
@@ -134,7 +145,7 @@ def relay_for(tmp_path: Path, port: int, events: list[DeliveryEvent], **override
         recipient_patterns=(DomainPattern.parse("*"),),
         sender_patterns=(),
         destination=SmartHost("127.0.0.1", port),
-        tls=TlsPolicy(),
+        tls=tls or TlsPolicy(),
     )
     settings = RelaySettings(
         listener=ListenerSettings(
@@ -142,6 +153,7 @@ def relay_for(tmp_path: Path, port: int, events: list[DeliveryEvent], **override
             port=0,
             hostname="relay.test",
             accept_from=(ipaddress.ip_network("127.0.0.0/8"),),
+            **(listener or {}),
         ),
         spool_dir=tmp_path / "spool",
         delivery=DeliverySettings(helo_name="relay.test", connect_timeout=5, command_timeout=10),
@@ -540,3 +552,54 @@ def test_requiretls_to_a_hop_without_verified_tls_bounces_5_7_30(
     assert fields[1]["Status"] == "5.7.30"
     assert "REQUIRETLS" in fields[1]["Diagnostic-Code"]
     assert metric(relay, "mailflow_extension_decisions_total", decision="5.7.30") == 1
+
+
+def test_requiretls_goes_on_over_verified_tls_to_a_hop_that_offers_it(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Relay A delivers (TrustedCA, a certificate from the test CA) to relay B, which
+    offers REQUIRETLS after STARTTLS and stores the message with the flag."""
+    ca = pki.ca()
+    leaf = ca.issue("relay-b.test")
+    events: list[DeliveryEvent] = []
+    mark = token()
+
+    async def scenario() -> list[SpooledMessage]:
+        # B keeps what it gets (its next hop is a closed port: deferred, never bounced).
+        relay_b = relay_for(
+            tmp_path / "b",
+            free_port(),
+            [],
+            listener={"tls_cert_file": leaf.cert_file, "tls_key_file": leaf.key_file},
+        )
+        async with running(relay_b):
+            relay_a = relay_for(
+                tmp_path / "a",
+                relay_b.port,
+                events,
+                tls=TlsPolicy(mode=TlsMode.TRUSTED_CA, ca_bundle=ca.pem),
+            )
+            async with running(relay_a):
+                async with aiosmtplib.SMTP(
+                    hostname="127.0.0.1",
+                    port=relay_a.port,
+                    start_tls=True,
+                    validate_certs=False,
+                    timeout=10,
+                ) as smtp:
+                    await smtp.sendmail(
+                        "alice@sender.test",
+                        ["bob@dest.test"],
+                        message(mark),
+                        mail_options=["REQUIRETLS"],
+                    )
+                await until(lambda: len(events) == 1, within=20)
+            return await asyncio.to_thread(relay_b.spool.scan)
+
+    stored = run(scenario)
+    (result,) = events[0].report.results
+    assert result.status.value == "delivered", result
+    assert events[0].report.verified is True
+    (kept,) = stored
+    assert kept.parameters.mail.requiretls is True
+    assert mark.encode() in kept.body
