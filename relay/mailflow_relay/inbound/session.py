@@ -13,6 +13,7 @@ import binascii
 import collections
 import ipaddress
 import logging
+import re
 from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
@@ -241,6 +242,7 @@ class SmtpSession(SMTP):
         closes (Postfix's smtpd_soft_error_limit / smtpd_hard_error_limit).
         """
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        text = status = self._with_enhanced_code(text)
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             settings = self.settings
@@ -269,6 +271,22 @@ class SmtpSession(SMTP):
                 self.listener._event(ListenerEvent.ERROR_DELAYED)
                 await asyncio.sleep(delay)
         await super().push(status)
+
+    def _with_enhanced_code(self, text: str) -> str:
+        """RFC 2034 §4: with ENHANCEDSTATUSCODES, every 2xx/4xx/5xx reply but the greeting
+        and the HELO/EHLO answer starts with one; aiosmtpd's own (NOOP, RSET, QUIT, an
+        unknown command) do not, so they get the code RFC 3463 gives their class."""
+        if (
+            len(text) < 4
+            or text[0] not in "245"
+            or text[3] != " "
+            or text.startswith("220")
+            or text == f"250 {self.hostname}"
+            or _ENHANCED_CODE.match(text, 4)
+        ):
+            return text
+        code = text[:3]
+        return f"{code} {_DEFAULT_ENHANCED.get(code, text[0] + '.0.0')} {text[4:]}"
 
     # -- commands ------------------------------------------------------------------------
 
@@ -654,6 +672,18 @@ class SmtpSession(SMTP):
             self.transport.close()
         return AuthResult(success=False, handled=True)
 
+
+_ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# RFC 3463: invalid command, syntax error, command not implemented, bad sequence, …
+_DEFAULT_ENHANCED = {
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "554": "5.3.0",
+}
 
 _SMUGGLING_REPLY_START = "550 5.6.0 Message contains"
 _SMUGGLING_REPLY_END = "refused (SMTP smuggling protection)"

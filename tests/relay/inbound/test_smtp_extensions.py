@@ -146,6 +146,23 @@ def test_ehlo_offers_auth_only_under_tls_when_users_are_configured() -> None:
     assert secure.split("\n")[-3:] == ["REQUIRETLS", "AUTH LOGIN PLAIN", "HELP"]
 
 
+def test_every_reply_but_greeting_and_ehlo_carries_an_enhanced_code() -> None:
+    async def scenario() -> list[bytes]:
+        async with serving(Inbox()) as listener:
+            return await exchange(
+                listener.port,
+                [b"HELO c.test\r\n", b"NOOP\r\n", b"RSET\r\n", b"FOO\r\n", b"QUIT\r\n"],
+            )
+
+    assert run(scenario) == [
+        f"250 {HOSTNAME}\r\n".encode(),
+        b"250 2.0.0 OK\r\n",
+        b"250 2.0.0 OK\r\n",
+        b'500 5.5.2 Error: command "FOO" not recognized\r\n',
+        b"221 2.0.0 Bye\r\n",
+    ]
+
+
 # --- SMTPUTF8 and parameters kept -------------------------------------------------------
 
 
