@@ -241,8 +241,8 @@ class SmtpSession(SMTP):
         ``hard_error_limit`` the error reply becomes ``421 4.7.0`` and the connection
         closes (Postfix's smtpd_soft_error_limit / smtpd_hard_error_limit).
         """
-        text = status if isinstance(status, str) else status.decode("ascii", "replace")
-        text = status = self._with_enhanced_code(text)
+        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        text = self._with_enhanced_code(text)
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             settings = self.settings
@@ -270,7 +270,7 @@ class SmtpSession(SMTP):
                 )
                 self.listener._event(ListenerEvent.ERROR_DELAYED)
                 await asyncio.sleep(delay)
-        await super().push(status)
+        await super().push(text)
 
     def _with_enhanced_code(self, text: str) -> str:
         """RFC 2034 §4: with ENHANCEDSTATUSCODES, every 2xx/4xx/5xx reply but the greeting

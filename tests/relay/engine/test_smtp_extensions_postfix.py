@@ -41,12 +41,12 @@ from mailflow_relay.routing.document import (
     TlsPolicy,
 )
 from mailflow_relay.routing.domains import DomainPattern
-from pki import Pki
 from peers import SinkMessage, SmtpSink, free_port, require
+from pki import Pki
 from support import run, until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))
-from postfix_instance import PostfixInstance, main_cf, master_cf  # noqa: E402
+from postfix_instance import PostfixInstance, main_cf, master_cf
 
 RECIPIENT_ACCESS = (
     "inline:{ {never@dest.test=550 5.1.1 no such user}, {later@dest.test=450 4.2.0 try later} }"
@@ -212,8 +212,8 @@ def metric(relay: Relay, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def dumps(peers: Peers, token: str, count: int, timeout: float = 20.0) -> list[SinkMessage]:
-    deadline = time.monotonic() + timeout
+async def dumps(peers: Peers, token: str, count: int, within: float = 20.0) -> list[SinkMessage]:
+    deadline = time.monotonic() + within
     while True:
         found = await asyncio.to_thread(peers.dumps, token)
         if len(found) >= count or time.monotonic() > deadline:
@@ -382,13 +382,14 @@ def test_dsn_parameters_are_passed_to_a_hop_that_offers_dsn(peers: Peers, tmp_pa
             await until(lambda: len(events) == 1, within=20)
             found = await dumps(peers, mark, 1)
             await asyncio.sleep(0.5)  # a relayed report from us would come now
-            return found + ours(await dumps(peers, mark, 2, timeout=0))
+            return found + ours(await dumps(peers, mark, 2, within=0))
 
     found = run(scenario)
     assert events[0].report.dsn is True
     (dump,) = found  # the message only: Postfix took NOTIFY over, no report from us
     # smtp-sink offers DSN, so Postfix passed on what it got from us.
-    assert "RET=HDRS" in dump.mail_args and "ENVID=Env+2B1" in dump.mail_args
+    assert "RET=HDRS" in dump.mail_args
+    assert "ENVID=Env+2B1" in dump.mail_args
     rcpt_args = [line for line in dump.raw.decode().split("\n") if line.startswith("X-Rcpt-Args")]
     assert rcpt_args == [
         "X-Rcpt-Args: <bob@dest.test> ORCPT=rfc822;Bob+2Bx@Dest.test NOTIFY=SUCCESS,FAILURE",
@@ -444,7 +445,7 @@ def test_notify_never_sends_no_bounce_and_failure_does(peers: Peers, tmp_path: P
             await submit(relay, [("never@dest.test", ["NOTIFY=FAILURE"])], message(loud))
             await until(lambda: len(events) >= 2, within=20)
             found_loud = await dumps(peers, loud, 1)
-            return await dumps(peers, silent, 1, timeout=1), found_loud, relay
+            return await dumps(peers, silent, 1, within=1), found_loud, relay
 
     found_silent, found_loud, relay = run(scenario)
     assert ours(found_silent) == []
@@ -473,9 +474,9 @@ def test_notify_delay_asks_for_a_delay_warning_and_failure_alone_does_not(
                 ),
                 within=20,
             )
-            return found, await dumps(peers, unwanted, 1, timeout=0), relay
+            return found, await dumps(peers, unwanted, 1, within=0), relay
 
-    found, found_unwanted, relay = run(scenario)
+    found, found_unwanted, _ = run(scenario)
     (warning,) = ours(found)
     parsed, fields, _ = report(warning)
     assert parsed["Subject"] == "Delayed Mail (still being retried)"
