@@ -381,6 +381,9 @@ class Relay:
                 origin.arrival.isoformat(),
                 origin.client or "-",
             )
+        if origin is not None and origin.requiretls:
+            mail = replace(message.parameters.mail, requiretls=True)
+            message = replace(message, parameters=replace(message.parameters, mail=mail))
         client = origin.client if origin is not None else message.client_address
         user = origin.user if origin is not None else message.authenticated_user
         store = asyncio.create_task(

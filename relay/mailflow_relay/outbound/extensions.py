@@ -37,9 +37,21 @@ from email.message import Message
 
 import idna
 
-from mailflow_relay.envelope import BodyType, EnvelopeParameters, Notify, xtext_encode
+from mailflow_relay.envelope import (
+    BodyType,
+    EnvelopeParameters,
+    Notify,
+    RecipientParameters,
+    xtext_encode,
+)
 
-__all__ = ["ExtensionRefusal", "TransactionPlan", "plan_transaction", "to_quoted_printable"]
+__all__ = [
+    "ExtensionRefusal",
+    "TransactionPlan",
+    "handoff_options",
+    "plan_transaction",
+    "to_quoted_printable",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +199,32 @@ def _addresses(
         dict(zip(recipients, downgraded[1:], strict=True)),
         conversions=("a-labels",),
     )
+
+
+def handoff_options(
+    parameters: EnvelopeParameters, recipients: Sequence[str]
+) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """MAIL and per-recipient RCPT options that give a peer relay the message exactly as
+    the sender asked (a hand-off is this relay, continued): every parameter as stored.
+    REQUIRETLS is not among them: a hand-off is plaintext, and a peer offers it only under
+    TLS; it travels in the hand-off's origin header instead (engine/origin.py)."""
+    mail = parameters.mail
+    options: list[str] = []
+    if mail.smtputf8:
+        options.append("SMTPUTF8")
+    if mail.body is not None:
+        options.append(f"BODY={mail.body.value}")
+    if mail.ret is not None:
+        options.append(f"RET={mail.ret.value}")
+    if mail.envid is not None:
+        options.append(f"ENVID={xtext_encode(mail.envid)}")
+    rcpt_options: dict[str, tuple[str, ...]] = {}
+    for recipient in recipients:
+        own = parameters.for_recipient(recipient)
+        rcpt_options[recipient] = (
+            _dsn_options(parameters, recipient) if own != RecipientParameters() else ()
+        )
+    return tuple(options), rcpt_options
 
 
 def _dsn_options(parameters: EnvelopeParameters, recipient: str) -> tuple[str, ...]:
