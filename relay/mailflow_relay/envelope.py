@@ -28,6 +28,8 @@ __all__ = [
     "RecipientParameters",
     "Ret",
     "XtextError",
+    "utf8_address_decode",
+    "utf8_address_encode",
     "xtext_decode",
     "xtext_encode",
 ]
@@ -106,6 +108,26 @@ def xtext_encode(value: str) -> str:
         else:
             out.extend(f"+{octet:02X}" for octet in char.encode("utf-8"))
     return "".join(out)
+
+
+_EMBEDDED_UNICODE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
+def utf8_address_decode(text: str) -> str:
+    """RFC 6533 §3's ``utf-8-addr-xtext``: ``\\x{FC}`` escapes back to characters (what
+    Postfix sends as ``ORCPT=utf-8;j\\x{FC}rgen@…``); :class:`XtextError` if one is not
+    a character."""
+    try:
+        return _EMBEDDED_UNICODE.sub(lambda m: chr(int(m[1], 16)), text)
+    except (ValueError, OverflowError) as e:
+        raise XtextError(text) from e
+
+
+def utf8_address_encode(address: str) -> str:
+    """``address`` as ``utf-8-addr-xtext`` (RFC 6533 §3): ASCII, ``\\x{HEX}`` for the rest."""
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
+    )
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,8 @@ def returns_full(message: SpooledMessage, notice: Notice, max_message_size: int)
     return (
         notice.action == "failed"
         and message.parameters.mail.ret is Ret.FULL
+        # RFC 8689 §5: a report on a REQUIRETLS message carries no content.
+        and not message.parameters.mail.requiretls
         and message.size + RETURN_FULL_ALLOWANCE <= max_message_size
     )
 

@@ -35,6 +35,7 @@ from mailflow_relay.envelope import (
     RecipientParameters,
     Ret,
     XtextError,
+    utf8_address_decode,
     xtext_decode,
 )
 
@@ -340,8 +341,10 @@ def _orcpt(value: str | None, *, utf8: bool) -> tuple[str, str]:
         raise CommandRefused(reply)
     try:
         address = xtext_decode(xtext)
+        if address_type.lower() == "utf-8":
+            address = utf8_address_decode(address)
     except XtextError:
         raise CommandRefused(reply) from None
-    if any(c < " " or c == "\x7f" for c in address) or (not address.isascii() and not utf8):
+    if any(c < " " or c == "\x7f" for c in address) or (not xtext.isascii() and not utf8):
         raise CommandRefused(reply)
     return address_type.lower(), address

@@ -42,6 +42,7 @@ from mailflow_relay.envelope import (
     EnvelopeParameters,
     Notify,
     RecipientParameters,
+    utf8_address_encode,
     xtext_encode,
 )
 
@@ -235,11 +236,12 @@ def _dsn_options(parameters: EnvelopeParameters, recipient: str) -> tuple[str, .
         options.append("NOTIFY=" + ",".join(n.value for n in order if n in own.notify))
     if own.orcpt is not None:
         kind, address = own.orcpt
-        options.append(f"ORCPT={kind};{xtext_encode(address)}")
     else:
         # RFC 3461 §6.2.1: a relay passes the recipient as the sender gave it.
-        kind = "rfc822" if recipient.isascii() else "utf-8"
-        options.append(f"ORCPT={kind};{xtext_encode(recipient)}")
+        kind, address = ("rfc822" if recipient.isascii() else "utf-8"), recipient
+    if kind == "utf-8":
+        address = utf8_address_encode(address)  # RFC 6533 §3: ASCII on the wire
+    options.append(f"ORCPT={kind};{xtext_encode(address)}")
     return tuple(options)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from mailflow_relay.envelope import utf8_address_encode
 from mailflow_relay.queue.spool import SpooledMessage
 
 __all__ = ["BounceRecipient", "build_dsn", "status_of"]
@@ -73,10 +74,7 @@ def _typed_address(address: str) -> str:
     report part stays 7-bit whatever the next hop offers."""
     if address.isascii():
         return f"rfc822; {_clean(address)}"
-    escaped = "".join(
-        c if "!" <= c <= "~" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
-    )
-    return f"utf-8; {escaped}"
+    return f"utf-8; {utf8_address_encode(address)}"
 
 
 def _original_headers(body: bytes) -> bytes:

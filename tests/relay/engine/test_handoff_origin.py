@@ -22,6 +22,7 @@ from typing import Any
 import aiosmtplib
 
 from mailflow_relay.engine.origin import take_origin
+from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.envelope import (
     BodyType,
     EnvelopeParameters,
@@ -30,7 +31,6 @@ from mailflow_relay.envelope import (
     RecipientParameters,
     Ret,
 )
-from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.routing.document import (

@@ -17,6 +17,7 @@ import email.message
 import email.policy
 import ipaddress
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +30,14 @@ import aiosmtplib
 import pytest
 
 from mailflow_relay.engine.relay import DeliveryEvent, Relay, RelaySettings
+from mailflow_relay.envelope import (
+    BodyType,
+    EnvelopeParameters,
+    MailParameters,
+    Notify,
+    RecipientParameters,
+    Ret,
+)
 from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.queue.spool import SpooledMessage
@@ -149,11 +158,13 @@ def relay_for(
     )
     settings = RelaySettings(
         listener=ListenerSettings(
-            host="127.0.0.1",
-            port=0,
-            hostname="relay.test",
-            accept_from=(ipaddress.ip_network("127.0.0.0/8"),),
-            **(listener or {}),
+            **{
+                "host": "127.0.0.1",
+                "port": 0,
+                "hostname": "relay.test",
+                "accept_from": (ipaddress.ip_network("127.0.0.0/8"),),
+                **(listener or {}),
+            }
         ),
         spool_dir=tmp_path / "spool",
         delivery=DeliverySettings(helo_name="relay.test", connect_timeout=5, command_timeout=10),
@@ -604,3 +615,71 @@ def test_requiretls_goes_on_over_verified_tls_to_a_hop_that_offers_it(
     (kept,) = stored
     assert kept.parameters.mail.requiretls is True
     assert mark.encode() in kept.body
+
+
+# --- Postfix as the submitting client ---------------------------------------------------------
+
+
+def test_postfix_smtp_client_submits_dsn_smtputf8_and_8bitmime_parameters(tmp_path: Path) -> None:
+    """Postfix's sendmail -N/-R/-V (and a UTF-8 recipient) into a private Postfix whose
+    relayhost is the relay: what Postfix's smtp client sends, the relay parses and stores."""
+    relay_port = free_port()
+    events: list[DeliveryEvent] = []
+    mark = token()
+    with tempfile.TemporaryDirectory(prefix="mailflow-postfix-") as folder:
+        Path(folder).chmod(0o755)
+        submitter = PostfixDestination(
+            Path(folder) / "client", port=free_port(), relay_port=relay_port, settings={}
+        )
+
+        async def scenario() -> list[SpooledMessage]:
+            # The relay keeps what it gets: its own next hop is a closed port.
+            relay = relay_for(tmp_path, free_port(), events, listener={"port": relay_port})
+            async with running(relay):
+                body = message(
+                    mark,
+                    EIGHT_BIT,
+                    "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
+                )
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        "/usr/sbin/sendmail",
+                        "-C",
+                        str(submitter.config_directory),
+                        "-N",
+                        "success,delay",
+                        "-R",
+                        "hdrs",
+                        "-V",
+                        "env-" + mark,
+                        "-f",
+                        "alice@sender.test",
+                        "zoë@bücher.test",
+                    ],
+                    input=body.replace(b"\r\n", b"\n"),
+                    check=True,
+                    timeout=30,
+                )
+                return await until(
+                    lambda: relay.spool.scan(repair=False),
+                    within=30,
+                    what="the message from Postfix",
+                )
+
+        with submitter:
+            (stored,) = run(scenario, within=60)
+    assert stored.recipients[0].address == "zoë@bücher.test"
+    assert stored.parameters == EnvelopeParameters(
+        MailParameters(
+            body=BodyType.EIGHT_BIT_MIME, smtputf8=True, ret=Ret.HDRS, envid="env-" + mark
+        ),
+        (
+            (
+                "zoë@bücher.test",
+                RecipientParameters(
+                    frozenset({Notify.SUCCESS, Notify.DELAY}), ("utf-8", "zoë@bücher.test")
+                ),
+            ),
+        ),
+    )

@@ -66,7 +66,7 @@ def test_every_parameter_is_passed_on_to_a_hop_offering_everything() -> None:
         "REQUIRETLS",
     )
     assert result.rcpt_options == {
-        "zoë@y.test": ("NOTIFY=SUCCESS,DELAY", "ORCPT=utf-8;zo+C3+AB@y.test")
+        "zoë@y.test": ("NOTIFY=SUCCESS,DELAY", r"ORCPT=utf-8;zo\x{EB}@y.test")
     }
     assert result.encoding == "utf-8"
     assert result.dsn is True
