@@ -25,6 +25,7 @@ from mailflow_relay.envelope import (
     RecipientParameters,
 )
 from mailflow_relay.inbound.commands import CommandRefused, parse_mail, parse_rcpt
+from mailflow_relay.inbound.content import SMUGGLING_REPLY_START, ContentReader
 from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
@@ -62,6 +63,7 @@ def client_ip(peer: Any) -> IPAddress | None:
 # RFC 4954 §5 (AUTH=: 500): the longer command lines a server offering them accepts.
 _MAIL_LINE_ALLOWANCE = SIZE_PARAMETER_ALLOWANCE + 110 + 10 + 14 + 11 + 500
 _RCPT_LINE_ALLOWANCE = 500 + 30
+_DATA_CHUNK = 64 * 1024
 
 
 class _Envelope(Envelope):
@@ -136,9 +138,9 @@ class SmtpSession(SMTP):
         self._auth_failures = 0
         # aiosmtpd sizes its StreamReader from this before anything is read; our own
         # DATA reader checks the exact limit, commands need at least 512 + extensions.
-        self.line_length_limit = max(
-            settings.max_line_length + 1, 1001, COMMAND_LINE_LIMIT + _MAIL_LINE_ALLOWANCE
-        )
+        # The stream buffer's limit, so DATA's chunks (content.py); aiosmtpd still
+        # refuses a longer command line by command_size_limits.
+        self.line_length_limit = max(settings.max_line_length + 1, _DATA_CHUNK)
         super().__init__(
             _SessionHooks(self),
             data_size_limit=settings.max_message_size,
@@ -270,7 +272,9 @@ class SmtpSession(SMTP):
                 )
                 self.listener._event(ListenerEvent.ERROR_DELAYED)
                 await asyncio.sleep(delay)
-        await super().push(text)
+        # aiosmtpd decodes arguments with surrogateescape (SMTPUTF8) and echoes some (VRFY):
+        # an invalid UTF-8 octet in a reply becomes "?" instead of an encoding error.
+        await super().push(text.encode("utf-8", "replace"))
 
     def _with_enhanced_code(self, text: str) -> str:
         """RFC 2034 §4: with ENHANCEDSTATUSCODES, every 2xx/4xx/5xx reply but the greeting
@@ -460,7 +464,7 @@ class SmtpSession(SMTP):
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         if refusal is not None:
             self._reset_timeout()
-            if refusal.startswith(_SMUGGLING_REPLY_START):
+            if refusal.startswith(SMUGGLING_REPLY_START):
                 self.listener._event(ListenerEvent.SMUGGLING)
             log.warning(
                 "Refused message from %s (sender <%s>): %s",
@@ -488,57 +492,21 @@ class SmtpSession(SMTP):
         """Read DATA content up to ``<CRLF>.<CRLF>``: the content, or the refusal reply.
 
         A refused message is still read to its end (RFC 5321 4.2.5: the reply comes after
-        the final dot) but not kept. Only CRLF ends a line, exactly as aiosmtpd does.
+        the final dot) but not kept. Only CRLF ends a line, exactly as aiosmtpd does. Read
+        in chunks that never pass the end of data (content.py has the rules).
         """
-        max_size = self.settings.max_message_size
-        max_line = self.settings.max_line_length
-        lines: list[bytes] = []
-        size = 0
-        refusal: str | None = None
-        in_overlong_line = False
+        content = ContentReader(self.settings.max_message_size, self.settings.max_line_length)
         while True:
             try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as overrun:
-                # Longer than the reader's buffer: drop what is buffered, keep reading.
-                await self._reader.read(overrun.consumed)
-                in_overlong_line = True
-                refusal = refusal or _line_too_long(max_line)
-                lines.clear()
-                continue
+                try:
+                    chunk = await self._reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as overrun:
+                    # A full buffer without a dot line: take it, minus a possible partial end.
+                    chunk = await self._reader.readexactly(overrun.consumed)
             except asyncio.IncompleteReadError as error:
                 raise ConnectionResetError("connection closed during DATA") from error
-            if in_overlong_line:
-                in_overlong_line = False  # the tail of a line already refused
-                continue
-            if line == b".\r\n":
-                return b"".join(lines), refusal
-            if refusal is not None:
-                continue
-            if b"\r" in line[:-2] or b"\n" in line[:-2]:
-                refusal = f"{_SMUGGLING_REPLY_START} bare LF or CR; {_SMUGGLING_REPLY_END}"
-                lines.clear()
-                continue
-            if b"\x00" in line:
-                # A next hop that drops NUL would read <CRLF>NUL.<CRLF> as the end of data
-                # and run what follows as commands from us; RFC 5321 2.3.8 allows no NUL.
-                refusal = f"{_SMUGGLING_REPLY_START} NUL; {_SMUGGLING_REPLY_END}"
-                lines.clear()
-                continue
-            if line.startswith(b"."):
-                line = line[1:]  # RFC 5321 4.5.2 transparency
-            if len(line) > max_line:
-                refusal = _line_too_long(max_line)
-                lines.clear()
-                continue
-            size += len(line)
-            if size > max_size:
-                refusal = (
-                    f"552 5.3.4 Message size exceeds fixed maximum message size ({max_size} octets)"
-                )
-                lines.clear()
-                continue
-            lines.append(line)
+            if content.feed(chunk):
+                return content.content, content.refusal
 
     async def _hand_over(self, message: AcceptedMessage) -> str:
         """Give ``message`` to the callback; the reply to send for it."""
@@ -684,13 +652,6 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0",
     "554": "5.3.0",
 }
-
-_SMUGGLING_REPLY_START = "550 5.6.0 Message contains"
-_SMUGGLING_REPLY_END = "refused (SMTP smuggling protection)"
-
-
-def _line_too_long(max_line: int) -> str:
-    return f"500 5.6.0 Line too long: at most {max_line} octets including CRLF (RFC 5321 4.5.3.1.6)"
 
 
 def _b64decode(text: str) -> bytes | None:

@@ -394,3 +394,15 @@ def test_xtext_round_trips_and_refuses_bad_escapes() -> None:
     for bad in ["a+2b", "a+", "a=b", "a b"]:
         with pytest.raises(ValueError, match="xtext"):
             xtext_decode(bad)
+
+
+def test_an_invalid_utf8_argument_echoed_by_aiosmtpd_does_not_break_the_reply() -> None:
+    async def scenario() -> list[bytes]:
+        async with serving(Inbox()) as listener:
+            return await exchange(
+                listener.port, [b"EHLO c.test\r\n", b"VRFY @\xc0\r\n", b"NOOP\r\n"]
+            )
+
+    replies = run(scenario)
+    assert replies[1].startswith(b"502 5.5.1 Could not VRFY @?")
+    assert replies[2] == b"250 2.0.0 OK\r\n"
