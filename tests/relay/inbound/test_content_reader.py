@@ -28,9 +28,7 @@ def oracle(stream: bytes) -> tuple[bytes, str | None, bytes]:
             return b"".join(lines), refusal, stream[position:]
         if refusal is not None:
             continue
-        if b"\r" in line[:-2] or b"\n" in line[:-2]:
-            refusal = "smuggling"
-        elif b"\x00" in line:
+        if b"\r" in line[:-2] or b"\n" in line[:-2] or b"\x00" in line:
             refusal = "smuggling"
         else:
             if line.startswith(b"."):
