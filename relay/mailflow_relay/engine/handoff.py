@@ -19,6 +19,7 @@ import aiosmtplib
 from mailflow_relay.engine.metrics import RelayMetrics
 from mailflow_relay.engine.origin import origin_header
 from mailflow_relay.engine.outcomes import final
+from mailflow_relay.outbound.extensions import handoff_options
 from mailflow_relay.queue.spool import RecipientState, RecipientStatus, SpooledMessage
 
 __all__ = ["HandOff"]
@@ -67,7 +68,7 @@ class HandOff:
                 async with smtp:
                     # The origin header keeps the message's age and client (origin.py).
                     body = origin_header(message) + body
-                    refused, _ = await smtp.sendmail(message.sender, recipients, body)
+                    refused = await _send(smtp, message, recipients, body)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             self.metrics.handoffs.labels("failed").inc()
             logger.warning("queue %s: hand-off failed, kept in the spool: %s", message.queue_id, e)
@@ -93,3 +94,25 @@ class HandOff:
         self.metrics.handoffs.labels("accepted").inc()
         logger.info("queue %s: handed off to %s:%d", message.queue_id, *peer)
         return True
+
+
+async def _send(
+    smtp: aiosmtplib.SMTP, message: SpooledMessage, recipients: Sequence[str], body: bytes
+) -> dict[str, aiosmtplib.SMTPResponse]:
+    """MAIL, RCPT, DATA with the sender's parameters (SMTPUTF8, BODY, DSN); the refused."""
+    mail_options, rcpt_options = handoff_options(message.parameters, recipients)
+    encoding = "utf-8" if message.parameters.mail.smtputf8 else "ascii"
+    await smtp.mail(message.sender, options=mail_options, encoding=encoding)
+    refused: dict[str, aiosmtplib.SMTPResponse] = {}
+    for recipient in recipients:
+        try:
+            await smtp.rcpt(recipient, options=rcpt_options[recipient], encoding=encoding)
+        except aiosmtplib.SMTPRecipientRefused as e:
+            refused[recipient] = aiosmtplib.SMTPResponse(e.code, e.message)
+    if len(refused) == len(recipients):
+        await smtp.rset()
+        raise aiosmtplib.SMTPRecipientsRefused(
+            [aiosmtplib.SMTPRecipientRefused(r.code, r.message, a) for a, r in refused.items()]
+        )
+    await smtp.data(body)
+    return refused

@@ -48,8 +48,23 @@ class RelayMetrics:
         )
         self.bounces = Counter(
             "mailflow_bounces",
-            "Delivery status notifications queued for senders, by action (failed, delayed).",
+            "Delivery status notifications queued for senders, by action (failed, delayed,"
+            " relayed).",
             ["action"],
+            registry=self.registry,
+        )
+        self.notifications_suppressed = Counter(
+            "mailflow_notifications_suppressed",
+            "Notifications not sent because the sender's NOTIFY did not ask for them"
+            " (RFC 3461), by action (failed, delayed).",
+            ["action"],
+            registry=self.registry,
+        )
+        self.extension_decisions = Counter(
+            "mailflow_extension_decisions",
+            "Transactions changed or refused to fit a next hop's ESMTP extensions: converted"
+            " (quoted-printable, a-labels) or failed (5.6.3, 5.6.7, 5.7.30).",
+            ["decision"],
             registry=self.registry,
         )
         self.tls_failures = Counter(

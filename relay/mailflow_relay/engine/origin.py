@@ -9,6 +9,9 @@ So the hand-off prepends one trace header, the way ``Received:`` carries trace d
 
     X-Mailflow-Origin: arrival=2026-12-01T21:04:05.123456+00:00; client=192.0.2.25; user=-
 
+(with ``; requiretls=yes`` for a message submitted with REQUIRETLS: the hand-off is
+plaintext, where a peer does not take the ESMTP parameter, and the flag must not be lost)
+
 and the receiving relay honours it **only from its peers** (``RelaySettings.handoff_peers``,
 the relays' own network): anyone else could claim an old arrival (to have mail bounce at
 once) or the compliance server's address (to skip compliance). From everyone the header
@@ -42,6 +45,8 @@ class Origin:
     client: str
     """"" when unknown (a bounce the first relay wrote)."""
     user: str | None
+    requiretls: bool = False
+    """The sender asked for REQUIRETLS (RFC 8689)."""
 
 
 def origin_header(message: SpooledMessage) -> bytes:
@@ -50,7 +55,9 @@ def origin_header(message: SpooledMessage) -> bytes:
     client = message.client or "-"
     return (
         ORIGIN_HEADER
-        + f": arrival={message.arrival.isoformat()}; client={client}; user={user}\r\n".encode()
+        + f": arrival={message.arrival.isoformat()}; client={client}; user={user}".encode()
+        + (b"; requiretls=yes" if message.parameters.mail.requiretls else b"")
+        + b"\r\n"
     )
 
 
@@ -104,4 +111,5 @@ def _parse(line: bytes) -> Origin | None:
         arrival=arrival,
         client="" if client == "-" else client,
         user=None if user == "-" else urllib.parse.unquote(user),
+        requiretls=fields.get("requiretls") == "yes",
     )

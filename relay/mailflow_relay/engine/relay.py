@@ -38,6 +38,13 @@ from mailflow_relay.engine.attempts import delivery_fields, log_attempts, tls_sh
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.holds import active, admin_bounced, due, holds_any
 from mailflow_relay.engine.metrics import RelayMetrics
+from mailflow_relay.engine.notifications import (
+    Notice,
+    bounce_recipients,
+    notices,
+    remote_mta_name,
+    returns_full,
+)
 from mailflow_relay.engine.origin import is_peer, take_origin
 from mailflow_relay.engine.outcomes import deferred, final, with_states
 from mailflow_relay.engine.published import publish
@@ -45,6 +52,7 @@ from mailflow_relay.engine.queue_gauges import QueueView, destination_label, rea
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.engine.throttles import Admission, DeliveryGate
+from mailflow_relay.envelope import EnvelopeParameters, MailParameters
 from mailflow_relay.errors import (
     InvalidAddressError,
     RoutingDocumentError,
@@ -63,7 +71,7 @@ from mailflow_relay.outbound.dns import Resolver
 from mailflow_relay.outbound.mta_sts import MtaSts
 from mailflow_relay.outbound.tlsrpt import ReportSettings, TlsReporter, TlsReportStore
 from mailflow_relay.queue.admin import FLUSH_REQUEST
-from mailflow_relay.queue.bounces import BounceRecipient, build_dsn, status_of
+from mailflow_relay.queue.bounces import build_dsn
 from mailflow_relay.queue.lock import SpoolLock
 from mailflow_relay.queue.spool import (
     MessageNotFoundError,
@@ -428,6 +436,9 @@ class Relay:
                 origin.arrival.isoformat(),
                 origin.client or "-",
             )
+        if origin is not None and origin.requiretls:
+            mail = replace(message.parameters.mail, requiretls=True)
+            message = replace(message, parameters=replace(message.parameters, mail=mail))
         client = origin.client if origin is not None else message.client_address
         user = origin.user if origin is not None else message.authenticated_user
         store = asyncio.create_task(
@@ -445,6 +456,7 @@ class Relay:
                 client=client,
                 user=user,
                 arrived=origin.arrival if origin is not None else None,
+                parameters=message.parameters,
             ),
             name="mailflow-store",
         )
@@ -948,67 +960,30 @@ class Relay:
         The bounce is spooled before the failure is recorded: a crash in between can give
         a second bounce, never none.
         """
-        failed = [s for s in updates if s.status is RecipientStatus.FAILED]
-        warn_after = self.settings.delay_warning_after
-        delayed = [
-            s
-            for s in updates
-            if warn_after is not None
-            and s.status is RecipientStatus.DEFERRED
-            and not s.delay_notified
-            and (now - message.arrival).total_seconds() >= warn_after
-        ]
+        due = notices(message, updates, now, self.settings.delay_warning_after)
+        for notice in due:
+            if notice.suppressed:
+                self.metrics.notifications_suppressed.labels(notice.action).inc(notice.suppressed)
+                logger.info(
+                    "queue %s: no %s notification for %d recipient(s): NOTIFY did not ask for it",
+                    message.queue_id,
+                    notice.action,
+                    notice.suppressed,
+                )
+        due = [n for n in due if n.states]
         if not message.sender:
+            failed = sum(len(n.states) for n in due if n.action == "failed")
             if failed:
                 logger.warning(
                     "queue %s: %d recipient(s) failed; no bounce for the null sender",
                     message.queue_id,
-                    len(failed),
+                    failed,
                 )
             return updates
-        for action, states in (("failed", failed), ("delayed", delayed)):
-            if not states:
-                continue
-            dsn = build_dsn(
-                reporting_mta=self.settings.listener.hostname,
-                queue_id=message.queue_id,
-                original_sender=message.sender,
-                original_body=message.body,
-                arrival=message.arrival,
-                recipients=[
-                    BounceRecipient(
-                        address=s.address,
-                        action=action,
-                        status=status_of(
-                            s.last_reply_text or "",
-                            s.last_reply_code,
-                            default_class="5" if action == "failed" else "4",
-                        ),
-                        diagnostic=s.last_reply_text or "",
-                        last_attempt=now,
-                    )
-                    for s in states
-                ],
-                will_retry_until=message.arrival + timedelta(seconds=self.settings.queue_lifetime)
-                if action == "delayed"
-                else None,
-                now=now,
-            )
-            bounce = await self._commit(
-                self.spool.submit_store, "", [message.sender], _constant_body(dsn)
-            )
-            self.metrics.bounces.labels(action).inc()
-            logger.info(
-                "queue %s: %s notification to <%s> queued as %s",
-                message.queue_id,
-                action,
-                message.sender,
-                bounce.queue_id,
-            )
-            self._track(bounce)
-            self._enqueue(bounce.queue_id)
-        if delayed:
-            marked = {s.address for s in delayed}
+        for notice in due:
+            await self._queue_notice(message, notice, now)
+        marked = {s.address for n in due if n.action == "delayed" for s in n.states}
+        if marked:
             updates = [
                 replace(s, delay_notified=True) if s.address in marked else s for s in updates
             ]
@@ -1072,6 +1047,38 @@ class Relay:
         )
         return []
 
+    async def _queue_notice(self, message: SpooledMessage, notice: Notice, now: datetime) -> None:
+        action = notice.action
+        dsn = build_dsn(
+            reporting_mta=self.settings.listener.hostname,
+            original=message,
+            recipients=bounce_recipients(message, notice, now),
+            will_retry_until=message.arrival + timedelta(seconds=self.settings.queue_lifetime)
+            if action == "delayed"
+            else None,
+            now=now,
+            return_full=returns_full(message, notice, self.spool.max_message_size),
+        )
+        # A sender with a UTF-8 address (or UTF-8 headers returned) needs SMTPUTF8 onward.
+        utf8 = not (message.sender.isascii() and dsn.isascii())
+        bounce = await self._commit(
+            self.spool.submit_store,
+            "",
+            [message.sender],
+            _constant_body(dsn),
+            parameters=EnvelopeParameters(MailParameters(smtputf8=True)) if utf8 else None,
+        )
+        self.metrics.bounces.labels(action).inc()
+        logger.info(
+            "queue %s: %s notification to <%s> queued as %s",
+            message.queue_id,
+            action,
+            message.sender,
+            bounce.queue_id,
+        )
+        self._track(bounce)
+        self._enqueue(bounce.queue_id)
+
     async def _deliver_group(
         self,
         message: SpooledMessage,
@@ -1100,7 +1107,10 @@ class Relay:
             tls=decision.tls,
             auth=connector.auth if connector else None,
             recipient_domain=decision.domain,
+            parameters=message.parameters,
         )
+        for extension_decision in report.extension_decisions:
+            self.metrics.extension_decisions.labels(extension_decision).inc()
         self.metrics.delivery_seconds.labels(name).observe(self._clock() - started)
         if report.protocol_errors:
             self.metrics.protocol_errors.labels(*labels[:2]).inc(report.protocol_errors)
@@ -1136,6 +1146,8 @@ class Relay:
                 result.message,
                 extra=delivery_fields(state.address, name, report, result),
             )
+            # Remote-MTA (RFC 3464) and whether that hop took NOTIFY over (RFC 3461 §6.2.1).
+            state = replace(state, remote_mta=remote_mta_name(report.server), remote_dsn=report.dsn)
             if result.status is DeliveryStatus.DELIVERED:
                 self.metrics.delivered.labels(*labels).inc()
                 updates.append(final(state, RecipientStatus.DELIVERED, result.code, result.message))

@@ -10,7 +10,9 @@ import datetime
 import email.utils
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from mailflow_relay.envelope import EnvelopeParameters
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class AcceptedMessage:
     """Whether the client greeted with EHLO (ESMTP) rather than HELO."""
     received_by: str = "localhost"
     """Our host name, for the ``by`` clause of the ``Received:`` header."""
+    parameters: EnvelopeParameters = field(default_factory=EnvelopeParameters)
+    """The ESMTP parameters of MAIL and of each RCPT (SMTPUTF8, BODY, DSN, REQUIRETLS)."""
 
     def with_received(self, queue_id: str, now: datetime.datetime | None = None) -> bytes:
         """:attr:`data` with a ``Received:`` header prepended (RFC 5321 4.4, RFC 3848).
@@ -55,8 +59,10 @@ def _received_header(
         now = datetime.datetime.now(datetime.UTC)
     elif now.tzinfo is None:
         now = now.replace(tzinfo=datetime.UTC)
-    # RFC 3848 protocol names; STARTTLS and AUTH both need EHLO.
+    # RFC 3848 protocol names (RFC 6531 §3.7.3: UTF8SMTP…); STARTTLS and AUTH need EHLO.
     protocol = "ESMTP" if message.esmtp else "SMTP"
+    if message.parameters.mail.smtputf8:
+        protocol = "UTF8SMTP"
     if message.esmtp and message.tls:
         protocol += "S"
     if message.esmtp and message.authenticated_user is not None:

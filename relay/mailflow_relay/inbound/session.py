@@ -18,13 +18,20 @@ from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
+from mailflow_relay.envelope import (
+    BodyType,
+    EnvelopeParameters,
+    MailParameters,
+    RecipientParameters,
+)
+from mailflow_relay.inbound.commands import CommandRefused, parse_mail, parse_rcpt
+from mailflow_relay.inbound.content import SMUGGLING_REPLY_START, ContentReader
 from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
 from mailflow_relay.inbound.session_ids import SESSION_ID, bind_new_session
 from mailflow_relay.inbound.settings import (
     COMMAND_LINE_LIMIT,
-    CONTROL_CHARACTERS,
     SIZE_PARAMETER_ALLOWANCE,
     IPAddress,
     ListenerEvent,
@@ -53,7 +60,20 @@ def client_ip(peer: Any) -> IPAddress | None:
     return ip
 
 
-_SIZE_PARAMETER = re.compile(r"(?:^|\s)SIZE=(\d{1,30})(?=\s|$)", re.IGNORECASE)
+# RFC 3461 §5 (ENVID, RET: 110; NOTIFY, ORCPT: 500), RFC 6531 §3.4 (SMTPUTF8: 10),
+# RFC 4954 §5 (AUTH=: 500): the longer command lines a server offering them accepts.
+_MAIL_LINE_ALLOWANCE = SIZE_PARAMETER_ALLOWANCE + 110 + 10 + 14 + 11 + 500
+_RCPT_LINE_ALLOWANCE = 500 + 30
+_DATA_CHUNK = 64 * 1024
+
+
+class _Envelope(Envelope):
+    """aiosmtpd's envelope with the parsed ESMTP parameters of MAIL and each RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parameters = MailParameters()
+        self.recipient_parameters: list[tuple[str, RecipientParameters]] = []
 
 
 class _SessionHooks:
@@ -72,49 +92,10 @@ class _SessionHooks:
     ) -> list[str]:
         # With this hook aiosmtpd leaves recording the greeting to us.
         session.host_name = hostname
-        if not self.session.listener.settings.users:
-            responses = [line for line in responses if not line.startswith("250-AUTH")]
+        responses = self.session.ehlo_lines(responses)
         # One push, hence one write: a reply split over several TCP segments makes some
         # clients (nmap's smtp-open-relay among them) pair replies with the wrong commands.
         return ["\r\n".join(responses)]
-
-    async def handle_MAIL(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        mail_options: list[str],
-    ) -> str:
-        if CONTROL_CHARACTERS.search(address):
-            # aiosmtpd ends a command at a bare LF and keeps a bare CR: an address with
-            # one would reach the spool, the logs and (rewritten) the next hop.
-            log.info(
-                "Refused MAIL from %s: control characters in <%s>",
-                self.session.client,
-                printable(address),
-            )
-            return "501 5.1.7 Bad sender address syntax"
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
-
-    async def handle_RCPT(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        if CONTROL_CHARACTERS.search(address):
-            log.info(
-                "Refused RCPT from %s: control characters in <%s>",
-                self.session.client,
-                printable(address),
-            )
-            return "501 5.1.3 Bad recipient address syntax"
-        return self.session.decide_recipient(envelope, address, rcpt_options)
 
     async def handle_exception(self, error: Exception) -> str:
         client = self.session.client
@@ -159,7 +140,9 @@ class SmtpSession(SMTP):
         self._auth_failures = 0
         # aiosmtpd sizes its StreamReader from this before anything is read; our own
         # DATA reader checks the exact limit, commands need at least 512 + extensions.
-        self.line_length_limit = max(settings.max_line_length + 1, 1001)
+        # The stream buffer's limit, so DATA's chunks (content.py); aiosmtpd still
+        # refuses a longer command line by command_size_limits.
+        self.line_length_limit = max(settings.max_line_length + 1, _DATA_CHUNK)
         super().__init__(
             _SessionHooks(self),
             data_size_limit=settings.max_message_size,
@@ -169,6 +152,7 @@ class SmtpSession(SMTP):
             timeout=settings.command_timeout,
             auth_require_tls=True,
             auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
+            enable_SMTPUTF8=True,
             loop=loop,
         )
         # aiosmtpd keeps these limits in a dict shared by every instance, and each EHLO
@@ -179,6 +163,9 @@ class SmtpSession(SMTP):
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
+
+    def _create_envelope(self) -> _Envelope:
+        return _Envelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None:
@@ -260,7 +247,8 @@ class SmtpSession(SMTP):
         ``hard_error_limit`` the error reply becomes ``421 4.7.0`` and the connection
         closes (Postfix's smtpd_soft_error_limit / smtpd_hard_error_limit).
         """
-        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        text = self._with_enhanced_code(text)
         if text[:1] in ("4", "5") and not text.startswith("421"):
             self._errors += 1
             settings = self.settings
@@ -288,29 +276,122 @@ class SmtpSession(SMTP):
                 )
                 self.listener._event(ListenerEvent.ERROR_DELAYED)
                 await asyncio.sleep(delay)
-        await super().push(status)
+        # aiosmtpd decodes arguments with surrogateescape (SMTPUTF8) and echoes some (VRFY):
+        # an invalid UTF-8 octet in a reply becomes "?" instead of an encoding error.
+        await super().push(text.encode("utf-8", "replace"))
+
+    def _with_enhanced_code(self, text: str) -> str:
+        """RFC 2034 §4: with ENHANCEDSTATUSCODES, every 2xx/4xx/5xx reply but the greeting
+        and the HELO/EHLO answer starts with one; aiosmtpd's own (NOOP, RSET, QUIT, an
+        unknown command) do not, so they get the code RFC 3463 gives their class."""
+        if (
+            len(text) < 4
+            or text[0] not in "245"
+            or text[3] != " "
+            or text.startswith("220")
+            or text == f"250 {self.hostname}"
+            or _ENHANCED_CODE.match(text, 4)
+        ):
+            return text
+        code = text[:3]
+        return f"{code} {_DEFAULT_ENHANCED.get(code, text[0] + '.0.0')} {text[4:]}"
 
     # -- commands ------------------------------------------------------------------------
 
     async def smtp_EHLO(self, hostname: str) -> None:
         await super().smtp_EHLO(hostname)
-        self.command_size_limits["MAIL"] = COMMAND_LINE_LIMIT + SIZE_PARAMETER_ALLOWANCE
+        self.command_size_limits["MAIL"] = COMMAND_LINE_LIMIT + _MAIL_LINE_ALLOWANCE
+        self.command_size_limits["RCPT"] = COMMAND_LINE_LIMIT + _RCPT_LINE_ALLOWANCE
+
+    def ehlo_lines(self, offered: list[str]) -> list[str]:
+        """The EHLO answer, in a fixed order; ``offered``: aiosmtpd's (for STARTTLS, AUTH).
+
+        PIPELINING: aiosmtpd reads each command after the reply to the one before is
+        written, so pipelined commands wait in the socket buffer and are answered in order
+        (RFC 2920 §3.1). REQUIRETLS only under TLS (RFC 8689 §4.1).
+        """
+        tls = self._tls_protocol is not None
+        keywords = [
+            "PIPELINING",
+            f"SIZE {self.settings.max_message_size}",
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "SMTPUTF8",
+            "DSN",
+        ]
+        keywords += [line[4:] for line in offered if line == "250-STARTTLS"]
+        if tls:
+            keywords.append("REQUIRETLS")
+        if self.settings.users:
+            keywords += [line[4:] for line in offered if line.startswith("250-AUTH ")]
+        keywords.append("HELP")
+        lines = [f"250-{self.hostname}"] + [f"250-{keyword}" for keyword in keywords]
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd checks SIZE= too, but replies without an enhanced status code.
+        # Replaces aiosmtpd's MAIL: a strict parser (commands.py) that keeps the
+        # parameters' case, knows the DSN, SMTPUTF8 and REQUIRETLS ones, and replies with
+        # enhanced status codes.
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
         assert self.session is not None
-        match = _SIZE_PARAMETER.search(arg or "") if self.session.extended_smtp else None
-        limit = self.settings.max_message_size
-        if match is not None and self.session.host_name and int(match[1]) > limit:
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        try:
+            command = parse_mail(
+                arg, esmtp=self.session.extended_smtp, tls=self._tls_protocol is not None
+            )
+        except CommandRefused as refused:
             log.info(
-                "Refused MAIL from %s: declared SIZE=%s exceeds %d", self.client, match[1], limit
+                "Refused MAIL from %s: %s (%s)", self.client, refused.reply, printable(arg or "")
+            )
+            await self.push(refused.reply)
+            return
+        if envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        limit = self.settings.max_message_size
+        if command.size is not None and command.size > limit:
+            log.info(
+                "Refused MAIL from %s: declared SIZE=%d exceeds %d",
+                self.client,
+                command.size,
+                limit,
             )
             await self.push(
                 f"552 5.3.4 Declared message size exceeds fixed maximum message size"
                 f" ({limit} octets)"
             )
             return
-        await super().smtp_MAIL(arg)
+        envelope.mail_from = command.address or "<>"
+        envelope.smtp_utf8 = command.parameters.smtputf8
+        envelope.parameters = command.parameters
+        await self.push("250 2.1.0 OK")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        assert self.session is not None
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        if not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        try:
+            command = parse_rcpt(
+                arg, esmtp=self.session.extended_smtp, smtputf8=envelope.parameters.smtputf8
+            )
+        except CommandRefused as refused:
+            log.info(
+                "Refused RCPT from %s: %s (%s)", self.client, refused.reply, printable(arg or "")
+            )
+            await self.push(refused.reply)
+            return
+        reply = self.decide_recipient(envelope, command.address, [])
+        if reply.startswith("250"):
+            envelope.recipient_parameters.append((command.address, command.parameters))
+        await self.push(reply)
 
     def decide_recipient(self, envelope: Envelope, address: str, rcpt_options: list[str]) -> str:
         """The reply to RCPT TO: relay permission, recipient limit, recipient check."""
@@ -370,15 +451,24 @@ class SmtpSession(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reset_timeout(self.settings.data_timeout)
         data, refusal = await self._read_content()
+        envelope = self.envelope
+        assert isinstance(envelope, _Envelope)
+        if (
+            refusal is None
+            and envelope.parameters.body is BodyType.SEVEN_BIT
+            and not data.isascii()
+        ):
+            # RFC 6152 §3: 8-bit octets only after BODY=8BITMIME; a relay passing them on
+            # as 7-bit would make the next hop (or a signature check) mangle them.
+            refusal = "550 5.6.1 Message contains 8-bit data but was declared BODY=7BIT"
         if refusal is None:
             refusal = hop_refusal(data, self.settings.max_hops)  # a mail loop: hops.py
             if refusal is not None and self.listener.on_refusal is not None:
                 self.listener.on_refusal("mail_loop")
-        envelope = self.envelope
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
         if refusal is not None:
             self._reset_timeout()
-            if refusal.startswith(_SMUGGLING_REPLY_START):
+            if refusal.startswith(SMUGGLING_REPLY_START):
                 self.listener._event(ListenerEvent.SMUGGLING)
             log.warning(
                 "Refused message from %s (sender <%s>): %s",
@@ -398,6 +488,7 @@ class SmtpSession(SMTP):
             tls=self._tls_protocol is not None,
             esmtp=self.session.extended_smtp,
             received_by=self.hostname,
+            parameters=EnvelopeParameters.of(envelope.parameters, envelope.recipient_parameters),
         )
         await self.push(await self._hand_over(message))
 
@@ -405,57 +496,21 @@ class SmtpSession(SMTP):
         """Read DATA content up to ``<CRLF>.<CRLF>``: the content, or the refusal reply.
 
         A refused message is still read to its end (RFC 5321 4.2.5: the reply comes after
-        the final dot) but not kept. Only CRLF ends a line, exactly as aiosmtpd does.
+        the final dot) but not kept. Only CRLF ends a line, exactly as aiosmtpd does. Read
+        in chunks that never pass the end of data (content.py has the rules).
         """
-        max_size = self.settings.max_message_size
-        max_line = self.settings.max_line_length
-        lines: list[bytes] = []
-        size = 0
-        refusal: str | None = None
-        in_overlong_line = False
+        content = ContentReader(self.settings.max_message_size, self.settings.max_line_length)
         while True:
             try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as overrun:
-                # Longer than the reader's buffer: drop what is buffered, keep reading.
-                await self._reader.read(overrun.consumed)
-                in_overlong_line = True
-                refusal = refusal or _line_too_long(max_line)
-                lines.clear()
-                continue
+                try:
+                    chunk = await self._reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as overrun:
+                    # A full buffer without a dot line: take it, minus a possible partial end.
+                    chunk = await self._reader.readexactly(overrun.consumed)
             except asyncio.IncompleteReadError as error:
                 raise ConnectionResetError("connection closed during DATA") from error
-            if in_overlong_line:
-                in_overlong_line = False  # the tail of a line already refused
-                continue
-            if line == b".\r\n":
-                return b"".join(lines), refusal
-            if refusal is not None:
-                continue
-            if b"\r" in line[:-2] or b"\n" in line[:-2]:
-                refusal = f"{_SMUGGLING_REPLY_START} bare LF or CR; {_SMUGGLING_REPLY_END}"
-                lines.clear()
-                continue
-            if b"\x00" in line:
-                # A next hop that drops NUL would read <CRLF>NUL.<CRLF> as the end of data
-                # and run what follows as commands from us; RFC 5321 2.3.8 allows no NUL.
-                refusal = f"{_SMUGGLING_REPLY_START} NUL; {_SMUGGLING_REPLY_END}"
-                lines.clear()
-                continue
-            if line.startswith(b"."):
-                line = line[1:]  # RFC 5321 4.5.2 transparency
-            if len(line) > max_line:
-                refusal = _line_too_long(max_line)
-                lines.clear()
-                continue
-            size += len(line)
-            if size > max_size:
-                refusal = (
-                    f"552 5.3.4 Message size exceeds fixed maximum message size ({max_size} octets)"
-                )
-                lines.clear()
-                continue
-            lines.append(line)
+            if content.feed(chunk):
+                return content.content, content.refusal
 
     async def _hand_over(self, message: AcceptedMessage) -> str:
         """Give ``message`` to the callback; the reply to send for it."""
@@ -591,12 +646,17 @@ class SmtpSession(SMTP):
         return AuthResult(success=False, handled=True)
 
 
-_SMUGGLING_REPLY_START = "550 5.6.0 Message contains"
-_SMUGGLING_REPLY_END = "refused (SMTP smuggling protection)"
-
-
-def _line_too_long(max_line: int) -> str:
-    return f"500 5.6.0 Line too long: at most {max_line} octets including CRLF (RFC 5321 4.5.3.1.6)"
+_ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# RFC 3463: invalid command, syntax error, command not implemented, bad sequence, …
+_DEFAULT_ENHANCED = {
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "554": "5.3.0",
+}
 
 
 def _b64decode(text: str) -> bytes | None:

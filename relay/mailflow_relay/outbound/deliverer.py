@@ -33,10 +33,10 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Unpack
 
 import aiosmtplib
 
+from mailflow_relay.envelope import EnvelopeParameters
 from mailflow_relay.errors import SettingsError, require_positive
 from mailflow_relay.outbound import implicit_tls
 from mailflow_relay.outbound.dane import (
@@ -50,10 +50,13 @@ from mailflow_relay.outbound.dane import (
     verify_chain,
 )
 from mailflow_relay.outbound.dns import DnsError, Resolver
+from mailflow_relay.outbound.extensions import (
+    ExtensionRefusal,
+    plan_transaction,
+)
 from mailflow_relay.outbound.health import HealthTracker
 from mailflow_relay.outbound.pipelining import (
     Envelope,
-    EsmtpParameters,
     Steps,
     Timeouts,
     steps_for,
@@ -212,6 +215,10 @@ class _Session:
     tls_version: str | None = None
     certificate: CertificateInfo | None = None
     verified: bool = False
+    dsn: bool = False
+    """The last transaction passed NOTIFY on (the next hop offers DSN)."""
+    decisions: list[str] = field(default_factory=list)
+    """What the last transaction changed or refused to fit the next hop (extensions.py)."""
 
 
 class Deliverer:
@@ -301,14 +308,13 @@ class Deliverer:
         tls: TlsPolicy,
         auth: SmtpCredentials | None,
         recipient_domain: str,
-        **parameters: Unpack[EsmtpParameters],
+        parameters: EnvelopeParameters | None = None,
     ) -> DeliveryReport:
         """Deliver one message to the recipients of one route; never raises for mail reasons.
 
-        ``mail_options`` go on MAIL FROM, ``rcpt_options[recipient]`` on its RCPT TO."""
-        envelope = Envelope.of(
-            mail_from, parameters.get("mail_options", ()), parameters.get("rcpt_options", {})
-        )
+        ``parameters`` are the sender's ESMTP parameters (SMTPUTF8, BODY, DSN, REQUIRETLS):
+        what each next hop gets of them is decided after its EHLO (:mod:`.extensions`)."""
+        envelope = _Request(mail_from, parameters or EnvelopeParameters())
         try:
             targets = await self._targets(destination, recipient_domain)
             targets = await self._with_dane(targets, destination, tls, recipient_domain)
@@ -414,12 +420,14 @@ class Deliverer:
             dane=dane.value if dane else None,
             policy_results=tuple(reported),
             protocol_errors=protocol_errors,
+            dsn=session.dsn,
+            extension_decisions=tuple(session.decisions),
         )
 
     async def _transaction(
         self,
         target: _Target,
-        envelope: Envelope,
+        envelope: _Request,
         recipients: Sequence[str],
         data: bytes,
         tls: TlsPolicy,
@@ -454,7 +462,7 @@ class Deliverer:
         self,
         key: _ReuseKey,
         target: _Target,
-        envelope: Envelope,
+        envelope: _Request,
         recipients: Sequence[str],
         data: bytes,
         tls: TlsPolicy,
@@ -465,7 +473,7 @@ class Deliverer:
         idle = self._take_idle(key)
         if idle is not None:
             try:
-                results = await self._send(idle.smtp, envelope, recipients, data)
+                results = await self._send(idle, target, envelope, recipients, data)
             except _ProtocolError:
                 # Not a stale connection but a broken server: trying again at once on a
                 # fresh connection could only send the content a second time.
@@ -492,7 +500,7 @@ class Deliverer:
             logger.exception("unexpected error talking to %s", target)
             raise _TargetFailed(f"4.4.0 unexpected error: {type(e).__name__}: {e}") from e
         try:
-            results = await self._send(connection.smtp, envelope, recipients, data)
+            results = await self._send(connection, target, envelope, recipients, data)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as e:
             connection.smtp.close()
             raise _TargetFailed(f"4.4.2 connection lost: {e}") from e
@@ -683,15 +691,47 @@ class Deliverer:
         await self._hello(smtp)  # RFC 3207 §4.2: forget what was said before TLS
 
     async def _send(
-        self, smtp: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str], data: bytes
+        self,
+        connection: _Connection,
+        target: _Target,
+        request: _Request,
+        recipients: Sequence[str],
+        data: bytes,
     ) -> list[RecipientResult]:
+        smtp, session = connection.smtp, connection.session
+        plan = plan_transaction(
+            request.parameters,
+            request.mail_from,
+            recipients,
+            data,
+            capabilities=smtp.esmtp_extensions.keys(),
+            verified_tls=session.verified,
+            server=str(target),
+        )
+        session.dsn = not isinstance(plan, ExtensionRefusal) and plan.dsn
+        if isinstance(plan, ExtensionRefusal):
+            session.decisions = [plan.reply[:6].strip()]
+            logger.warning("delivery to %s refused here: %d %s", target, plan.code, plan.reply)
+            reply = f"{plan.code} {plan.reply}"
+            return [RecipientResult(r, DeliveryStatus.FAILED, plan.code, reply) for r in recipients]
+        session.decisions = list(plan.conversions)
+        if plan.conversions:
+            logger.info("delivery to %s: converted (%s)", target, ", ".join(plan.conversions))
+        # The addresses as sent (A-labels after a downgrade); results go back by position.
+        sent = [plan.recipients[r] for r in recipients]
+        envelope = Envelope.of(
+            plan.mail_from,
+            plan.mail_options,
+            {plan.recipients[r]: plan.rcpt_options[r] for r in recipients},
+        )
         try:
-            return await self._transact(smtp, envelope, recipients, data)
+            results = await self._transact(smtp, envelope, sent, plan.data)
         except _ProtocolError:
             # The connection is in an unknown state (aiosmtplib may have dropped the rest
             # of the reply): it is closed, never reset and reused.
             smtp.close()
             raise
+        return [replace(result, recipient=r) for r, result in zip(recipients, results, strict=True)]
 
     async def _transact(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, recipients: Sequence[str], data: bytes
@@ -750,6 +790,15 @@ class Deliverer:
                 for recipient in accepted:
                     results[recipient] = RecipientResult(recipient, status, e.code, _reply(e))
         return results, finished
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What the sender asked for, before any next hop is known: its address and ESMTP
+    parameters (each next hop's EHLO decides what it gets of them: extensions.py)."""
+
+    mail_from: str
+    parameters: EnvelopeParameters
 
 
 def _implicit_tls_hosts(destination: Destination) -> set[tuple[str, int] | str]:

@@ -42,12 +42,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Self, TypedDict
+from typing import Self
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
-__all__ = ["Envelope", "EsmtpParameters", "PipelinedSteps", "SequentialSteps", "Steps", "steps_for"]
+__all__ = ["Envelope", "PipelinedSteps", "SequentialSteps", "Steps", "steps_for"]
 
 # aiosmtplib's limits (protocol.py), so that both ways refuse the same replies.
 MAX_LINE_LENGTH = 8192
@@ -58,14 +58,6 @@ _LEADING_PERIOD = re.compile(rb"(?m)^\.")
 _RCPT_ACCEPTED = (250, 251)
 
 logger = logging.getLogger(__name__)
-
-
-class EsmtpParameters(TypedDict, total=False):
-    """What :meth:`~.deliverer.Deliverer.deliver` takes besides the route: none is plain
-    RFC 5321 (today's callers)."""
-
-    mail_options: Sequence[str]
-    rcpt_options: Mapping[str, Sequence[str]]
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,11 @@ class DeliveryReport:
     protocol_errors: int = 0
     """Targets that answered out of protocol (``250`` to ``DATA``, no valid reply code, a
     line over the limit): never a delivery, counted so that a broken next hop shows."""
+    dsn: bool = False
+    """The next hop offered DSN and got the sender's NOTIFY: it reports success itself."""
+    extension_decisions: tuple[str, ...] = ()
+    """What was changed (``quoted-printable``, ``a-labels``) or refused (``5.6.7``,
+    ``5.6.3``, ``5.7.30``) to fit the next hop's extensions."""
 
     def status_of(self, recipient: str) -> DeliveryStatus:
         return next(r.status for r in self.results if r.recipient == recipient)

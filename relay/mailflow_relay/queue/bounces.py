@@ -2,9 +2,16 @@
 
 A bounce is a ``multipart/report; report-type=delivery-status`` message (RFC 6522) of
 three parts: a text for people, the ``message/delivery-status`` part with one block per
-recipient (``Final-Recipient``, ``Action``, ``Status``, ``Diagnostic-Code``, …), and the
-headers of the original message (``text/rfc822-headers``), not its body: the sender
-has the body, and a bounce should not carry it (nor its attachments) around again.
+recipient (``Final-Recipient``, ``Original-Recipient``, ``Action``, ``Status``,
+``Remote-MTA``, ``Diagnostic-Code``, …) after the sender's ``Original-Envelope-Id``, and
+the headers of the original message (``text/rfc822-headers``), not its body: the sender
+has the body, and a bounce should not carry it (nor its attachments) around again —
+unless the sender asked for it with ``RET=FULL`` (RFC 3461 §4.3; then the whole
+message, ``message/rfc822``, when it fits). A message with UTF-8 headers (SMTPUTF8) is
+returned as ``message/global-headers`` / ``message/global`` (RFC 6532 §3.5).
+
+Actions (RFC 3464 §2.3.3): ``failed``, ``delayed``, and ``relayed`` — delivered to a next
+hop that does not offer DSN, when the sender asked for ``NOTIFY=SUCCESS``.
 
 Rules that keep bounces from doing harm (RFC 5321 §4.5.5, §6.1; RFC 3834):
 
@@ -23,6 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
+from mailflow_relay.envelope import utf8_address_encode
+from mailflow_relay.queue.spool import SpooledMessage
+
 __all__ = ["BounceRecipient", "build_dsn", "status_of"]
 
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
@@ -34,13 +44,15 @@ MAX_HEADERS = 64 * 1024
 class BounceRecipient:
     address: str
     action: str
-    """``failed`` or ``delayed`` (RFC 3464 §2.3.3)."""
+    """``failed``, ``delayed`` or ``relayed`` (RFC 3464 §2.3.3)."""
     status: str
     """Enhanced status code (RFC 3463), e.g. ``5.1.1``."""
     diagnostic: str
     """The reply that decided it, e.g. ``550 5.1.1 no such user``."""
     remote_mta: str | None = None
     last_attempt: datetime | None = None
+    original_recipient: tuple[str, str] | None = None
+    """The sender's ORCPT (address type, address), RFC 3461 §4.2."""
 
 
 def status_of(reply: str, code: int | None, *, default_class: str) -> str:
@@ -57,6 +69,14 @@ def _clean(text: str) -> str:
     return _CONTROL.sub(" ", text).strip()
 
 
+def _typed_address(address: str) -> str:
+    """``rfc822; a@b``, or RFC 6533 §3's ``utf-8; j\\x{FC}rgen@b``: ASCII either way, so the
+    report part stays 7-bit whatever the next hop offers."""
+    if address.isascii():
+        return f"rfc822; {_clean(address)}"
+    return f"utf-8; {utf8_address_encode(address)}"
+
+
 def _original_headers(body: bytes) -> bytes:
     end = body.find(b"\r\n\r\n")
     headers = body if end < 0 else body[: end + 2]
@@ -66,23 +86,31 @@ def _original_headers(body: bytes) -> bytes:
 def build_dsn(
     *,
     reporting_mta: str,
-    queue_id: str,
-    original_sender: str,
-    original_body: bytes,
-    arrival: datetime,
+    original: SpooledMessage,
     recipients: Sequence[BounceRecipient],
     will_retry_until: datetime | None = None,
     now: datetime | None = None,
+    return_full: bool = False,
 ) -> bytes:
-    """The complete DSN message (headers and body, CRLF line ends) for ``original_sender``."""
+    """The complete DSN message (headers and body, CRLF line ends) for ``original``'s sender.
+
+    ``return_full``: the whole message (RET=FULL), else its headers.
+    """
+    queue_id, original_sender, original_body = original.queue_id, original.sender, original.body
+    arrival, envelope_id = original.arrival, original.parameters.mail.envid
     if not original_sender:
         raise ValueError("no bounce to the null sender")
     now = now or datetime.now(UTC)
     mta = _clean(reporting_mta)
     delayed = all(r.action == "delayed" for r in recipients)
+    relayed = all(r.action == "relayed" for r in recipients)
     boundary = f"mailflow-report-{secrets.token_hex(12)}"
     subject = (
-        "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
+        "Delayed Mail (still being retried)"
+        if delayed
+        else "Successful Mail Delivery Report"
+        if relayed
+        else "Undelivered Mail Returned to Sender"
     )
     human = [
         f"This is the mail system at {mta}.",
@@ -92,6 +120,9 @@ def build_dsn(
             f"being retried{' until ' + format_datetime(will_retry_until) if will_retry_until else ''}; "
             "you do not need to send it again."
             if delayed
+            else "Your message was relayed to the recipients below. The next server does not "
+            "report delivery (it does not offer DSN): this is the last notice you will get."
+            if relayed
             else "Your message could not be delivered to the recipients below. "
             "It will not be retried."
         ),
@@ -99,14 +130,19 @@ def build_dsn(
     ]
     human.extend(f"<{_clean(r.address)}>: {_clean(r.diagnostic)}" for r in recipients)
     status_fields = [
+        *([f"Original-Envelope-Id: {_clean(envelope_id)}"] if envelope_id else []),
         f"Reporting-MTA: dns; {mta}",
         f"X-Mailflow-Queue-ID: {_clean(queue_id)}",
         f"Arrival-Date: {format_datetime(arrival)}",
         "",
     ]
     for recipient in recipients:
+        status_fields.append(f"Final-Recipient: {_typed_address(recipient.address)}")
+        if recipient.original_recipient is not None:
+            kind, given = recipient.original_recipient
+            shown = _typed_address(given) if kind == "utf-8" else f"{_clean(kind)}; {_clean(given)}"
+            status_fields.append(f"Original-Recipient: {shown}")
         status_fields += [
-            f"Final-Recipient: rfc822; {_clean(recipient.address)}",
             f"Action: {recipient.action}",
             f"Status: {recipient.status}",
         ]
@@ -128,6 +164,16 @@ def build_dsn(
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
     ]
+    headers_only = _original_headers(original_body)
+    utf8 = not headers_only.isascii()
+    if return_full:
+        returned_type = "message/global" if utf8 else "message/rfc822"
+        description = "Undelivered Message"
+        returned = original_body
+    else:
+        returned_type = "message/global-headers" if utf8 else "text/rfc822-headers"
+        description = "Message Headers" if relayed else "Undelivered Message Headers"
+        returned = headers_only
     parts = [
         "\r\n".join(headers),
         "",
@@ -145,9 +191,10 @@ def build_dsn(
         "",
         "\r\n".join(status_fields),
         f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
-        "Content-Description: Undelivered Message Headers",
+        f"Content-Type: {returned_type}",
+        f"Content-Description: {description}",
         "",
     ]
     text = "\r\n".join(parts).encode("utf-8") + b"\r\n"
-    return text + _original_headers(original_body) + f"\r\n--{boundary}--\r\n".encode()
+    ending = b"" if returned.endswith(b"\r\n") else b"\r\n"
+    return text + returned + ending + f"\r\n--{boundary}--\r\n".encode()

@@ -191,6 +191,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Final
 
+from mailflow_relay.envelope import EnvelopeParameters
 from mailflow_relay.errors import MailflowRelayError
 from mailflow_relay.queue import segments
 from mailflow_relay.queue.segments import Damage, Kind, Record
@@ -359,6 +360,11 @@ class RecipientState:
     bounce_requested: bool = False
     """An administrator asked to return it to the sender (``mailflow queue bounce``): the
     relay fails it without another attempt and sends the sender an RFC 3464 report."""
+    remote_mta: str | None = None
+    """The next hop that gave :attr:`last_reply_code` (RFC 3464 ``Remote-MTA``)."""
+    remote_dsn: bool = False
+    """The next hop that took it offered DSN and got the sender's NOTIFY: it reports
+    success itself, so no ``relayed`` notification is due from here (RFC 3461 §6.2.1)."""
 
     def __post_init__(self) -> None:
         if self.attempts < 0:
@@ -389,6 +395,8 @@ class SpooledMessage:
     arrived: datetime | None = None
     """When the message first arrived in the fleet, if before :attr:`received` (a hand-off
     from a peer relay keeps the message's age); None: it arrived here."""
+    parameters: EnvelopeParameters = field(default_factory=EnvelopeParameters)
+    """The sender's ESMTP parameters (SMTPUTF8, BODY, DSN, REQUIRETLS)."""
 
     @property
     def arrival(self) -> datetime:
@@ -584,6 +592,7 @@ class Spool:
         client: str = "",
         user: str | None = None,
         arrived: datetime | None = None,
+        parameters: EnvelopeParameters | None = None,
     ) -> SpooledMessage:
         """Like :meth:`store`, but the body is made knowing its queue id.
 
@@ -591,7 +600,13 @@ class Spool:
         message from the client's ``250`` to the final delivery log line.
         """
         future = self.submit_store(
-            sender, recipients, make_body, client=client, user=user, arrived=arrived
+            sender,
+            recipients,
+            make_body,
+            client=client,
+            user=user,
+            arrived=arrived,
+            parameters=parameters,
         )
         return future.result()
 
@@ -604,6 +619,7 @@ class Spool:
         client: str = "",
         user: str | None = None,
         arrived: datetime | None = None,
+        parameters: EnvelopeParameters | None = None,
     ) -> Future[SpooledMessage]:
         """:meth:`store_with_header` without waiting: the future is done after the fdatasync.
 
@@ -631,6 +647,7 @@ class Spool:
                 client=client,
                 user=user,
                 arrived=arrived,
+                parameters=parameters or EnvelopeParameters(),
             )
             staging.add(
                 Kind.MESSAGE,
@@ -1577,6 +1594,7 @@ def _envelope_to_json(message: SpooledMessage) -> dict[str, Any]:
         **({"client": message.client} if message.client else {}),
         **({"user": message.user} if message.user is not None else {}),
         **({"arrived": message.arrived.isoformat()} if message.arrived is not None else {}),
+        **({"parameters": message.parameters.to_json()} if message.parameters else {}),
     }
 
 
@@ -1601,6 +1619,8 @@ def _state_to_json(state: RecipientState) -> dict[str, Any]:
         # Optional, so that states without them still load (and look the same).
         **({"held": True} if state.held else {}),
         **({"bounce_requested": True} if state.bounce_requested else {}),
+        **({"remote_mta": state.remote_mta} if state.remote_mta is not None else {}),
+        **({"remote_dsn": True} if state.remote_dsn else {}),
     }
 
 
@@ -1658,6 +1678,7 @@ def _parse_envelope(path: Path, queue_id: str, data: bytes) -> SpooledMessage:
             client=str(raw.get("client", "")),
             user=None if raw.get("user") is None else str(raw["user"]),
             arrived=None if raw.get("arrived") is None else _parse_time(path, raw["arrived"]),
+            parameters=EnvelopeParameters.from_json(raw.get("parameters", {})),
         )
     except SpoolCorruptError:
         raise
@@ -1726,6 +1747,8 @@ def _parse_one_state(path: Path, raw: Any) -> RecipientState:
         delay_notified=bool(raw.get("delay_notified", False)),
         held=raw.get("held", False) is True,
         bounce_requested=raw.get("bounce_requested", False) is True,
+        remote_mta=None if raw.get("remote_mta") is None else str(raw["remote_mta"]),
+        remote_dsn=raw.get("remote_dsn") is True,
     )
 
 

@@ -23,6 +23,14 @@ import aiosmtplib
 
 from mailflow_relay.engine.origin import take_origin
 from mailflow_relay.engine.relay import Relay, RelaySettings
+from mailflow_relay.envelope import (
+    BodyType,
+    EnvelopeParameters,
+    MailParameters,
+    Notify,
+    RecipientParameters,
+    Ret,
+)
 from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.routing.document import (
@@ -236,3 +244,64 @@ def test_a_handed_off_message_keeps_its_client_for_a_client_scoped_route(tmp_pat
 
     count, sender = run(scenario)
     assert (count, sender) == (1, "alice@sender.test")
+
+
+def test_a_handed_off_message_keeps_every_esmtp_parameter_its_sender_gave(tmp_path: Path) -> None:
+    """SMTPUTF8, BODY, RET, ENVID, NOTIFY, ORCPT as ESMTP parameters, REQUIRETLS (which a
+    plaintext hand-off cannot carry as one) in the origin header."""
+    dead = closed_port()
+
+    async def scenario() -> EnvelopeParameters:
+        peer = Relay(
+            settings(tmp_path / "peer", handoff_peers=(LOOPBACK,)),
+            document(dest=(["*"], dead)),
+        )
+        async with running(peer):
+            leaving = Relay(
+                settings(tmp_path / "leaving", handoff=("127.0.0.1", peer.port)),
+                document(dest=(["*"], dead)),
+            )
+            async with running(leaving):
+                async with aiosmtplib.SMTP(
+                    hostname="127.0.0.1",
+                    port=leaving.port,
+                    start_tls=True,
+                    validate_certs=False,
+                    timeout=10,
+                ) as smtp:
+                    await smtp.mail(
+                        "jürgen@sender.test",
+                        options=[
+                            "SMTPUTF8",
+                            "BODY=8BITMIME",
+                            "RET=HDRS",
+                            "ENVID=e+2B1",
+                            "REQUIRETLS",
+                        ],
+                        encoding="utf-8",
+                    )
+                    await smtp.rcpt(
+                        "zoë@dest.test",
+                        options=["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;zoe+40old.test"],
+                        encoding="utf-8",
+                    )
+                    await smtp.rcpt("carl@dest.test", encoding="utf-8")
+                    await smtp.data("Subject: Grüße\r\n\r\nhallo\r\n".encode())
+                await until(lambda: leaving.spool.scan(repair=False))
+            (taken,) = await until(lambda: peer.spool.scan(repair=False), what="the hand-off")
+            return taken.parameters
+
+    parameters = run(scenario)
+    assert parameters == EnvelopeParameters(
+        MailParameters(
+            body=BodyType.EIGHT_BIT_MIME, smtputf8=True, ret=Ret.HDRS, envid="e+1", requiretls=True
+        ),
+        (
+            (
+                "zoë@dest.test",
+                RecipientParameters(
+                    frozenset({Notify.FAILURE, Notify.DELAY}), ("rfc822", "zoe@old.test")
+                ),
+            ),
+        ),
+    )

@@ -253,6 +253,7 @@ def test_a_5xx_bounces_at_once_with_an_rfc3464_report(tmp_path: Path) -> None:
             "Final-Recipient": "rfc822; never@dest.test",
             "Action": "failed",
             "Status": "5.1.1",
+            "Remote-MTA": "dns; 127.0.0.1",
             "Diagnostic-Code": "smtp; 550 5.1.1 no such user",
             "Last-Attempt-Date": recipients[0]["Last-Attempt-Date"],
         }

@@ -82,7 +82,7 @@ def test_nul_in_the_content_is_refused_like_bare_cr_and_lf(content: bytes) -> No
                 "5.6.0 Message contains NUL; refused (SMTP smuggling protection)",
             )
             # The next reply answers our QUIT: none answers a smuggled command.
-            assert await client.command(b"QUIT") == (221, "Bye")
+            assert await client.command(b"QUIT") == (221, "2.0.0 Bye")
             assert await client.rest() == b""
         return inbox, events
 

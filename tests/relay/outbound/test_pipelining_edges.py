@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from mailflow_relay.envelope import (
+    BodyType,
+    EnvelopeParameters,
+    MailParameters,
+    Notify,
+    RecipientParameters,
+)
 from mailflow_relay.outbound.deliverer import (
     Deliverer,
     DeliveryReport,
@@ -57,7 +64,9 @@ class ScriptedHop:
                 self.lines.append(text)
                 verb = text.split(" ")[0].upper()
                 if verb == "EHLO":
-                    writer.write(b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                    writer.write(
+                        b"250-scripted.test\r\n250-PIPELINING\r\n250-DSN\r\n250 8BITMIME\r\n"
+                    )
                 elif verb == "QUIT":
                     writer.write(b"221 bye\r\n")
                     await writer.drain()
@@ -109,8 +118,10 @@ def deliver(hop: ScriptedHop, recipients: tuple[str, ...]) -> DeliveryReport:
                 tls=TlsPolicy(),
                 auth=None,
                 recipient_domain="contoso.example",
-                mail_options=["BODY=8BITMIME"],
-                rcpt_options={recipients[0]: ["NOTIFY=FAILURE"]},
+                parameters=EnvelopeParameters(
+                    MailParameters(body=BodyType.EIGHT_BIT_MIME),
+                    ((recipients[0], RecipientParameters(notify=frozenset({Notify.FAILURE}))),),
+                ),
             )
         finally:
             await engine.close()
