@@ -606,7 +606,9 @@ def test_requiretls_goes_on_over_verified_tls_to_a_hop_that_offers_it(
                         mail_options=["REQUIRETLS"],
                     )
                 await until(lambda: len(events) == 1, within=20)
-            return await asyncio.to_thread(relay_b.spool.scan)
+            # scan() reads envelopes only; load() brings the body.
+            waiting = await asyncio.to_thread(relay_b.spool.scan)
+            return [await asyncio.to_thread(relay_b.spool.load, m.queue_id) for m in waiting]
 
     stored = run(scenario)
     (result,) = events[0].report.results

@@ -142,9 +142,10 @@ def test_replies_are_read_in_order_however_they_arrive(split: bool) -> None:
     ]
     assert hop.lines[1:5] == [
         "MAIL FROM:<a@sender.example> BODY=8BITMIME",
-        "RCPT TO:<a@contoso.example> NOTIFY=FAILURE",
-        "RCPT TO:<x@contoso.example>",
-        "RCPT TO:<b@contoso.example>",
+        # ORCPT added for the sender (extensions.py): the hop offers DSN.
+        "RCPT TO:<a@contoso.example> NOTIFY=FAILURE ORCPT=rfc822;a@contoso.example",
+        "RCPT TO:<x@contoso.example> ORCPT=rfc822;x@contoso.example",
+        "RCPT TO:<b@contoso.example> ORCPT=rfc822;b@contoso.example",
     ]
     # On the wire (the hop does not unstuff): the leading dot doubled, as aiosmtplib does.
     assert hop.contents == [b"Subject: hi\r\n\r\n..dot\r\nHello.\r\n"]
