@@ -65,6 +65,7 @@ from mailflow_operator.status import (
     RATE_LIMITED,
     RESOLVED_REFS,
     TLS_VERIFIED,
+    TRANSPORT_SECURITY,
     Condition,
     RelayCount,
     accepted,
@@ -75,6 +76,7 @@ from mailflow_operator.status import (
     rate_limited,
     ready,
     resolved_refs,
+    transport_security,
 )
 from mailflow_operator.store import PodState, Store, pod_state, ref_of
 from mailflow_relay.routing.contract import POD_GENERATION_ANNOTATION
@@ -501,6 +503,17 @@ class Reconciler:
         )
         if limited is not None and kind == CONNECTOR_KIND:
             conditions.append(limited)
+        secured = transport_security(
+            str(ref),
+            [p.transport for p in ready_pods],
+            shown_before=any(
+                c.get("type") == TRANSPORT_SECURITY
+                for c in old.get("conditions") or []
+                if isinstance(c, dict)
+            ),
+        )
+        if secured is not None and kind == CONNECTOR_KIND:
+            conditions.append(secured)
 
         status: dict[str, Any] = {
             "observedGeneration": generation,
@@ -804,6 +817,7 @@ def _event_for(condition: Mapping[str, Any]) -> str | None:
         TLS_VERIFIED,
         dkim_keys.DNS_PUBLISHED,
         dkim_keys.SIGNATURES_OUTLAST_QUEUE,
+        TRANSPORT_SECURITY,
     )
     if kind in watched and status == "False":
         return "Warning"

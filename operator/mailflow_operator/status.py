@@ -49,6 +49,21 @@ RATE_LIMITED = "RateLimited"
 backoff annotation); informational, never part of Ready."""
 RATE_LIMIT_REPLIES = "RateLimitReplies"
 FULL_RATE = "FullRate"
+TRANSPORT_SECURITY = "TransportSecurity"
+"""What DANE and MTA-STS did on the connector's last deliveries, as the ready relays report
+it (their pods' transport-security annotation); informational, never part of Ready."""
+VERIFIED = "Verified"
+"""True: the last deliveries were authenticated by DANE (TLSA) or met the MTA-STS policy."""
+NO_POLICY = "NoPolicy"
+"""True: no usable DANE records (the connector's TLS mode applied) and no MTA-STS failure."""
+NOT_REPORTED = "NotReported"
+"""Unknown: no ready relay has delivered under DANE or MTA-STS since it started."""
+DANE_FAILED = "DaneFailed"
+"""False: a delivery was refused by DANE (TLSA mismatch, TLS failure, a lookup that failed,
+Mandatory without records): the mail waits; see mailflow_dane_results_total."""
+MTA_STS_FAILED = "MtaStsFailed"
+"""False: a delivery did not meet the domain's MTA-STS policy (an RFC 8460 result type)."""
+DANE_FAILURES = frozenset({"mismatch", "tls_failed", "lookup_failed", "required"})
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
 ORDER = (
@@ -175,6 +190,61 @@ def rate_limited(
     if shown_before:
         return Condition(RATE_LIMITED, "False", FULL_RATE, "Every ready relay sends at full rate")
     return None
+
+
+def transport_security(
+    connector: str, reports: Sequence[Mapping[str, Mapping[str, str]]], *, shown_before: bool
+) -> Condition | None:
+    """``TransportSecurity`` from the ready relays' last DANE / MTA-STS outcomes (None: no
+    relay has delivered under such a policy, and the condition was never shown)."""
+    entries = [r[connector] for r in reports if connector in r]
+    if not entries:
+        if shown_before:
+            return Condition(
+                TRANSPORT_SECURITY,
+                "Unknown",
+                NOT_REPORTED,
+                "No ready relay has delivered under DANE or MTA-STS since it started",
+            )
+        return None
+    dane = sorted({e["dane"] for e in entries if "dane" in e})
+    sts = sorted({e["mtaSts"] for e in entries if "mtaSts" in e})
+    where = f"{len(entries)}/{len(reports)} ready relays"
+    if failed := [d for d in dane if d in DANE_FAILURES]:
+        return Condition(
+            TRANSPORT_SECURITY,
+            "False",
+            DANE_FAILED,
+            f"DANE refused the next hop ({', '.join(failed)}) on the last deliveries of {where};"
+            " the mail waits (see mailflow_dane_results_total)",
+        )
+    if failed := [r for r in sts if r != "success"]:
+        return Condition(
+            TRANSPORT_SECURITY,
+            "False",
+            MTA_STS_FAILED,
+            f"The MTA-STS policy was not met ({', '.join(failed)}) on the last deliveries of"
+            f" {where} (see mailflow_tls_policy_results_total)",
+        )
+    verified = [
+        *(["DANE verified the next hop"] if "verified" in dane else []),
+        *(["the MTA-STS policy was met"] if "success" in sts else []),
+    ]
+    if verified:
+        text = " and ".join(verified)
+        return Condition(
+            TRANSPORT_SECURITY,
+            "True",
+            VERIFIED,
+            f"{text[0].upper()}{text[1:]} on the last deliveries of {where}",
+        )
+    return Condition(
+        TRANSPORT_SECURITY,
+        "True",
+        NO_POLICY,
+        f"No usable DANE records ({', '.join(dane)}): the connector's TLS mode applied on the"
+        f" last deliveries of {where}",
+    )
 
 
 def ready(conditions: Sequence[Condition]) -> Condition:

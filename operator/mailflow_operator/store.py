@@ -7,13 +7,18 @@ one place that holds cluster state in memory.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailflow_compiler.compiler import CONNECTOR_KIND, PROFILE_KIND
 from mailflow_compiler.dkim import DKIM_KEY_KIND
-from mailflow_relay.routing.contract import POD_BACKOFF_ANNOTATION, POD_GENERATION_ANNOTATION
+from mailflow_relay.routing.contract import (
+    POD_BACKOFF_ANNOTATION,
+    POD_GENERATION_ANNOTATION,
+    POD_TRANSPORT_ANNOTATION,
+)
 from mailflow_relay.routing.document import ObjectRef
 
 __all__ = ["PodState", "Store", "pod_state", "ref_of"]
@@ -27,6 +32,8 @@ class PodState:
     generation: int | None
     backoff: dict[str, float] = field(default_factory=dict)
     """Connectors (``namespace/name``) this relay slowed down after 421 / 4.7.x, by factor."""
+    transport: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Connectors' last DANE / MTA-STS outcomes on this relay (``dane``, ``mtaSts``)."""
 
 
 @dataclass
@@ -68,11 +75,39 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         generation = int(annotation) if annotation is not None else None
     except ValueError:
         generation = None
-    return PodState(is_ready, generation, _backoff(metadata))
+    return PodState(is_ready, generation, _backoff(metadata), _transport(metadata))
 
 
 MAX_BACKOFF_ANNOTATION = 65536
 """A pod's annotation is the relay's word, but a bounded one (at most one entry a connector)."""
+
+
+_OUTCOME = re.compile(r"[a-z][a-z_-]{0,39}")
+
+
+def _transport(metadata: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The relay's transport-security annotation; what is malformed is left out."""
+    text = (metadata.get("annotations") or {}).get(POD_TRANSPORT_ANNOTATION)
+    if not isinstance(text, str) or len(text) > MAX_BACKOFF_ANNOTATION:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    found: dict[str, dict[str, str]] = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            continue
+        kept = {
+            key: value
+            for key, value in entry.items()
+            if key in ("dane", "mtaSts") and isinstance(value, str) and _OUTCOME.fullmatch(value)
+        }
+        if kept:
+            found[str(name)] = kept
+    return found
 
 
 def _backoff(metadata: Mapping[str, Any]) -> dict[str, float]:

@@ -461,3 +461,49 @@ def test_a_relay_backing_off_shows_in_the_connector_status() -> None:
             )
 
     run(scenario)
+
+
+def test_transport_security_shows_what_dane_and_mta_sts_did_on_the_relays() -> None:
+    async def scenario(api: Cluster) -> None:
+        await api.apply(connector("all", ["*"]))
+        first = relay_pod("relay-0", None)
+        first["metadata"]["annotations"]["mailflow.dev/transport-security"] = (
+            '{"mail/all":{"dane":"verified","mtaSts":"success"}}'
+        )
+        await api.apply(first)
+        await api.apply(relay_pod("relay-1", None))
+        async with OperatorThread(config_for(api)):
+
+            def secured() -> dict[str, Any]:
+                return condition(api, "OutboundConnector", "all", "TransportSecurity")
+
+            await until(lambda: secured()["reason"] == "Verified")
+            assert secured()["status"] == "True"
+            assert secured()["message"] == (
+                "DANE verified the next hop and the MTA-STS policy was met on the last"
+                " deliveries of 1/2 ready relays"
+            )
+            # A TLSA mismatch on another relay: False, a Warning event, still Ready.
+            second = relay_pod("relay-1", None)
+            second["metadata"]["annotations"]["mailflow.dev/transport-security"] = (
+                '{"mail/all":{"dane":"mismatch"},"mail/other":{"dane":"NOT VALID"}}'
+            )
+            await api.apply(second)
+            await until(lambda: secured()["reason"] == "DaneFailed")
+            assert secured()["status"] == "False"
+            assert "DANE refused the next hop (mismatch)" in secured()["message"]
+            # Informational: Ready does not follow it.
+            assert condition(api, "OutboundConnector", "all", "Ready")["reason"] != "DaneFailed"
+            (event,) = await until(lambda: api.events("DaneFailed"), what="the DaneFailed event")
+            assert event["type"] == "Warning"
+            # An MTA-STS failure alone.
+            first["metadata"]["annotations"]["mailflow.dev/transport-security"] = (
+                '{"mail/all":{"mtaSts":"validation-failure"}}'
+            )
+            second["metadata"]["annotations"]["mailflow.dev/transport-security"] = "{}"
+            await api.apply(first)
+            await api.apply(second)
+            await until(lambda: secured()["reason"] == "MtaStsFailed")
+            assert "(validation-failure)" in secured()["message"]
+
+    run(scenario)

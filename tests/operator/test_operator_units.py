@@ -127,3 +127,31 @@ def test_dns_servers_that_cannot_be_asked_are_refused_in_one_line(
     extra = [a for v in values for a in ("--dns-server", v)]
     with pytest.raises(UsageError, match=re.escape(message)):
         config_from_args(build_parser().parse_args(operator_args(*extra)))
+
+
+def test_transport_security_from_the_relays_reports() -> None:
+    from mailflow_operator.status import transport_security
+    from mailflow_operator.store import pod_state
+
+    assert transport_security("mail/a", [{}, {}], shown_before=False) is None
+    gone = transport_security("mail/a", [{}], shown_before=True)
+    assert gone is not None
+    assert (gone.status, gone.reason) == ("Unknown", "NotReported")
+    plain = transport_security("mail/a", [{"mail/a": {"dane": "unusable"}}], shown_before=False)
+    assert plain is not None
+    assert (plain.status, plain.reason) == ("True", "NoPolicy")
+    assert "No usable DANE records (unusable)" in plain.message
+    # What a relay writes is its word, but bounded and checked: junk reads as nothing.
+    pod = {
+        "metadata": {
+            "annotations": {
+                "mailflow.dev/transport-security": (
+                    '{"mail/a":{"dane":"verified","x":"y"},"mail/b":{"dane":"<script>"},'
+                    '"mail/c":"verified"}'
+                )
+            }
+        }
+    }
+    assert pod_state(pod).transport == {"mail/a": {"dane": "verified"}}
+    broken = {"metadata": {"annotations": {"mailflow.dev/transport-security": "not json"}}}
+    assert pod_state(broken).transport == {}

@@ -52,6 +52,7 @@ from mailflow_relay.engine.queue_gauges import QueueView, destination_label, rea
 from mailflow_relay.engine.schedule import DueIndex
 from mailflow_relay.engine.signing import DkimSigner, every_route_opts_out
 from mailflow_relay.engine.throttles import Admission, DeliveryGate
+from mailflow_relay.engine.transport_status import TransportStatus
 from mailflow_relay.envelope import EnvelopeParameters, MailParameters
 from mailflow_relay.errors import (
     InvalidAddressError,
@@ -254,6 +255,8 @@ class Relay:
         )
         self._holds: dict[str, dict[str, float]] = {}
         """Recipients a throttle or a pause holds: queue id → address → when to look again."""
+        self.transport_status = TransportStatus()
+        """The last DANE / MTA-STS outcome per connector, for the pod annotation (cluster.py)."""
         self._queue_view = QueueView(
             self.metrics.queue_depth, self.metrics.queue_oldest_age, self.metrics.queue_held
         )
@@ -1116,6 +1119,7 @@ class Relay:
             self.metrics.protocol_errors.labels(*labels[:2]).inc(report.protocol_errors)
         if report.dane is not None:
             self.metrics.dane_results.labels(name, report.dane).inc()
+        self.transport_status.record(name, report.dane, report.policy_results)
         for policy_outcome in report.policy_results:
             self.tls_reports.record(policy_outcome)
             self.metrics.tls_policy_results.labels(

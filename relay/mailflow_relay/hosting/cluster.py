@@ -33,6 +33,7 @@ from mailflow_relay.hosting.generations import PodGenerations
 from mailflow_relay.routing.contract import (
     POD_BACKOFF_ANNOTATION,
     POD_GENERATION_ANNOTATION,
+    POD_TRANSPORT_ANNOTATION,
     ROUTING_KEY,
 )
 from mailflow_relay.routing.document import RoutingDocument
@@ -78,6 +79,8 @@ class RoutingSecretSource:
         self._annotated: int | None = None
         self._backoff_annotated = "{}"
         """A new pod has no backoff: nothing is written until there is one."""
+        self._transport_annotated = "{}"
+        """Nor any DANE / MTA-STS outcome."""
         self._pod = PodGenerations.from_environment()
         """With worker processes: the pod serves the lowest generation of them all."""
 
@@ -121,6 +124,22 @@ class RoutingSecretSource:
             self.pod_namespace,
             self.pod_name,
             generation,
+        )
+
+    def _annotate_transport(self, outcomes: dict[str, dict[str, str]]) -> None:
+        """Tell the operator the last DANE / MTA-STS outcome per connector (transport_status.py)."""
+        text = json.dumps(outcomes, sort_keys=True, separators=(",", ":"))
+        if self.pod_name is None or text == self._transport_annotated:
+            return
+        self.api.patch_namespaced_pod(
+            self.pod_name,
+            self.pod_namespace,
+            {"metadata": {"annotations": {POD_TRANSPORT_ANNOTATION: text}}},
+            _request_timeout=self.request_timeout,
+        )
+        self._transport_annotated = text
+        logger.info(
+            "pod %s/%s annotated: transport security %s", self.pod_namespace, self.pod_name, text
         )
 
     def _annotate_backoff(self, factors: dict[str, float]) -> None:
@@ -170,6 +189,7 @@ class RoutingSecretSource:
                     await asyncio.to_thread(self._annotate, serving)
                 # With worker processes only the annotating one writes it: its own backoff.
                 await asyncio.to_thread(self._annotate_backoff, relay.gate.reported_backoff())
+                await asyncio.to_thread(self._annotate_transport, relay.transport_status.reported())
                 found = await asyncio.to_thread(self._read)
                 if found is None:
                     logger.warning(

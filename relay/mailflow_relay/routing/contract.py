@@ -11,6 +11,7 @@ __all__ = [
     "CHECKSUM_ANNOTATION",
     "POD_BACKOFF_ANNOTATION",
     "POD_GENERATION_ANNOTATION",
+    "POD_TRANSPORT_ANNOTATION",
     "PUBLISHED_BY_LABEL",
     "ROUTING_KEY",
     "SECRET_GENERATION_ANNOTATION",
@@ -28,6 +29,11 @@ CHECKSUM_ANNOTATION = "mailflow.dev/checksum"
 POD_GENERATION_ANNOTATION = "mailflow.dev/config-generation"
 """On a relay pod: the generation of the document the relay serves (set by the relay);
 the operator's ``Programmed`` condition reads it."""
+
+POD_TRANSPORT_ANNOTATION = "mailflow.dev/transport-security"
+"""On a relay pod: JSON ``{"namespace/name": {"dane": result, "mtaSts": result}}``, the last
+DANE and MTA-STS outcome of each connector with such a policy (engine/transport_status.py);
+the operator's ``TransportSecurity`` condition reads it."""
 
 POD_BACKOFF_ANNOTATION = "mailflow.dev/backoff"
 """On a relay pod: JSON ``{"namespace/name": factor}`` of the connectors whose rate the relay

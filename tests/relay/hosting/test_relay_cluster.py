@@ -26,6 +26,7 @@ from mailflow_relay.hosting.cluster import GENERATION_ANNOTATION, RoutingSecretS
 from mailflow_relay.inbound.listener import ListenerSettings
 from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.routing.contract import POD_BACKOFF_ANNOTATION as BACKOFF_ANNOTATION
+from mailflow_relay.routing.contract import POD_TRANSPORT_ANNOTATION as TRANSPORT_ANNOTATION
 from mailflow_relay.routing.document import (
     Connector,
     ObjectRef,
@@ -245,3 +246,34 @@ def test_the_relay_reports_a_backoff_on_its_pod_and_clears_it(tmp_path: Path) ->
                 follower.cancel()
 
     assert run(scenario, within=60) == ['{"mail/all":0.5}', "{}"]
+
+
+def test_the_relay_reports_dane_and_mta_sts_outcomes_on_its_pod(tmp_path: Path) -> None:
+    async def scenario() -> list[str | None]:
+        async with cluster() as k8s, SmtpSink() as sink:
+            await k8s.apply(POD)
+            await k8s.apply(secret(document(sink.port, 1).to_json()))
+            source = source_for(k8s)
+            relay = Relay(settings(tmp_path), await source.first())
+            runner = asyncio.create_task(relay.run())
+            follower = asyncio.create_task(source.follow(relay))
+            try:
+                await relay.ready.wait()
+
+                def outcomes() -> str | None:
+                    return k8s.pod_annotations("mail", "relay-0").get(TRANSPORT_ANNOTATION)
+
+                # Nothing delivered under a policy yet: nothing written.
+                await until(lambda: annotation(k8s) == "1", what="generation 1 on the pod")
+                seen = [outcomes()]
+                # What test_dane.py shows a DANE delivery records, here recorded directly.
+                relay.transport_status.record("mail/all", "verified", ())
+                await until(lambda: outcomes() is not None, what="outcomes on the pod")
+                seen.append(outcomes())
+                return seen
+            finally:
+                relay.stop()
+                await runner
+                follower.cancel()
+
+    assert run(scenario, within=60) == [None, '{"mail/all":{"dane":"verified"}}']

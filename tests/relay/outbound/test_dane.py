@@ -16,7 +16,7 @@ import ipaddress
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -689,6 +689,40 @@ def test_the_relay_counts_dane_results_per_connector_and_records_them_for_tls_rp
                 await task
 
     assert run(scenario) == (1.0, 1.0, ["bad.dane.test", "ee.dane.test"])
+
+    async def one_after_the_other() -> list[dict[str, dict[str, str]]]:
+        """The connector's last outcome, for the operator's TransportSecurity condition."""
+        async with sink(world, "127.0.0.31", world.ee), sink(world, "127.0.0.33", world.mismatch):
+            relay = Relay(
+                replace(settings, spool_dir=tmp_path / "again"),
+                RoutingDocument(generation=1, connectors=(connector,)),
+            )
+            task = asyncio.create_task(relay.run(), name="test-relay")
+            await relay.ready.wait()
+            seen = [relay.transport_status.reported()]
+            try:
+                for recipient, outcome in (
+                    ("b@ee.dane.test", "verified"),
+                    ("b@bad.dane.test", "mismatch"),
+                ):
+                    async with aiosmtplib.SMTP(
+                        hostname="127.0.0.1", port=relay.port, start_tls=False, timeout=10
+                    ) as smtp:
+                        await smtp.sendmail(
+                            "a@sender.test", [recipient], b"Subject: d\r\n\r\nx\r\n"
+                        )
+                    await until(lambda o=outcome: result(relay, o) >= 1, what=outcome)
+                    seen.append(relay.transport_status.reported())
+                return seen
+            finally:
+                relay.stop()
+                await task
+
+    assert run(one_after_the_other) == [
+        {},
+        {"mail/mx": {"dane": "verified"}},
+        {"mail/mx": {"dane": "mismatch"}},
+    ]
 
 
 def test_trap_an_mx_host_from_an_unvalidated_answer_is_never_tried(world: World) -> None:
