@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import ipaddress
 import subprocess
@@ -690,6 +691,9 @@ def test_the_relay_counts_dane_results_per_connector_and_records_them_for_tls_rp
 
     assert run(scenario) == (1.0, 1.0, ["bad.dane.test", "ee.dane.test"])
 
+    def counted(relay: Relay, outcome: str) -> bool:
+        return result(relay, outcome) >= 1
+
     async def one_after_the_other() -> list[dict[str, dict[str, str]]]:
         """The connector's last outcome, for the operator's TransportSecurity condition."""
         async with sink(world, "127.0.0.31", world.ee), sink(world, "127.0.0.33", world.mismatch):
@@ -711,7 +715,7 @@ def test_the_relay_counts_dane_results_per_connector_and_records_them_for_tls_rp
                         await smtp.sendmail(
                             "a@sender.test", [recipient], b"Subject: d\r\n\r\nx\r\n"
                         )
-                    await until(lambda o=outcome: result(relay, o) >= 1, what=outcome)
+                    await until(functools.partial(counted, relay, outcome), what=outcome)
                     seen.append(relay.transport_status.reported())
                 return seen
             finally:
