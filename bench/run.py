@@ -205,8 +205,37 @@ class TlsSink(Sink):
             self.process = None
 
 
+LATENCY_MS = 5.0
+"""Each way, on the ``plain-latency`` hop: a next hop a few milliseconds away, as in a LAN
+between data centres, where each round trip a client saves shows."""
+
+
+@contextlib.contextmanager
+def delayed(port: int, folder: Path) -> Iterator[int]:
+    """A proxy in front of ``port`` that delays each chunk :data:`LATENCY_MS` each way."""
+    listen = free_port()
+    with (folder / "delay-proxy.log").open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(BENCH / "delay_proxy.py"), "--listen", str(listen),
+             "--to", str(port), "--delay-ms", str(LATENCY_MS)],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for_port(listen)
+        yield listen
+    finally:
+        stop_process(process)
+
+
 @contextlib.contextmanager
 def sink_for(hop: str, folder: Path) -> Iterator[Sink]:
+    if hop == "plain-latency":
+        with CountingSink() as counting, delayed(counting.port, folder) as port:
+            sink = PlainSink(counting)
+            sink.port = port
+            yield sink
+        return
     if hop in ("plain", "plain-nopipelining"):
         # -p: smtp-sink does not announce PIPELINING, so a relay that pipelines its
         # outbound transaction waits for each reply, as with a peer that cannot.
@@ -286,14 +315,16 @@ def mailflow_manifests(sink: Sink, *, dkim: str | None, tls_mode: str) -> str:
     return text + (dkim_key(dkim) if dkim else "")
 
 
-def mailflow_command(manifests: Path, port: int, http: int, spool: Path, load: Load) -> list[str]:
+def mailflow_command(
+    manifests: Path, port: int, http: int, spool: Path, load: Load, pipelining: str | None = None
+) -> list[str]:
     mailflow = Path(sys.executable).parent / "mailflow"
     command = [str(mailflow), "relay", "--manifests", str(manifests)]
     command += ["--listen", f"{LOCALHOST}:{port}", "--spool", str(spool)]
     command += ["--accept-from", "127.0.0.0/8", "--hostname", "mailflow.bench.test"]
     command += ["--idle-connections", str(load.idle_connections if load.reuse else 0)]
     command += ["--processes", str(load.processes), "--http", f"{LOCALHOST}:{http}"]
-    command += ["--pipelining", load.pipelining]
+    command += ["--pipelining", pipelining or load.pipelining]
     # smtp-source -r sends up to this many recipients per message.
     return [*command, "--max-recipients", str(max(100, load.recipients))]
 
@@ -320,11 +351,12 @@ def mailflow_relay(
     *,
     dkim: str | None = None,
     tls_mode: str = "Opportunistic",
+    pipelining: str | None = None,
 ) -> Iterator[tuple[int, int | None]]:
     port, http = free_port(), free_port()
     manifests = folder / "connector.yaml"
     manifests.write_text(mailflow_manifests(sink, dkim=dkim, tls_mode=tls_mode))
-    command = mailflow_command(manifests, port, http, folder / "spool", load)
+    command = mailflow_command(manifests, port, http, folder / "spool", load, pipelining)
     with (folder / "mailflow.log").open("wb") as output:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
@@ -346,6 +378,7 @@ RELAYS: dict[
     "mailflow-dkim-ed25519": functools.partial(mailflow_relay, dkim="Ed25519-SHA256"),
     "mailflow-trustedca": functools.partial(mailflow_relay, tls_mode="TrustedCA"),
     "mailflow-namematch": functools.partial(mailflow_relay, tls_mode="NameMatch"),
+    "mailflow-nopipelining": functools.partial(mailflow_relay, pipelining="off"),
 }
 BASE_RELAYS = ("floor", "postfix", "mailflow")
 EXTRA_RELAYS = {
@@ -359,7 +392,11 @@ HOP_TITLES = {
     "plain": "Outbound hop in plaintext (smtp-sink)",
     "tls": "Outbound hop with STARTTLS (TLS sink)",
     "plain-nopipelining": "Outbound hop in plaintext, sink without PIPELINING (smtp-sink -p)",
+    "plain-latency": f"Outbound hop in plaintext, {LATENCY_MS:g} ms away each way (smtp-sink)",
 }
+LATENCY_RELAYS = ("postfix", "mailflow", "mailflow-nopipelining")
+"""The pipelining table: the same relay with RFC 2920 on and off, and Postfix (which
+pipelines to a server that offers it)."""
 
 
 # --- one run -------------------------------------------------------------------------------
@@ -626,7 +663,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-pipelining-case",
         dest="pipelining_case",
         action="store_false",
-        help="skip the table with a sink that does not announce PIPELINING",
+        help="skip the pipelining tables: a sink that does not announce PIPELINING, and a sink "
+        f"{LATENCY_MS:g} ms away each way with mailflow's pipelining on and off",
     )
     parser.add_argument(
         "--backlog",
@@ -708,6 +746,8 @@ def cases(args: argparse.Namespace) -> list[Case]:
     if args.pipelining_case:
         hop = "plain-nopipelining"
         found.append(Case(HOP_TITLES[hop], hop, load(True), chosen or BASE_RELAYS))
+        hop = "plain-latency"
+        found.append(Case(HOP_TITLES[hop], hop, load(True), chosen or LATENCY_RELAYS))
     return found
 
 

@@ -23,7 +23,15 @@ from report import (
     write_plot,
 )
 from report import main as report_main
-from run import Sink, TlsSink, cases, mailflow_command, mailflow_manifests, parse_args
+from run import (
+    Sink,
+    TlsSink,
+    cases,
+    delayed,
+    mailflow_command,
+    mailflow_manifests,
+    parse_args,
+)
 from tls_sink import make_certificate
 
 from mailflow_cli.standalone import compile_manifests
@@ -62,9 +70,11 @@ def test_the_default_run_has_both_reuse_modes_and_the_extra_cases() -> None:
         ("tls", False, 1, base),
         ("plain", True, 5, base),
         ("plain-nopipelining", True, 1, base),
+        # Pipelining on and off where round trips cost something.
+        ("plain-latency", True, 1, ("postfix", "mailflow", "mailflow-nopipelining")),
     ]
     only = cases(parse_args(["--relays", "mailflow", "--reuse", "on", "--recipients", "1"]))
-    assert [c.relays for c in only] == [("mailflow",), ("mailflow",), ("mailflow",)]
+    assert [c.relays for c in only] == [("mailflow",)] * 4
     with pytest.raises(SystemExit, match="unknown relay"):
         cases(parse_args(["--relays", "sendmail"]))
 
@@ -97,11 +107,14 @@ def test_a_verifying_mode_needs_the_tls_sink() -> None:
 
 
 def test_the_relay_runs_with_the_processes_asked_and_room_for_the_recipients() -> None:
-    load = cases(parse_args(["--processes", "3", "--recipients", "150"]))[-2].load
+    load = cases(parse_args(["--processes", "3", "--recipients", "150"]))[-3].load
     command = mailflow_command(Path("m.yaml"), 2525, 9090, Path("spool"), load)
     assert command[command.index("--processes") + 1] == "3"
     assert command[command.index("--max-recipients") + 1] == "150"
     assert command[command.index("--http") + 1] == "127.0.0.1:9090"
+    assert command[command.index("--pipelining") + 1] == "on"
+    off = mailflow_command(Path("m.yaml"), 2525, 9090, Path("spool"), load, pipelining="off")
+    assert off[off.index("--pipelining") + 1] == "off"
 
 
 def test_variant_ratios_and_the_backlog_are_in_the_json() -> None:
@@ -164,3 +177,33 @@ def test_several_runs_give_each_ratio_as_median_and_range() -> None:
     assert "Over 3 run(s)" in summary
     assert "| plain, reuse on, 1 rcpt | mailflow | 2.00× | 1.00–4.00× | 3 |" in summary
     assert ratio_summary([]) == ""
+
+
+def test_the_delay_proxy_adds_its_latency_each_way_and_carries_every_byte(tmp_path: Path) -> None:
+    import socket
+    import socketserver
+    import threading
+    import time
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo) as echo:
+        threading.Thread(target=echo.serve_forever, name="echo", daemon=True).start()
+        try:
+            with (
+                delayed(echo.server_address[1], tmp_path) as port,
+                socket.create_connection(("127.0.0.1", port), timeout=10) as client,
+            ):
+                started = time.monotonic()
+                client.sendall(b"x" * 100_000)
+                received = b""
+                while len(received) < 100_000:
+                    received += client.recv(65536)
+                elapsed = time.monotonic() - started
+        finally:
+            echo.shutdown()
+    assert received == b"x" * 100_000
+    assert elapsed >= 0.010  # 5 ms up and 5 ms down, at the least
