@@ -493,24 +493,14 @@ class Reconciler:
         conditions += kstatus(conditions)
         conditions += self._probe_conditions(kind, ref)
         limited = rate_limited(
-            str(ref),
-            [p.backoff for p in ready_pods],
-            shown_before=any(
-                c.get("type") == RATE_LIMITED
-                for c in old.get("conditions") or []
-                if isinstance(c, dict)
-            ),
+            str(ref), [p.backoff for p in ready_pods], shown_before=_shown(old, RATE_LIMITED)
         )
         if limited is not None and kind == CONNECTOR_KIND:
             conditions.append(limited)
         secured = transport_security(
             str(ref),
             [p.transport for p in ready_pods],
-            shown_before=any(
-                c.get("type") == TRANSPORT_SECURITY
-                for c in old.get("conditions") or []
-                if isinstance(c, dict)
-            ),
+            shown_before=_shown(old, TRANSPORT_SECURITY),
         )
         if secured is not None and kind == CONNECTOR_KIND:
             conditions.append(secured)
@@ -803,6 +793,16 @@ def _recipient_domain(connector: Connector) -> str:
         if text.startswith("*.") and text.count("*") == 1:
             return text[2:]
     return ""
+
+
+def _shown(status: Mapping[str, Any], condition_type: str) -> bool:
+    """Whether the stored status has a condition of this type (an informational condition,
+    once shown, stays and says when it no longer applies)."""
+    return any(
+        c.get("type") == condition_type
+        for c in status.get("conditions") or []
+        if isinstance(c, dict)
+    )
 
 
 def _event_for(condition: Mapping[str, Any]) -> str | None:

@@ -82,20 +82,24 @@ MAX_BACKOFF_ANNOTATION = 65536
 """A pod's annotation is the relay's word, but a bounded one (at most one entry a connector)."""
 
 
-_OUTCOME = re.compile(r"[a-z][a-z_-]{0,39}")
-
-
-def _transport(metadata: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """The relay's transport-security annotation; what is malformed is left out."""
-    text = (metadata.get("annotations") or {}).get(POD_TRANSPORT_ANNOTATION)
+def _json_annotation(metadata: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A relay's JSON annotation (its word, bounded in size); malformed: empty."""
+    text = (metadata.get("annotations") or {}).get(key)
     if not isinstance(text, str) or len(text) > MAX_BACKOFF_ANNOTATION:
         return {}
     try:
         raw = json.loads(text)
     except ValueError:
         return {}
-    if not isinstance(raw, dict):
-        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+_OUTCOME = re.compile(r"[a-z][a-z_-]{0,39}")
+
+
+def _transport(metadata: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The relay's transport-security annotation; what is malformed is left out."""
+    raw = _json_annotation(metadata, POD_TRANSPORT_ANNOTATION)
     found: dict[str, dict[str, str]] = {}
     for name, entry in raw.items():
         if not isinstance(entry, dict):
@@ -112,15 +116,7 @@ def _transport(metadata: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 
 def _backoff(metadata: Mapping[str, Any]) -> dict[str, float]:
     """The relay's backoff annotation; anything malformed reads as no backoff."""
-    text = (metadata.get("annotations") or {}).get(POD_BACKOFF_ANNOTATION)
-    if not isinstance(text, str) or len(text) > MAX_BACKOFF_ANNOTATION:
-        return {}
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        return {}
-    if not isinstance(raw, dict):
-        return {}
+    raw = _json_annotation(metadata, POD_BACKOFF_ANNOTATION)
     return {
         str(name): float(factor)
         for name, factor in raw.items()
