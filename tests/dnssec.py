@@ -62,7 +62,7 @@ class SignedDns(_Process):
     """NSD with signed and unsigned zones, and unbound validating them on its own port.
 
     ``signed``: the zones to sign (the others stay unsigned). ``expired``: signed zones whose
-    signatures expired yesterday. ``tampered``: zone -> (text, replacement) applied to the
+    signatures expired three days ago. ``tampered``: zone -> (text, replacement) applied to the
     signed zone file, to make a signature bogus.
     """
 
@@ -102,9 +102,11 @@ class SignedDns(_Process):
         zsk = self._run(keygen, "-a", "ECDSAP256SHA256", name, cwd=folder)
         now = datetime.datetime.now(datetime.UTC)
         if name in self.expired:
+            # Well past unbound's clock-skew allowance (10 % of the validity, at most
+            # val-sig-skew-max, one day): expired a day ago would sit on that edge.
             inception, expiration = (
                 now - datetime.timedelta(days=30),
-                now - datetime.timedelta(days=1),
+                now - datetime.timedelta(days=3),
             )
         else:
             inception, expiration = (
