@@ -8,7 +8,7 @@ counted every message — not just until injection ends:
 2. **postfix**: smtp-source → a private Postfix (default durability: ``250`` after the
    queue file's fsync; ``smtp_tls_security_level = may``) → sink;
 3. **mailflow**: smtp-source → ``mailflow relay`` (standalone, durable spool, one
-   smart-host connector with Opportunistic TLS, ``--idle-connections 4``) → sink;
+   smart-host connector with Opportunistic TLS, its default ``--idle-connections``) → sink;
    ``mailflow-dkim-rsa`` / ``mailflow-dkim-ed25519`` (not run by default: ``--relays``):
    the same, signing every message at acceptance with a DkimKey (RSA-2048 or Ed25519) for
    the sender's domain.
@@ -72,6 +72,7 @@ from smtp_peers import (
 )
 from tls_sink import make_certificate, parse_counts
 
+from mailflow_relay.outbound.deliverer import DeliverySettings
 from mailflow_relay.queue.folders import worker_folder
 from mailflow_relay.queue.spool import Spool
 
@@ -633,7 +634,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: both, one table each)",
     )
     parser.add_argument(
-        "--idle-connections", type=int, default=4, help="mailflow relay, with reuse on"
+        "--idle-connections",
+        type=int,
+        default=DeliverySettings().idle_connections_per_target,
+        help="mailflow relay, with reuse on (default: the relay's own, %(default)s)",
     )
     parser.add_argument(
         "--hops",

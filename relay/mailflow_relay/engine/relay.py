@@ -484,7 +484,7 @@ class Relay:
         message: AcceptedMessage, router: Router, signer: DkimSigner, client: Client, queue_id: str
     ) -> bytes:
         """The stored form: ``Received:``, then DKIM (in the spool thread; see :mod:`.signing`)."""
-        opted_out = every_route_opts_out(
+        opted_out = signer.configured and every_route_opts_out(
             router.route_for(rcpt, message.mail_from, client)
             for rcpt in dict.fromkeys(message.rcpt_tos)
         )
