@@ -203,6 +203,7 @@ class RecipientParameters:
 
 
 _NO_RECIPIENT_PARAMETERS = RecipientParameters()
+_NO_MAIL_PARAMETERS = MailParameters()
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ class EnvelopeParameters:
         return cls(mail, tuple((a, p) for a, p in recipients if p != _NO_RECIPIENT_PARAMETERS))
 
     def __bool__(self) -> bool:
-        return self.mail != MailParameters() or bool(self.recipients)
+        return self.mail != _NO_MAIL_PARAMETERS or bool(self.recipients)
 
     def for_recipient(self, address: str) -> RecipientParameters:
         for recipient, parameters in self.recipients:

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailflow_relay.engine.answers import ThreadAnswers
 from mailflow_relay.engine.attempts import delivery_fields, log_attempts, tls_shown
 from mailflow_relay.engine.handoff import HandOff
 from mailflow_relay.engine.holds import active, admin_bounced, due, holds_any
@@ -264,7 +265,8 @@ class Relay:
         """Every message in the spool that is not final, with its arrival time (for gauges)."""
         self._in_flight: set[str] = set()
         self._processing: set[asyncio.Task[None]] = set()
-        self._stores: set[asyncio.Task[SpooledMessage]] = set()
+        self._stores: set[asyncio.Future[SpooledMessage]] = set()
+        self._answers: ThreadAnswers | None = None
         self._work_available = asyncio.Event()
         # Spool I/O waits on fsync, not on the CPU: enough threads let the file system
         # commit many messages' fsyncs together (its own group commit), where asyncio's
@@ -444,24 +446,21 @@ class Relay:
             message = replace(message, parameters=replace(message.parameters, mail=mail))
         client = origin.client if origin is not None else message.client_address
         user = origin.user if origin is not None else message.authenticated_user
-        store = asyncio.create_task(
-            self._commit(
-                self.spool.submit_store,
-                message.mail_from,
-                list(dict.fromkeys(message.rcpt_tos)),
-                functools.partial(
-                    self._received_and_signed,
-                    message,
-                    self.router,
-                    self.signer,
-                    Client(client or None, user),
-                ),
-                client=client,
-                user=user,
-                arrived=origin.arrival if origin is not None else None,
-                parameters=message.parameters,
+        store = self._committed(
+            self.spool.submit_store,
+            message.mail_from,
+            list(dict.fromkeys(message.rcpt_tos)),
+            functools.partial(
+                self._received_and_signed,
+                message,
+                self.router,
+                self.signer,
+                Client(client or None, user),
             ),
-            name="mailflow-store",
+            client=client,
+            user=user,
+            arrived=origin.arrival if origin is not None else None,
+            parameters=message.parameters,
         )
         try:
             stored = await asyncio.shield(store)
@@ -499,9 +498,18 @@ class Relay:
     async def _commit(self, submit: Callable[..., Future[T]], *args: Any, **kwargs: Any) -> T:
         """A spool write through the committer: one hand-off there, one back after the
         batch's fdatasync (no thread of the pool waits for it)."""
-        return await asyncio.wrap_future(submit(*args, **kwargs))
+        return await self._committed(submit, *args, **kwargs)
 
-    def _stored_unacknowledged(self, store: asyncio.Task[SpooledMessage]) -> None:
+    def _committed(
+        self, submit: Callable[..., Future[T]], *args: Any, **kwargs: Any
+    ) -> asyncio.Future[T]:
+        """:meth:`_commit` as a future: the answers of one batch wake the loop once."""
+        loop = asyncio.get_running_loop()
+        if self._answers is None or self._answers.loop is not loop:
+            self._answers = ThreadAnswers(loop)
+        return self._answers.wrap(submit(*args, **kwargs))
+
+    def _stored_unacknowledged(self, store: asyncio.Future[SpooledMessage]) -> None:
         self._stores.discard(store)
         if store.cancelled() or store.exception() is not None:
             return
@@ -529,7 +537,7 @@ class Relay:
     def _track(self, message: SpooledMessage) -> None:
         self._queued[message.queue_id] = message.arrival
         fresh = self._fresh.get(message.queue_id)
-        if fresh is not None:
+        if fresh is not None and fresh is not message:
             # A flush's reread: the spool's states win (a hold set by `mailflow queue`), the
             # body stays the one in memory (a scan reads envelopes only, never bodies).
             self._fresh[message.queue_id] = replace(fresh, recipients=message.recipients)
@@ -819,10 +827,19 @@ class Relay:
 
         # One route failing in a way nobody foresaw must not cost the other routes their
         # recorded outcome (they would be delivered again): each group stands alone.
-        outcomes = await asyncio.gather(
-            *(self._deliver_gated(message, members) for members in groups.values()),
-            return_exceptions=True,
-        )
+        outcomes: list[list[RecipientState] | BaseException]
+        if len(groups) == 1:
+            # Most messages have one route: awaited here, without a task of its own.
+            (members,) = groups.values()
+            try:
+                outcomes = [await self._deliver_gated(message, members)]
+            except Exception as e:
+                outcomes = [e]
+        else:
+            outcomes = await asyncio.gather(
+                *(self._deliver_gated(message, members) for members in groups.values()),
+                return_exceptions=True,
+            )
         for members, outcome in zip(groups.values(), outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):

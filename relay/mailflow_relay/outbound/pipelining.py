@@ -276,6 +276,8 @@ class _ReplyReader(asyncio.Protocol):
 
     async def reply(self, within: float) -> aiosmtplib.SMTPResponse:
         """The next reply in order; raises aiosmtplib's error for garbage, a loss, a timeout."""
+        if self._replies:
+            return self._replies.popleft()  # a pipelined group's replies often come at once
         try:
             async with asyncio.timeout(within):
                 while not self._replies:

@@ -543,6 +543,8 @@ class Spool:
         if max_message_size <= 0:
             raise ValueError(f"max_message_size must be positive, got {max_message_size}")
         self._directory = Path(directory)
+        self._folder = os.fspath(self._directory)
+        """As a string: joined with a file name per batch, where a ``Path`` costs more."""
         self._corrupt = self._directory / _CORRUPT_DIR
         self._max_message_size = max_message_size
         self._mutex = threading.RLock()
@@ -857,6 +859,8 @@ class Spool:
             self._commit(batch)
             self._compact()
         if not self._directory.is_dir():
+            with self._writer:
+                self._close_tail()
             return  # the spool folder itself went away (a test, an operator): nothing to do
         try:
             self._reclaim(idle=True)
@@ -913,14 +917,13 @@ class Spool:
                         answers.append((request.future, request.action(staging)))
                     except Exception as e:
                         failures.append((request.future, e))
-                try:
-                    if staging.records:
-                        self._append_or_use_reserve(staging.records)
-                    self._tidy_after_commit(staging.migrated)
-                finally:
-                    # Open for one batch only: no descriptor outlives the work (a file
-                    # system with a spool that nobody writes to can be unmounted).
-                    self._close_tail()
+                # The tail stays open from batch to batch while the committer works (an
+                # open and a close less per batch) and is closed when it goes idle: no
+                # descriptor outlives the work (a file system with a spool that nobody
+                # writes to can be unmounted).
+                if staging.records:
+                    self._append_or_use_reserve(staging.records)
+                self._tidy_after_commit(staging.migrated)
         except Exception as e:
             logger.error("spool: a batch of %d write(s) failed: %s", len(answers), e)
             failures += [(future, e) for future, _ in answers]
@@ -1088,7 +1091,7 @@ class Spool:
 
     def _open_segment(self, name: str, flags: int) -> int:
         try:
-            return os.open(self._directory / name, flags | os.O_CLOEXEC, 0o600)
+            return os.open(os.path.join(self._folder, name), flags | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise SpoolWriteError(self._directory / name, "opening", e) from e
 
@@ -1150,7 +1153,9 @@ class Spool:
         """``flock`` on the lock file; without ``wait``, False at once if another holds it."""
         try:
             fd = os.open(
-                self._directory / _APPEND_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                os.path.join(self._folder, _APPEND_LOCK),
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                0o600,
             )
         except OSError as e:
             raise SpoolWriteError(self._directory / _APPEND_LOCK, "opening", e) from e
@@ -1195,9 +1200,9 @@ class Spool:
 
     def _look(self) -> tuple[int, int]:
         try:
-            listing = os.stat(self._directory).st_mtime_ns
+            listing = os.stat(self._folder).st_mtime_ns
             newest = max(self._segments, default=None)
-            size = -1 if newest is None else os.stat(self._directory / newest).st_size
+            size = -1 if newest is None else os.stat(os.path.join(self._folder, newest)).st_size
         except FileNotFoundError:
             return (-2, -2)
         return (listing, size)
@@ -1206,7 +1211,7 @@ class Spool:
         self._seen = self._look()
 
     def _refresh_locked(self) -> None:
-        listing = {n for n in os.listdir(self._directory) if _SEGMENT_RE.match(n)}
+        listing = {n for n in os.listdir(self._folder) if _SEGMENT_RE.match(n)}
         for gone in set(self._segments) - listing:
             # Reclaimed by another process: every message in it was removed.
             with self._mutex:
@@ -1217,7 +1222,7 @@ class Spool:
         for name in sorted(listing):
             segment = self._segments.setdefault(name, _Segment())
             try:
-                size = os.stat(self._directory / name).st_size
+                size = os.stat(os.path.join(self._folder, name)).st_size
             except FileNotFoundError:
                 continue
             if size > segment.end:
@@ -1293,13 +1298,13 @@ class Spool:
         if record.kind is Kind.END:
             segment.sealed = True
             return
-        where = self._directory / f"{name}@{record.offset}"
         try:
             queue_id = json.loads(record.meta)["queue_id"]
             if not isinstance(queue_id, str) or not is_queue_id(queue_id):
-                raise SpoolCorruptError(where, f"not a queue id: {queue_id!r}")
+                raise SpoolCorruptError(self._where(name, record), f"not a queue id: {queue_id!r}")
             entry = self._index.get(queue_id)
             if record.kind is Kind.MESSAGE:
+                where = self._where(name, record)
                 envelope = _parse_envelope(where, queue_id, record.meta)
                 if envelope.size != record.body_length:
                     raise SpoolCorruptError(where, "the envelope's size is not the body's")
@@ -1313,7 +1318,7 @@ class Spool:
                 return  # a state or tombstone of a message already gone
             elif record.kind is Kind.STATE:
                 states = _parse_state_payload(
-                    where, queue_id, record.meta, entry.envelope.recipients
+                    self._where(name, record), queue_id, record.meta, entry.envelope.recipients
                 )
                 self._index[queue_id] = replace(
                     entry, envelope=replace(entry.envelope, recipients=states)
@@ -1324,7 +1329,11 @@ class Spool:
         except SpoolCorruptError as e:
             logger.error("spool: %s; record skipped", e)
         except (ValueError, KeyError, TypeError) as e:
-            logger.error("spool: %s: malformed record (%s); skipped", where, e)
+            logger.error("spool: %s: malformed record (%s); skipped", self._where(name, record), e)
+
+    def _where(self, name: str, record: Record) -> Path:
+        """A record's place, for an error (only then: a ``Path`` per record costs)."""
+        return self._directory / f"{name}@{record.offset}"
 
     def _read_body(self, entry: _Entry, *, quarantine: bool = True) -> bytes:
         path = self._directory / entry.segment
