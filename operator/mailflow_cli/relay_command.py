@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import functools
 import io
@@ -21,6 +20,8 @@ from mailflow_compiler.errors import UsageError
 from mailflow_relay.engine.logs import configure_logging
 from mailflow_relay.engine.relay import Relay, RelaySettings
 from mailflow_relay.errors import SettingsError
+from mailflow_relay.hosting.loops import EventLoop
+from mailflow_relay.hosting.loops import run as run_loop
 from mailflow_relay.hosting.serve import DocumentSource, serve
 from mailflow_relay.hosting.workers import Supervisor, WorkerSpec, plan_workers
 from mailflow_relay.inbound.listener import ListenerConfigError, ListenerSettings
@@ -64,10 +65,13 @@ def run_relay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 http,
                 settings.spool_dir,
             )
-            asyncio.run(supervisor.run())
+            run_loop(supervisor.run(), EventLoop(args.event_loop))
         else:
             port_file = Path(args.http_port_file) if args.http_port_file else None
-            asyncio.run(serve(settings, source, http, http_port_file=port_file))
+            run_loop(
+                serve(settings, source, http, http_port_file=port_file),
+                EventLoop(args.event_loop),
+            )
     except* SpoolInUseError as group:
         busy = group.exceptions[0]
         assert isinstance(busy, SpoolInUseError)

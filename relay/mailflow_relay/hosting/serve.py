@@ -21,6 +21,7 @@ from typing import Protocol
 
 from mailflow_relay.engine.logs import announce
 from mailflow_relay.engine.relay import Relay, RelaySettings
+from mailflow_relay.hosting.loops import loop_name
 from mailflow_relay.routing.document import RoutingDocument
 
 __all__ = ["DocumentSource", "HealthServer", "serve", "write_atomically"]
@@ -221,7 +222,7 @@ async def serve(
             announce(  # plain text, or a JSON line: never text among JSON lines
                 f"mailflow relay: {where}, spool "
                 f"{settings.spool_dir}, routing document generation {document.generation} "
-                f"({len(document.connectors)} connector(s))"
+                f"({len(document.connectors)} connector(s)), event loop {loop_name()}"
             )
             await runner
             follower.cancel()

@@ -37,6 +37,7 @@ from mailflow_relay.inbound.settings import (
     ListenerEvent,
     printable,
 )
+from mailflow_relay.transports import write_transport
 
 __all__ = ["SmtpSession", "client_ip"]
 
@@ -183,9 +184,10 @@ class SmtpSession(SMTP):
         refusal = self.listener._admit(self)
         if refusal is not None:
             self._refused = True
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal.encode("ascii") + b"\r\n")
-            transport.close()
+            writable = write_transport(transport)
+            assert writable is not None
+            writable.write(refusal.encode("ascii") + b"\r\n")
+            writable.close()
             return
         log.info(
             "Connection from %s (relaying %s)",
@@ -218,11 +220,10 @@ class SmtpSession(SMTP):
         if self.transport is None:
             return
         log.warning("Timeout waiting for %s; closing the connection", self.client)
-        if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
+        writable = write_transport(self.transport)
+        if writable is not None and not writable.is_closing():
             # RFC 5321 4.5.3.2: the server may close after a timeout; say why first.
-            self.transport.write(
-                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode("ascii")
-            )
+            writable.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode("ascii"))
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
 
     def eof_received(self) -> bool | None:
@@ -233,8 +234,8 @@ class SmtpSession(SMTP):
     def abort(self) -> None:
         """Drop the connection now (shutdown grace period over)."""
         # Under STARTTLS, abort the TCP transport beneath the TLS one.
-        underlying = self._original_transport or self.transport
-        if isinstance(underlying, asyncio.Transport):
+        underlying = write_transport(self._original_transport or self.transport)
+        if underlying is not None:
             underlying.abort()
 
     # -- replies: every one goes through here ---------------------------------------------

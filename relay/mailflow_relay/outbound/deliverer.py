@@ -88,6 +88,7 @@ from mailflow_relay.routing.document import (
     TlsMode,
     TlsPolicy,
 )
+from mailflow_relay.transports import write_transport
 
 __all__ = [
     "Attempt",
@@ -875,15 +876,12 @@ async def _goodbye(smtp: aiosmtplib.SMTP) -> None:
     with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
         if smtp.is_connected:
             await smtp.quit(timeout=5)
-    transport = smtp.transport
+    transport = write_transport(smtp.transport)
     smtp.close()
     # After QUIT a TLS close_notify exchange adds nothing, and asyncio's graceful TLS
     # shutdown keeps the socket open until the peer answers (up to 30 s, or past the event
     # loop, where it is left unclosed): drop it, as implicit_tls.py does.
-    if (
-        isinstance(transport, asyncio.WriteTransport)
-        and transport.get_extra_info("ssl_object") is not None
-    ):
+    if transport is not None and transport.get_extra_info("ssl_object") is not None:
         transport.abort()
 
 

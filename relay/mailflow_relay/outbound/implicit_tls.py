@@ -26,6 +26,8 @@ from typing import Any
 
 import aiosmtplib
 
+from mailflow_relay.transports import write_transport
+
 __all__ = ["HandshakeFailed", "ImplicitTlsSMTP"]
 
 
@@ -101,8 +103,9 @@ class ImplicitTlsSMTP(aiosmtplib.SMTP):
         # the socket open until the peer answers it (up to 30 s), or past the event loop.
         transport = self.transport
         super().close()
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.abort()
+        writable = write_transport(transport)
+        if writable is not None:
+            writable.abort()
 
 
 def _ssl_error(error: BaseException) -> ssl.SSLError | None:

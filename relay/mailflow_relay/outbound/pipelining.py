@@ -42,7 +42,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Self
+from typing import Self, cast
 
 import aiosmtplib
 from aiosmtplib.email import quote_address
@@ -332,8 +332,12 @@ class PipelinedSteps(Steps):
 
     async def __aenter__(self) -> Self:
         protocol = self.smtp.protocol
-        transport = protocol.transport if protocol is not None else None
-        if protocol is None or not isinstance(transport, asyncio.WriteTransport):
+        # A cast, not isinstance(…, asyncio.WriteTransport): uvloop's transports do not
+        # derive from asyncio's classes, though they offer the same methods.
+        transport = cast(
+            "asyncio.WriteTransport | None", protocol.transport if protocol is not None else None
+        )
+        if protocol is None or transport is None or transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("Server not connected")
         self._reader = _ReplyReader(protocol, asyncio.get_running_loop())
         self._reader.expect(self._commands)
