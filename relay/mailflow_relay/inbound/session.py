@@ -11,10 +11,12 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextvars
 import ipaddress
 import logging
 import re
-from typing import TYPE_CHECKING, Any, AnyStr
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 
@@ -29,7 +31,7 @@ from mailflow_relay.inbound.content import SMUGGLING_REPLY_START, ContentReader
 from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
 from mailflow_relay.inbound.received import AcceptedMessage
-from mailflow_relay.inbound.session_ids import SESSION_ID, bind_new_session
+from mailflow_relay.inbound.session_ids import bind_new_session
 from mailflow_relay.inbound.settings import (
     COMMAND_LINE_LIMIT,
     SIZE_PARAMETER_ALLOWANCE,
@@ -40,6 +42,8 @@ from mailflow_relay.inbound.settings import (
 from mailflow_relay.transports import write_transport
 
 __all__ = ["SmtpSession", "client_ip"]
+
+T = TypeVar("T")
 
 # The listener's logger: one name for everything a client's session does.
 log = logging.getLogger("mailflow_relay.inbound.listener")
@@ -135,6 +139,8 @@ class SmtpSession(SMTP):
         self.client_ip: IPAddress | None = None
         self.authenticated_user: str | None = None
         self.session_id = ""
+        self._context: contextvars.Context | None = None
+        """The session's own context (its id bound): every callback about it runs there."""
         self._refused = False
         self._lost = False
         self._errors = 0
@@ -168,11 +174,21 @@ class SmtpSession(SMTP):
     def _create_envelope(self) -> _Envelope:
         return _Envelope()
 
+    def _in_context(self, callback: Callable[..., T], *args: Any) -> T:
+        """``callback`` in the session's context. asyncio runs each protocol callback in a
+        copy of the loop's context, uvloop in the loop's own: the session id is bound in a
+        context of the session's, never in the loop's, where it would label later lines."""
+        if self._context is None:
+            self._context = contextvars.copy_context()
+        return self._context.run(callback, *args)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._in_context(self._session_made, transport)
+
+    def _session_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None:
             # STARTTLS completed: the same connection, now under TLS. RFC 3207 4.2: the
             # server forgets what the client said before, aiosmtpd resets the session.
-            SESSION_ID.set(self.session_id)  # this callback runs in a context of its own
             super().connection_made(transport)
             self.authenticated_user = None
             cipher = transport.get_extra_info("cipher")
@@ -203,6 +219,9 @@ class SmtpSession(SMTP):
         self.listener._own_task(task)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._in_context(self._session_lost, error)
+
+    def _session_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         if self._lost:
@@ -227,9 +246,17 @@ class SmtpSession(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
 
     def eof_received(self) -> bool | None:
+        return self._in_context(self._session_eof)
+
+    def _session_eof(self) -> bool:
         if self._refused:
             return False
-        return super().eof_received()
+        super().eof_received()
+        # aiosmtpd cancels the session's task on EOF and leaves the closing to that task; a
+        # task cancelled before it ever ran (EOF in the loop iteration that made the
+        # connection, as uvloop does it) never closes, and the session would stay open for
+        # good. The transport closes itself instead (False): the same end for every session.
+        return False
 
     def abort(self) -> None:
         """Drop the connection now (shutdown grace period over)."""
