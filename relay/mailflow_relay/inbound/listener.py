@@ -63,8 +63,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
 import logging
+import os
 import re
+import resource
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -72,6 +76,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from mailflow_relay.certificates import self_signed
+from mailflow_relay.inbound.construction import SmtpOptions
 from mailflow_relay.inbound.defences import AuthFailures, OncePerInterval
 from mailflow_relay.inbound.passwords import verify_password
 from mailflow_relay.inbound.received import AcceptedMessage
@@ -113,6 +118,8 @@ FLOOD_LOG_INTERVAL = 10.0
 """Seconds between two log lines about the same flood (refused connections, accept errors)."""
 
 _ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+DESCRIPTOR_CHECK_SECONDS = 1.0
+"""How often a listener on uvloop looks whether the process is out of descriptors."""
 """What asyncio's accept loop reports when accept() fails with EMFILE/ENFILE/ENOBUFS/ENOMEM."""
 
 
@@ -138,6 +145,7 @@ class SmtpListener:
         """Told the reason (``mail_loop``) of a message refused at DATA, for a metric."""
         self.on_event = on_event
         self._server: asyncio.Server | None = None
+        self._descriptor_watch: asyncio.Task[None] | None = None
         self._port: int | None = None
         self._accepting = False
         self._tls_context: ssl.SSLContext | None = None
@@ -174,6 +182,21 @@ class SmtpListener:
         return len(self._sessions)
 
     @property
+    def smtp_options(self) -> SmtpOptions:
+        """What each session's ``SMTP.__init__`` gets (construction.py)."""
+        settings = self.settings
+        return SmtpOptions(
+            data_size_limit=settings.max_message_size,
+            hostname=settings.hostname,
+            ident="ESMTP Mailflow relay",
+            tls_context=self._tls_context,
+            timeout=settings.command_timeout,
+            # Without users, AUTH is not offered at all (the mechanisms are left out).
+            auth_exclude_mechanism=frozenset() if settings.users else frozenset(("PLAIN", "LOGIN")),
+            enable_smtputf8=True,
+        )
+
+    @property
     def accepting(self) -> bool:
         """Whether the listening socket is open."""
         return self._accepting
@@ -196,6 +219,11 @@ class SmtpListener:
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._accepting = True
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            # uvloop: an accept() out of descriptors never reaches the exception handler.
+            self._descriptor_watch = loop.create_task(
+                self._watch_descriptors(), name=f"smtp-descriptor-watch-{self._port}"
+            )
         log.info(
             "SMTP listener on %s port %d as %s: STARTTLS with %s; relaying allowed from %s"
             " and for %d AUTH user(s); max size %d, %d recipients, %d connections per client,"
@@ -219,6 +247,11 @@ class SmtpListener:
         self._accepting = False
         # Not wait_closed(): from Python 3.12 on it also waits for every open session.
         self._server.close()
+        watch, self._descriptor_watch = self._descriptor_watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         log.info(
             "SMTP listener on port %s stopped accepting; %d session(s) still open",
             self._port,
@@ -375,6 +408,30 @@ class SmtpListener:
             self._previous_exception_handler(loop, context)
         else:
             loop.default_exception_handler(context)
+
+    async def _watch_descriptors(self) -> None:
+        """Under uvloop, report a process out of descriptors as asyncio reports accept().
+
+        libuv gives up on accept() out of descriptors quietly: it accepts the connection
+        with a descriptor kept in reserve and closes it, and nothing reaches the loop's
+        exception handler. Once a second, a process at its descriptor limit goes through
+        :meth:`_loop_exception` as asyncio's own accept error does (the ``accept_error``
+        event, one log line per interval).
+        """
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(DESCRIPTOR_CHECK_SECONDS)
+            try:
+                # The listing holds a descriptor of its own: at the limit, at most one free.
+                exhausted = len(os.listdir("/proc/self/fd")) >= limit
+            except OSError as e:
+                exhausted = e.errno in (errno.EMFILE, errno.ENFILE)
+            if exhausted:
+                error = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+                self._loop_exception(loop, {"message": _ACCEPT_ERROR_MESSAGE, "exception": error})
 
     def _restore_exception_handler(self) -> None:
         loop = self._loop

@@ -27,6 +27,7 @@ from mailflow_relay.envelope import (
     RecipientParameters,
 )
 from mailflow_relay.inbound.commands import CommandRefused, parse_mail, parse_rcpt
+from mailflow_relay.inbound.construction import init_smtp
 from mailflow_relay.inbound.content import SMUGGLING_REPLY_START, ContentReader
 from mailflow_relay.inbound.defences import address_key
 from mailflow_relay.inbound.hops import hop_refusal
@@ -150,18 +151,8 @@ class SmtpSession(SMTP):
         # The stream buffer's limit, so DATA's chunks (content.py); aiosmtpd still
         # refuses a longer command line by command_size_limits.
         self.line_length_limit = max(settings.max_line_length + 1, _DATA_CHUNK)
-        super().__init__(
-            _SessionHooks(self),
-            data_size_limit=settings.max_message_size,
-            hostname=settings.hostname,
-            ident="ESMTP Mailflow relay",
-            tls_context=listener._tls_context,
-            timeout=settings.command_timeout,
-            auth_require_tls=True,
-            auth_exclude_mechanism=() if settings.users else ("PLAIN", "LOGIN"),
-            enable_SMTPUTF8=True,
-            loop=loop,
-        )
+        # SMTP.__init__, without its introspection at every connection (construction.py).
+        init_smtp(self, _SessionHooks(self), loop, listener.smtp_options)
         # aiosmtpd keeps these limits in a dict shared by every instance, and each EHLO
         # grows the MAIL limit; keep a fixed one per session instead.
         self.command_size_limits = collections.defaultdict(lambda: COMMAND_LINE_LIMIT)

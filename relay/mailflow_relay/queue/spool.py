@@ -858,6 +858,11 @@ class Spool:
             batch = [r for r in taken if r.future.set_running_or_notify_cancel()]
             self._commit(batch)
             self._compact()
+            if not self._requests:
+                # Nothing waiting: the tail is closed now, so that a spool nobody writes to
+                # holds no descriptor (it stays open only from one batch to the next).
+                with self._writer:
+                    self._close_tail()
         if not self._directory.is_dir():
             with self._writer:
                 self._close_tail()
@@ -917,8 +922,8 @@ class Spool:
                         answers.append((request.future, request.action(staging)))
                     except Exception as e:
                         failures.append((request.future, e))
-                # The tail stays open from batch to batch while the committer works (an
-                # open and a close less per batch) and is closed when it goes idle: no
+                # The tail stays open while more requests wait (an open and a close less
+                # per batch under load) and is closed after the last (_run_committer): no
                 # descriptor outlives the work (a file system with a spool that nobody
                 # writes to can be unmounted).
                 if staging.records:
