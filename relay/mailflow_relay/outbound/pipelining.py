@@ -278,15 +278,19 @@ class _ReplyReader(asyncio.Protocol):
         """The next reply in order; raises aiosmtplib's error for garbage, a loss, a timeout."""
         if self._replies:
             return self._replies.popleft()  # a pipelined group's replies often come at once
-        try:
-            async with asyncio.timeout(within):
-                while not self._replies:
-                    if self._error is not None:
-                        raise self._error
-                    self._wakeup = self._loop.create_future()
-                    await self._wakeup
-        except TimeoutError as e:
-            raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from e
+        # One timer on the waiter rather than asyncio.timeout(): the same bound, without a
+        # context manager and its task bookkeeping twice per message.
+        deadline = self._loop.time() + within
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._wakeup = waiter
+            timer = self._loop.call_at(deadline, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
         return self._replies.popleft()
 
     async def writable(self, within: float) -> None:
@@ -298,6 +302,13 @@ class _ReplyReader(asyncio.Protocol):
                 await self._writable
         except TimeoutError as e:
             raise aiosmtplib.SMTPTimeoutError("Timed out sending the message content") from e
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(
+            aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+        )
 
 
 class PipelinedSteps(Steps):

@@ -9,6 +9,7 @@ the group (a protocol error, never a delivery), a hop that hangs up mid-group.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,12 +102,16 @@ def standard(refuse: frozenset[str] = frozenset(), data: bytes = b"354 go ahead\
     return reply
 
 
-def deliver(hop: ScriptedHop, recipients: tuple[str, ...]) -> DeliveryReport:
+def deliver(
+    hop: ScriptedHop, recipients: tuple[str, ...], command_timeout: float = 5
+) -> DeliveryReport:
     async def scenario() -> DeliveryReport:
         server = await asyncio.start_server(hop.handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         engine = Deliverer(
-            DeliverySettings(helo_name="relay.test", connect_timeout=5, command_timeout=5),
+            DeliverySettings(
+                helo_name="relay.test", connect_timeout=5, command_timeout=command_timeout
+            ),
             Resolver(["127.0.0.1"], port=9, timeout=1),
         )
         try:
@@ -191,3 +196,18 @@ def test_a_250_to_data_is_a_protocol_error_and_no_content_is_sent() -> None:
     assert [r.status for r in report.results] == [DeliveryStatus.DEFERRED]
     assert report.protocol_errors == 1
     assert hop.contents == []
+
+
+def test_a_hop_silent_after_the_group_defers_within_the_command_timeout() -> None:
+    # MAIL is answered, then nothing: the RCPT reply is waited for command_timeout, no more.
+    def reply(line: str) -> bytes | None:
+        return b"250 2.1.0 ok\r\n" if line.upper().startswith("MAIL") else b""
+
+    hop = ScriptedHop(reply)
+    started = time.monotonic()
+    report = deliver(hop, ("a@contoso.example",), command_timeout=0.5)
+    waited = time.monotonic() - started
+    [result] = report.results
+    assert result.status is DeliveryStatus.DEFERRED
+    assert "Timed out waiting for server response" in result.message
+    assert 0.4 < waited < 3.0, waited
